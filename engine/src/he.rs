@@ -1,0 +1,1055 @@
+//! Homomorphic encryption of the cut layer: GLWE over tfhe's `core_crypto`, with coefficient packing.
+//!
+//! # Parameters
+//! GLWE dimension, polynomial size, noise distribution and key distribution are those of tfhe's
+//! 128-bit parameter set [`PARAMETER_SET`] (`V1_8_PARAM_MESSAGE_2_CARRY_2_KS_PBS_TUNIFORM_2M128`):
+//! k = 1, N = 2048, q = 2^64, noise TUniform(2^17), binary secret key (what shortint generates
+//! for that set). We only use its GLWE part; there is no bootstrapping and no key switching, so
+//! no evaluation key ever leaves the client.
+//!
+//! # Packing (N = 2048, cut width D, lanes L = N / D, batch chunk of n ≤ L samples)
+//! * Forward upload: `A(X) = Σ_b Σ_i a_b[i]·X^{L·i + b}` (one ciphertext per chunk).
+//!   The server multiplies by `P_g(X) = Σ_k X^{k·n}·(w_{0,j} − Σ_{i≥1} w_{i,j}·X^{N − L·i})` with
+//!   `j = g·G + k`, `G = L / n` logits per output ciphertext; coefficient `k·n + b` of the product
+//!   is `⟨a_b, w_j⟩`, every other coefficient is discarded. Only the first `G·n` bodies come back.
+//! * Backward upload (per group g): `U_g(X) = Σ_k Σ_b g_{b,j}·X^{D·b + k·n·D}`; the server
+//!   multiplies by `V_g(X) = Σ_k Σ_i w_{i,j}·X^{i − k·n·D}` and sums over g. Coefficient `D·b + i`
+//!   is `Σ_j g_{b,j}·w_{i,j} = dJ/da_b[i]`; cross-group terms land at or beyond `n·D`. Only the
+//!   first `n·D` bodies come back.
+//!
+//! # Scales and noise budget (checked by the tests below)
+//! | quantity                      | scale            | bound it must respect                      |
+//! |-------------------------------|------------------|--------------------------------------------|
+//! | activation `a`                | 2^36             | rounding error 2^-37                       |
+//! | server weight `w`             | 2^20             | rounding error 2^-21 per weight            |
+//! | logit `⟨a, w⟩ + bias`         | 2^56             | no wrap-around for \|logit\| < 2^7         |
+//! | gradient `dJ/dlogit`          | 2^40             | rounding error 2^-41                       |
+//! | input gradient `dJ/da`        | 2^60             | no wrap-around for \|dJ/da\| < 2^3         |
+//!
+//! Errors on a decrypted logit (in units of 2^64, std. deviations unless stated):
+//! 1. fresh noise TUniform(17): σ = 2^17/√3 ≈ 2^16.2 per coefficient;
+//! 2. upload body rounded to [`UPLOAD_LOG_MODULUS`] = 46 bits: uniform in ±2^17, σ ≈ 2^16.2;
+//!    (1)+(2) give σ ≈ 2^16.7, multiplied by the weights: σ ≈ 2^16.7 · 2^20 · ‖w_j‖₂;
+//! 3. FFT (f64) error of the ciphertext × weight product: it grows with the integer operand, so
+//!    the weights are split into 10-bit limbs (see `Limbs`); that leaves ≈ 2^32, far below (1)+(2)
+//!    (without the split it would be ≈ 2^40 and dominate);
+//! 4. modulus switch of the returned ciphertext to [`DOWNLOAD_LOG_MODULUS`] = 30 bits: the mask
+//!    rounding (±2^33 uniform, σ = 2^33/√3) times the ~N/2 ones of the binary key gives
+//!    σ ≈ 2^33 · √(N/2) / √3 ≈ 2^37.2, the body rounding adds 2^32.2.
+//!
+//! With ‖w_j‖₂ ≤ 4 (the trained M1 layer sits near 1) this is σ ≈ 2^38.8 + 2^37.2 → ≈ 2^39.1 on a
+//! 2^56 scale: 2^-16.9 ≈ 8·10^-6 in logit units, so ten standard deviations stay below 1e-4.
+//! Input gradients (scale 2^60) see the same absolute errors, 16× smaller in gradient units.
+//! The FFT rounding never touches encryption: the body is computed exactly with an NTT.
+
+use std::fmt;
+
+use tfhe::core_crypto::commons::math::random::{CompressionSeed, RandomGenerator, Seed};
+use tfhe::core_crypto::fft_impl::common::modulus_switch;
+use tfhe::core_crypto::fft_impl::fft64::c64;
+use tfhe::core_crypto::fft_impl::fft64::math::fft::Fft;
+use tfhe::core_crypto::fft_impl::fft64::math::polynomial::FourierPolynomial;
+use tfhe::core_crypto::prelude::compressed_modulus_switched_glwe_ciphertext::CompressedModulusSwitchedGlweCiphertext;
+use tfhe::core_crypto::prelude::packed_integers::PackedIntegers;
+use tfhe::core_crypto::prelude::*;
+
+use tfhe::shortint::parameters::ClassicPBSParameters;
+use tfhe_ntt::native_binary64::Plan32;
+
+/// tfhe's 128-bit parameter set whose GLWE dimension, polynomial size, noise and key
+/// distributions this module uses.
+pub const PARAMETER_SET: ClassicPBSParameters =
+    tfhe::shortint::parameters::v1_8::V1_8_PARAM_MESSAGE_2_CARRY_2_KS_PBS_TUNIFORM_2M128;
+
+/// Polynomial size N of [`PARAMETER_SET`].
+pub const POLYNOMIAL_SIZE: usize = 2048;
+/// log2 of the fixed-point scale of cut-layer activations.
+pub const ACTIVATION_SCALE_LOG: u32 = 36;
+/// log2 of the fixed-point scale of the server's weights.
+pub const WEIGHT_SCALE_LOG: u32 = 20;
+/// log2 of the fixed-point scale of dJ/dlogits.
+pub const GRADIENT_SCALE_LOG: u32 = 40;
+/// Bits kept of each uploaded body coefficient (the 18 dropped bits sit under the noise).
+pub const UPLOAD_LOG_MODULUS: usize = 46;
+/// Bits kept of each returned mask and body coefficient after modulus switching.
+pub const DOWNLOAD_LOG_MODULUS: usize = 30;
+
+const GLWE_SIZE: GlweSize = GlweSize(2);
+
+/// Errors from malformed ciphertexts or shapes that do not fit the packing.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum HeError {
+    #[error("cut width {cut} does not divide the polynomial size {POLYNOMIAL_SIZE}")]
+    CutWidth { cut: usize },
+    #[error("a chunk holds 1 to {lanes} samples, got {got}")]
+    ChunkSize { lanes: usize, got: usize },
+    #[error("expected {expected} values, got {got}")]
+    ValueCount { expected: usize, got: usize },
+    #[error("expected {expected} ciphertexts, got {got}")]
+    CiphertextCount { expected: usize, got: usize },
+    #[error("ciphertext carries {got} packed words, expected {expected}")]
+    PackedLength { expected: usize, got: usize },
+    #[error("ciphertext declares {bodies} bodies, expected {expected}")]
+    Bodies { expected: usize, bodies: usize },
+    #[error("ciphertext declares a {got}-bit modulus, expected {expected}")]
+    LogModulus { expected: usize, got: usize },
+    #[error("value {value} is not finite or exceeds the packing range ±{limit}")]
+    OutOfRange { value: f64, limit: f64 },
+}
+
+/// Packing geometry of one split model: cut width D and class count C on N = 2048.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Packing {
+    cut: usize,
+    classes: usize,
+    lanes: usize,
+}
+
+impl Packing {
+    pub fn new(cut: usize, classes: usize) -> Result<Self, HeError> {
+        if cut == 0 || POLYNOMIAL_SIZE % cut != 0 {
+            return Err(HeError::CutWidth { cut });
+        }
+        Ok(Self {
+            cut,
+            classes,
+            lanes: POLYNOMIAL_SIZE / cut,
+        })
+    }
+
+    /// Samples one ciphertext carries (L = N / D).
+    pub fn lanes(&self) -> usize {
+        self.lanes
+    }
+
+    /// Logits per output ciphertext for a chunk of `n` samples.
+    fn per_group(&self, n: usize) -> usize {
+        self.lanes / n
+    }
+
+    /// Output ciphertexts (forward) and gradient uploads (backward) for a chunk of `n` samples.
+    pub fn groups(&self, n: usize) -> usize {
+        self.classes.div_ceil(self.per_group(n))
+    }
+
+    /// Sizes of the chunks a batch of `batch` samples is cut into.
+    pub fn chunks(&self, batch: usize) -> impl Iterator<Item = usize> + use<> {
+        let lanes = self.lanes;
+        (0..batch.div_ceil(lanes)).map(move |c| lanes.min(batch - c * lanes))
+    }
+
+    fn check_chunk(&self, n: usize) -> Result<(), HeError> {
+        if n == 0 || n > self.lanes {
+            return Err(HeError::ChunkSize {
+                lanes: self.lanes,
+                got: n,
+            });
+        }
+        Ok(())
+    }
+
+    fn logits_in_group(&self, n: usize, g: usize) -> std::ops::Range<usize> {
+        let per = self.per_group(n);
+        g * per..((g + 1) * per).min(self.classes)
+    }
+
+    /// Plaintext polynomial of a chunk's activations.
+    ///
+    /// # Shapes
+    /// `activations`: `[n, D]` row-major. Returns N coefficients.
+    pub fn encode_activations(&self, activations: &[f32], n: usize) -> Result<Vec<u64>, HeError> {
+        self.check_chunk(n)?;
+        expect_len(activations.len(), n * self.cut)?;
+        let mut poly = vec![0u64; POLYNOMIAL_SIZE];
+        for (b, row) in activations.chunks_exact(self.cut).enumerate() {
+            for (i, &a) in row.iter().enumerate() {
+                poly[self.lanes * i + b] = to_fixed(a as f64, ACTIVATION_SCALE_LOG)?;
+            }
+        }
+        Ok(poly)
+    }
+
+    /// Plaintext polynomial of upload `g` of a chunk's dJ/dlogits.
+    ///
+    /// # Shapes
+    /// `grads`: `[n, C]` row-major. Returns N coefficients.
+    pub fn encode_gradients(&self, grads: &[f32], n: usize, g: usize) -> Result<Vec<u64>, HeError> {
+        self.check_chunk(n)?;
+        expect_len(grads.len(), n * self.classes)?;
+        let mut poly = vec![0u64; POLYNOMIAL_SIZE];
+        let first = self.logits_in_group(n, g).start;
+        for j in self.logits_in_group(n, g) {
+            let k = j - first;
+            for b in 0..n {
+                poly[self.cut * b + k * n * self.cut] =
+                    to_fixed(grads[b * self.classes + j] as f64, GRADIENT_SCALE_LOG)?;
+            }
+        }
+        Ok(poly)
+    }
+
+    /// Bodies the client needs from forward output `g` of a chunk of `n` samples.
+    fn forward_bodies(&self, n: usize, g: usize) -> usize {
+        self.logits_in_group(n, g).len() * n
+    }
+
+    /// Bodies the client needs from the backward output of a chunk of `n` samples.
+    fn backward_bodies(&self, n: usize) -> usize {
+        n * self.cut
+    }
+
+    /// Logits from the decrypted forward outputs of one chunk.
+    ///
+    /// # Shapes
+    /// `phases[g]`: the first bodies of output g. Returns `[n, C]` row-major.
+    pub fn decode_logits(&self, phases: &[Vec<u64>], n: usize) -> Result<Vec<f32>, HeError> {
+        self.check_chunk(n)?;
+        if phases.len() != self.groups(n) {
+            return Err(HeError::CiphertextCount {
+                expected: self.groups(n),
+                got: phases.len(),
+            });
+        }
+        let mut logits = vec![0f32; n * self.classes];
+        for (g, phase) in phases.iter().enumerate() {
+            expect_len(phase.len(), self.forward_bodies(n, g))?;
+            let first = self.logits_in_group(n, g).start;
+            for j in self.logits_in_group(n, g) {
+                for b in 0..n {
+                    logits[b * self.classes + j] = from_fixed(
+                        phase[(j - first) * n + b],
+                        ACTIVATION_SCALE_LOG + WEIGHT_SCALE_LOG,
+                    ) as f32;
+                }
+            }
+        }
+        Ok(logits)
+    }
+
+    /// dJ/da from the decrypted backward output of one chunk.
+    ///
+    /// # Shapes
+    /// `phase`: the first `n·D` bodies. Returns `[n, D]` row-major.
+    pub fn decode_input_gradients(&self, phase: &[u64], n: usize) -> Result<Vec<f32>, HeError> {
+        self.check_chunk(n)?;
+        expect_len(phase.len(), self.backward_bodies(n))?;
+        Ok(phase
+            .iter()
+            .map(|&v| from_fixed(v, GRADIENT_SCALE_LOG + WEIGHT_SCALE_LOG) as f32)
+            .collect())
+    }
+
+    /// Weight polynomial `P_g` of forward output `g` (integers, two's complement).
+    fn forward_weights(&self, weights: &[i64], n: usize, g: usize) -> Vec<u64> {
+        let mut poly = vec![0u64; POLYNOMIAL_SIZE];
+        let first = self.logits_in_group(n, g).start;
+        for j in self.logits_in_group(n, g) {
+            let shift = (j - first) * n;
+            poly[shift] = weights[j] as u64;
+            for i in 1..self.cut {
+                poly[POLYNOMIAL_SIZE - self.lanes * i + shift] =
+                    weights[i * self.classes + j].wrapping_neg() as u64;
+            }
+        }
+        poly
+    }
+
+    /// Weight polynomial `V_g` of backward upload `g` (integers, two's complement).
+    fn backward_weights(&self, weights: &[i64], n: usize, g: usize) -> Vec<u64> {
+        let mut poly = vec![0u64; POLYNOMIAL_SIZE];
+        let first = self.logits_in_group(n, g).start;
+        for j in self.logits_in_group(n, g) {
+            let k = j - first;
+            for i in 0..self.cut {
+                let w = weights[i * self.classes + j];
+                if k == 0 {
+                    poly[i] = w as u64;
+                } else {
+                    poly[POLYNOMIAL_SIZE - k * n * self.cut + i] = w.wrapping_neg() as u64;
+                }
+            }
+        }
+        poly
+    }
+}
+
+fn expect_len(got: usize, expected: usize) -> Result<(), HeError> {
+    if got != expected {
+        return Err(HeError::ValueCount { expected, got });
+    }
+    Ok(())
+}
+
+/// Rounds `x·2^scale_log` to a two's-complement torus element; refuses values that would wrap.
+fn to_fixed(x: f64, scale_log: u32) -> Result<u64, HeError> {
+    let limit = 2f64.powi(62 - scale_log as i32);
+    if !x.is_finite() || x.abs() >= limit {
+        return Err(HeError::OutOfRange { value: x, limit });
+    }
+    Ok((x * 2f64.powi(scale_log as i32)).round() as i64 as u64)
+}
+
+fn from_fixed(v: u64, scale_log: u32) -> f64 {
+    v as i64 as f64 / 2f64.powi(scale_log as i32)
+}
+
+/// A seeded GLWE ciphertext as uploaded: the mask is regenerated from `seed`, the body is kept to
+/// its [`UPLOAD_LOG_MODULUS`] high bits and bit-packed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UploadCiphertext {
+    pub seed: u128,
+    pub body: Vec<u64>,
+}
+
+impl UploadCiphertext {
+    /// Packed words of a valid body.
+    pub const BODY_WORDS: usize = (POLYNOMIAL_SIZE * UPLOAD_LOG_MODULUS).div_ceil(64);
+}
+
+/// A modulus-switched GLWE ciphertext as returned: mask and the first `bodies` body coefficients,
+/// each rounded to `log_modulus` bits and bit-packed (tfhe's `CompressedModulusSwitchedGlweCiphertext`
+/// layout).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DownloadCiphertext {
+    pub log_modulus: u8,
+    pub bodies: u16,
+    pub packed: Vec<u64>,
+}
+
+impl DownloadCiphertext {
+    fn values(&self) -> usize {
+        POLYNOMIAL_SIZE + self.bodies as usize
+    }
+
+    fn expected_words(&self) -> usize {
+        (self.values() * self.log_modulus as usize).div_ceil(64)
+    }
+}
+
+/// Unpacks `count` values of `bits` bits, low bits first (tfhe's `PackedIntegers` layout).
+fn unpack(words: &[u64], bits: usize, count: usize) -> Vec<u64> {
+    let mask = if bits == 64 {
+        u64::MAX
+    } else {
+        (1u64 << bits) - 1
+    };
+    (0..count)
+        .map(|i| {
+            let start = i * bits;
+            let (block, offset) = (start / 64, start % 64);
+            let mut v = words[block] >> offset;
+            if offset + bits > 64 {
+                v |= words[block + 1] << (64 - offset);
+            }
+            v & mask
+        })
+        .collect()
+}
+
+/// The client's GLWE secret key and the generators it encrypts with. It has no serialized form:
+/// no wire message can carry it.
+///
+/// ```compile_fail
+/// fn serializable<T: serde::Serialize>() {}
+/// serializable::<medsplit_engine::he::ClientKey>();
+/// ```
+pub struct ClientKey {
+    key: GlweSecretKeyOwned<u64>,
+    key_fourier: Vec<c64>,
+    ntt: Plan32,
+    fft: Fft,
+    buffers: ComputationBuffers,
+    seeder: Box<dyn Seeder>,
+    noise: RandomGenerator<DefaultRandomGenerator>,
+}
+
+impl fmt::Debug for ClientKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ClientKey(<secret>)")
+    }
+}
+
+impl ClientKey {
+    /// A fresh key from the operating system's entropy.
+    pub fn generate() -> Self {
+        let mut seeder = new_seeder();
+        let key_seed = seeder.seed();
+        Self::with_seeder(key_seed, seeder)
+    }
+
+    /// A key derived from `seed` (mask and noise seeds still come from the OS): for tests that
+    /// need a reproducible key.
+    pub fn from_seed(seed: u128) -> Self {
+        Self::with_seeder(Seed(seed), new_seeder())
+    }
+
+    fn with_seeder(key_seed: Seed, mut seeder: Box<dyn Seeder>) -> Self {
+        let params = PARAMETER_SET;
+        assert_eq!(params.polynomial_size.0, POLYNOMIAL_SIZE);
+        assert_eq!(params.glwe_dimension.0 + 1, GLWE_SIZE.0);
+        let mut secret = SecretRandomGenerator::<DefaultRandomGenerator>::new(key_seed);
+        let key = allocate_and_generate_new_binary_glwe_secret_key(
+            params.glwe_dimension,
+            params.polynomial_size,
+            &mut secret,
+        );
+        let fft = Fft::new(params.polynomial_size);
+        let mut buffers = ComputationBuffers::new();
+        let view = fft.as_view();
+        buffers.resize(
+            view.forward_scratch()
+                .or(view.backward_scratch())
+                .unaligned_bytes_required(),
+        );
+        let mut key_fourier = vec![c64::default(); POLYNOMIAL_SIZE / 2];
+        view.forward_as_integer(
+            FourierPolynomial {
+                data: key_fourier.as_mut_slice(),
+            },
+            Polynomial::from_container(key.as_ref()),
+            buffers.stack(),
+        );
+        let noise = RandomGenerator::<DefaultRandomGenerator>::new(seeder.seed());
+        Self {
+            key,
+            key_fourier,
+            ntt: Plan32::try_new(POLYNOMIAL_SIZE).expect("N = 2048 has NTT roots"),
+            fft,
+            buffers,
+            seeder,
+            noise,
+        }
+    }
+
+    /// Encrypts one plaintext polynomial as a seeded ciphertext. The body is computed exactly:
+    /// `round₄₆(mask·s + m + e)` with the product mask·s taken modulo 2^64 by an NTT.
+    pub fn encrypt(&mut self, plaintext: &[u64]) -> UploadCiphertext {
+        assert_eq!(plaintext.len(), POLYNOMIAL_SIZE, "plaintext length");
+        let seed = self.seeder.seed();
+        let mask = expand_mask(seed.0);
+        let mut body = vec![0u64; POLYNOMIAL_SIZE];
+        self.ntt
+            .negacyclic_polymul(&mut body, &mask, self.key.as_ref());
+        for (b, &m) in body.iter_mut().zip(plaintext) {
+            *b = b.wrapping_add(m);
+        }
+        self.noise
+            .unsigned_integer_slice_wrapping_add_random_from_distribution_assign(
+                &mut body,
+                PARAMETER_SET.glwe_noise_distribution,
+            );
+        let switched: Vec<u64> = body
+            .iter()
+            .map(|&b| modulus_switch(b, CiphertextModulusLog(UPLOAD_LOG_MODULUS)))
+            .collect();
+        let packed = PackedIntegers::pack(&switched, CiphertextModulusLog(UPLOAD_LOG_MODULUS));
+        UploadCiphertext {
+            seed: seed.0,
+            body: packed.packed_coeffs().to_vec(),
+        }
+    }
+
+    /// Decrypts a returned ciphertext: the phases of its first `bodies` coefficients.
+    pub fn decrypt(&mut self, ct: &DownloadCiphertext, bodies: usize) -> Result<Vec<u64>, HeError> {
+        if ct.bodies as usize != bodies {
+            return Err(HeError::Bodies {
+                expected: bodies,
+                bodies: ct.bodies as usize,
+            });
+        }
+        if ct.log_modulus as usize != DOWNLOAD_LOG_MODULUS {
+            return Err(HeError::LogModulus {
+                expected: DOWNLOAD_LOG_MODULUS,
+                got: ct.log_modulus as usize,
+            });
+        }
+        if ct.packed.len() != ct.expected_words() {
+            return Err(HeError::PackedLength {
+                expected: ct.expected_words(),
+                got: ct.packed.len(),
+            });
+        }
+        let shift = 64 - DOWNLOAD_LOG_MODULUS;
+        let values: Vec<u64> = unpack(&ct.packed, DOWNLOAD_LOG_MODULUS, ct.values())
+            .into_iter()
+            .map(|v| v << shift)
+            .collect();
+        let (mask, body) = values.split_at(POLYNOMIAL_SIZE);
+        let view = self.fft.as_view();
+        let stack = self.buffers.stack();
+        let mut fourier = vec![c64::default(); POLYNOMIAL_SIZE / 2];
+        view.forward_as_torus(
+            FourierPolynomial {
+                data: fourier.as_mut_slice(),
+            },
+            Polynomial::from_container(mask),
+            stack,
+        );
+        for (f, k) in fourier.iter_mut().zip(&self.key_fourier) {
+            *f *= *k;
+        }
+        let mut product = vec![0u64; POLYNOMIAL_SIZE];
+        view.backward_as_torus(
+            Polynomial::from_container(product.as_mut_slice()),
+            FourierPolynomial {
+                data: fourier.as_slice(),
+            },
+            stack,
+        );
+        Ok(body
+            .iter()
+            .zip(&product)
+            .map(|(&b, &p)| b.wrapping_sub(p))
+            .collect())
+    }
+}
+
+/// The GLWE mask tfhe derives from a compression seed (what `SeededGlweCiphertext` decompression
+/// does on both sides).
+fn expand_mask(seed: u128) -> Vec<u64> {
+    let seeded = SeededGlweCiphertext::from_container(
+        vec![0u64; POLYNOMIAL_SIZE],
+        GLWE_SIZE,
+        CompressionSeed::from(Seed(seed)),
+        CiphertextModulus::new_native(),
+    );
+    let glwe = seeded.decompress_into_glwe_ciphertext();
+    glwe.get_mask().as_ref().to_vec()
+}
+
+/// The server's side: ciphertext × plaintext-polynomial products in the Fourier domain.
+/// Weight polynomials are transformed once per weight update (per chunk size) and reused by
+/// every batch until the next update.
+pub struct ServerHe {
+    packing: Packing,
+    fft: Fft,
+    buffers: ComputationBuffers,
+    weights: Vec<i64>,
+    bias: Vec<u64>,
+    /// Per chunk size n: forward and backward weight polynomials in the Fourier domain.
+    transforms: Vec<Option<(Vec<Limbs>, Vec<Limbs>)>>,
+}
+
+/// Bits of the low limb of the weight split that keeps the FFT error small (see [`Limbs`]).
+const LIMB_BITS: u32 = 10;
+
+/// A polynomial in the Fourier domain as two limbs.
+///
+/// The f64 FFT loses precision in proportion to the size of the integer operand: a product of a
+/// torus polynomial x with weights of 2^20 leaves ~2^40 of error (units of 2^-64). Writing
+/// `w = w_hi·2^10 + w_lo` with |w_lo| ≤ 2^9 and using the exact torus identity
+/// `x·w = x·w_lo + (2^10·x)·w_hi` keeps both integer operands below 2^10: for a weight
+/// polynomial the limbs are `[w_lo, w_hi]`, for a ciphertext polynomial `[x, 2^10·x]`.
+type Limbs = [Vec<c64>; 2];
+
+impl ServerHe {
+    pub fn new(packing: Packing) -> Self {
+        let fft = Fft::new(PolynomialSize(POLYNOMIAL_SIZE));
+        let mut buffers = ComputationBuffers::new();
+        let view = fft.as_view();
+        buffers.resize(
+            view.forward_scratch()
+                .or(view.backward_scratch())
+                .unaligned_bytes_required(),
+        );
+        Self {
+            packing,
+            fft,
+            buffers,
+            weights: Vec::new(),
+            bias: Vec::new(),
+            transforms: vec![None; packing.lanes + 1],
+        }
+    }
+
+    /// Installs new plaintext weights; the Fourier transforms are redone lazily.
+    ///
+    /// # Shapes
+    /// `weights`: `[D, C]` row-major (burn's `Linear` layout), `bias`: `[C]`.
+    pub fn set_weights(&mut self, weights: &[f32], bias: &[f32]) -> Result<(), HeError> {
+        expect_len(weights.len(), self.packing.cut * self.packing.classes)?;
+        expect_len(bias.len(), self.packing.classes)?;
+        self.weights = weights
+            .iter()
+            .map(|&w| to_fixed(w as f64, WEIGHT_SCALE_LOG).map(|v| v as i64))
+            .collect::<Result<_, _>>()?;
+        self.bias = bias
+            .iter()
+            .map(|&b| to_fixed(b as f64, ACTIVATION_SCALE_LOG + WEIGHT_SCALE_LOG))
+            .collect::<Result<_, _>>()?;
+        self.transforms.iter_mut().for_each(|t| *t = None);
+        Ok(())
+    }
+
+    fn ensure_transforms(&mut self, n: usize) {
+        if self.transforms[n].is_none() {
+            let groups = self.packing.groups(n);
+            let view = self.fft.as_view();
+            let mut transform = |poly: Vec<u64>| -> Limbs {
+                let half = 1i64 << (LIMB_BITS - 1);
+                let lo: Vec<u64> = poly
+                    .iter()
+                    .map(|&w| (((w as i64 + half) & ((1 << LIMB_BITS) - 1)) - half) as u64)
+                    .collect();
+                let hi: Vec<u64> = poly
+                    .iter()
+                    .zip(&lo)
+                    .map(|(&w, &l)| ((w as i64 - l as i64) >> LIMB_BITS) as u64)
+                    .collect();
+                [lo, hi].map(|limb| {
+                    let mut out = vec![c64::default(); POLYNOMIAL_SIZE / 2];
+                    view.forward_as_integer(
+                        FourierPolynomial {
+                            data: out.as_mut_slice(),
+                        },
+                        Polynomial::from_container(limb.as_slice()),
+                        self.buffers.stack(),
+                    );
+                    out
+                })
+            };
+            let fwd = (0..groups)
+                .map(|g| transform(self.packing.forward_weights(&self.weights, n, g)))
+                .collect();
+            let bwd = (0..groups)
+                .map(|g| transform(self.packing.backward_weights(&self.weights, n, g)))
+                .collect();
+            self.transforms[n] = Some((fwd, bwd));
+        }
+    }
+
+    /// Mask and body of an uploaded ciphertext in the Fourier domain.
+    fn load(&mut self, ct: &UploadCiphertext) -> Result<[Limbs; 2], HeError> {
+        if ct.body.len() != UploadCiphertext::BODY_WORDS {
+            return Err(HeError::PackedLength {
+                expected: UploadCiphertext::BODY_WORDS,
+                got: ct.body.len(),
+            });
+        }
+        let mask = expand_mask(ct.seed);
+        let body: Vec<u64> = unpack(&ct.body, UPLOAD_LOG_MODULUS, POLYNOMIAL_SIZE)
+            .into_iter()
+            .map(|v| v << (64 - UPLOAD_LOG_MODULUS))
+            .collect();
+        let view = self.fft.as_view();
+        Ok([mask, body].map(|poly| {
+            let shifted: Vec<u64> = poly.iter().map(|&x| x << LIMB_BITS).collect();
+            [poly, shifted].map(|limb| {
+                let mut out = vec![c64::default(); POLYNOMIAL_SIZE / 2];
+                view.forward_as_torus(
+                    FourierPolynomial {
+                        data: out.as_mut_slice(),
+                    },
+                    Polynomial::from_container(limb.as_slice()),
+                    self.buffers.stack(),
+                );
+                out
+            })
+        }))
+    }
+
+    /// Encrypted logits of one chunk: one output per logit group.
+    pub fn forward(
+        &mut self,
+        upload: &UploadCiphertext,
+        n: usize,
+    ) -> Result<Vec<DownloadCiphertext>, HeError> {
+        self.packing.check_chunk(n)?;
+        let input = self.load(upload)?;
+        self.ensure_transforms(n);
+        let packing = self.packing;
+        let (fwd, _) = self.transforms[n].as_ref().expect("ensured above");
+        Ok(fwd
+            .iter()
+            .enumerate()
+            .map(|(g, w)| {
+                let first = packing.logits_in_group(n, g).start;
+                let bias: Vec<(usize, u64)> = packing
+                    .logits_in_group(n, g)
+                    .flat_map(|j| (0..n).map(move |b| ((j - first) * n + b, j)))
+                    .map(|(c, j)| (c, self.bias[j]))
+                    .collect();
+                let bodies = packing.forward_bodies(n, g);
+                accumulate(&self.fft, &mut self.buffers, &[(&input, w)], bodies, &bias)
+            })
+            .collect())
+    }
+
+    /// Encrypted dJ/da of one chunk from its gradient uploads (one per logit group).
+    pub fn backward(
+        &mut self,
+        uploads: &[UploadCiphertext],
+        n: usize,
+    ) -> Result<DownloadCiphertext, HeError> {
+        self.packing.check_chunk(n)?;
+        let groups = self.packing.groups(n);
+        if uploads.len() != groups {
+            return Err(HeError::CiphertextCount {
+                expected: groups,
+                got: uploads.len(),
+            });
+        }
+        let inputs = uploads
+            .iter()
+            .map(|u| self.load(u))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.ensure_transforms(n);
+        let (_, bwd) = self.transforms[n].as_ref().expect("ensured above");
+        let terms: Vec<_> = inputs.iter().zip(bwd.iter()).collect();
+        let bodies = self.packing.backward_bodies(n);
+        Ok(accumulate(
+            &self.fft,
+            &mut self.buffers,
+            &terms,
+            bodies,
+            &[],
+        ))
+    }
+}
+
+/// Σ_t inputs[t] ⊗ weights[t], mod-switched, keeping `bodies` bodies; `bias` (coefficient, value)
+/// is added to the body before switching.
+fn accumulate(
+    fft: &Fft,
+    buffers: &mut ComputationBuffers,
+    terms: &[(&[Limbs; 2], &Limbs)],
+    bodies: usize,
+    bias: &[(usize, u64)],
+) -> DownloadCiphertext {
+    let mut glwe = GlweCiphertext::new(
+        0u64,
+        GLWE_SIZE,
+        PolynomialSize(POLYNOMIAL_SIZE),
+        CiphertextModulus::new_native(),
+    );
+    let view = fft.as_view();
+    let mut acc = vec![c64::default(); POLYNOMIAL_SIZE / 2];
+    for (part, out) in glwe.as_mut().chunks_exact_mut(POLYNOMIAL_SIZE).enumerate() {
+        acc.fill(c64::default());
+        for (ct, w) in terms {
+            for limb in 0..2 {
+                for ((a, x), y) in acc.iter_mut().zip(&ct[part][limb]).zip(&w[limb]) {
+                    *a += *x * *y;
+                }
+            }
+        }
+        view.backward_as_torus(
+            Polynomial::from_container(out),
+            FourierPolynomial {
+                data: acc.as_slice(),
+            },
+            buffers.stack(),
+        );
+    }
+    let body = &mut glwe.as_mut()[POLYNOMIAL_SIZE..];
+    for &(c, v) in bias {
+        body[c] = body[c].wrapping_add(v);
+    }
+    let compressed = CompressedModulusSwitchedGlweCiphertext::compress(
+        &glwe,
+        CiphertextModulusLog(DOWNLOAD_LOG_MODULUS),
+        LweCiphertextCount(bodies),
+    );
+    DownloadCiphertext {
+        log_modulus: DOWNLOAD_LOG_MODULUS as u8,
+        bodies: bodies as u16,
+        packed: compressed.packed_integers().packed_coeffs().to_vec(),
+    }
+}
+
+/// Bodies expected from forward output `g` and from the backward output of a chunk of `n`.
+impl Packing {
+    pub fn forward_output_bodies(&self, n: usize, g: usize) -> usize {
+        self.forward_bodies(n, g)
+    }
+    pub fn backward_output_bodies(&self, n: usize) -> usize {
+        self.backward_bodies(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    fn uniform(rng: &mut ChaCha8Rng, len: usize, lo: f32, hi: f32) -> Vec<f32> {
+        (0..len).map(|_| rng.random_range(lo..hi)).collect()
+    }
+
+    /// f64 reference: logits `[n, C]` = a `[n, D]` · w `[D, C]` + bias.
+    fn reference_logits(a: &[f32], w: &[f32], bias: &[f32], d: usize, c: usize) -> Vec<f64> {
+        a.chunks_exact(d)
+            .flat_map(|row| {
+                (0..c).map(move |j| {
+                    bias[j] as f64
+                        + row
+                            .iter()
+                            .enumerate()
+                            .map(|(i, &x)| x as f64 * w[i * c + j] as f64)
+                            .sum::<f64>()
+                })
+            })
+            .collect()
+    }
+
+    /// f64 reference: dJ/da `[n, D]` = g `[n, C]` · wᵀ.
+    fn reference_input_grads(g: &[f32], w: &[f32], d: usize, c: usize) -> Vec<f64> {
+        g.chunks_exact(c)
+            .flat_map(|row| {
+                (0..d).map(move |i| {
+                    row.iter()
+                        .enumerate()
+                        .map(|(j, &x)| x as f64 * w[i * c + j] as f64)
+                        .sum::<f64>()
+                })
+            })
+            .collect()
+    }
+
+    fn max_error(got: &[f32], want: &[f64]) -> f64 {
+        assert_eq!(got.len(), want.len(), "lengths differ");
+        got.iter()
+            .zip(want)
+            .map(|(&g, &w)| (g as f64 - w).abs())
+            .fold(0.0, f64::max)
+    }
+
+    fn roundtrip(cut: usize, n: usize, weight_range: f32, seed: u64) -> (f64, f64) {
+        let classes = 5;
+        let packing = Packing::new(cut, classes).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        // Post-LeakyReLU, post-max-pool activations of M1 are mostly in [0, 3].
+        let a = uniform(&mut rng, n * cut, -0.05, 3.0);
+        let w = uniform(&mut rng, cut * classes, -weight_range, weight_range);
+        let bias = uniform(&mut rng, classes, -0.5, 0.5);
+        let g = uniform(&mut rng, n * classes, -0.25, 0.25);
+
+        let mut key = ClientKey::from_seed(seed as u128);
+        let mut server = ServerHe::new(packing);
+        server.set_weights(&w, &bias).unwrap();
+
+        let upload = key.encrypt(&packing.encode_activations(&a, n).unwrap());
+        let outputs = server.forward(&upload, n).unwrap();
+        assert_eq!(outputs.len(), packing.groups(n));
+        let phases: Vec<Vec<u64>> = outputs
+            .iter()
+            .enumerate()
+            .map(|(g, ct)| {
+                key.decrypt(ct, packing.forward_output_bodies(n, g))
+                    .unwrap()
+            })
+            .collect();
+        let logits = packing.decode_logits(&phases, n).unwrap();
+        let logit_err = max_error(&logits, &reference_logits(&a, &w, &bias, cut, classes));
+
+        let uploads: Vec<_> = (0..packing.groups(n))
+            .map(|grp| key.encrypt(&packing.encode_gradients(&g, n, grp).unwrap()))
+            .collect();
+        let out = server.backward(&uploads, n).unwrap();
+        let phase = key
+            .decrypt(&out, packing.backward_output_bodies(n))
+            .unwrap();
+        let da = packing.decode_input_gradients(&phase, n).unwrap();
+        let grad_err = max_error(&da, &reference_input_grads(&g, &w, cut, classes));
+        (logit_err, grad_err)
+    }
+
+    #[test]
+    fn encrypted_linear_layer_matches_f64_reference() {
+        for (cut, n) in [(256, 1), (256, 3), (256, 4), (256, 8), (512, 2), (512, 4)] {
+            // Initial weights (±1/√D) and trained-size weights (±0.5).
+            for range in [1.0 / (cut as f32).sqrt(), 0.5] {
+                let (logit_err, grad_err) = roundtrip(cut, n, range, (cut * 10 + n) as u64);
+                eprintln!(
+                    "cut {cut} n {n} |w|<{range:.3}: logits {logit_err:.2e}, dJ/da {grad_err:.2e}"
+                );
+                assert!(
+                    logit_err <= 1e-4,
+                    "logit error {logit_err:e} (cut {cut}, n {n})"
+                );
+                assert!(
+                    grad_err <= 1e-4,
+                    "dJ/da error {grad_err:e} (cut {cut}, n {n})"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn noise_stays_within_the_documented_budget() {
+        // Zero activations and bias isolate the noise: every decrypted logit is pure error.
+        let (cut, classes, n) = (256, 5, 8);
+        let packing = Packing::new(cut, classes).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let w = uniform(&mut rng, cut * classes, -0.25, 0.25);
+        let norm = (0..classes)
+            .map(|j| {
+                (0..cut)
+                    .map(|i| (w[i * classes + j] as f64).powi(2))
+                    .sum::<f64>()
+                    .sqrt()
+            })
+            .fold(0.0, f64::max);
+        let mut key = ClientKey::from_seed(1);
+        let mut server = ServerHe::new(packing);
+        server.set_weights(&w, &[0.0; 5]).unwrap();
+        let mut errors = Vec::new();
+        for _ in 0..20 {
+            let upload = key.encrypt(&packing.encode_activations(&vec![0.0; n * cut], n).unwrap());
+            for (g, ct) in server.forward(&upload, n).unwrap().iter().enumerate() {
+                let phase = key
+                    .decrypt(ct, packing.forward_output_bodies(n, g))
+                    .unwrap();
+                errors.extend(phase.iter().map(|&v| v as i64 as f64));
+            }
+        }
+        let sigma = (errors.iter().map(|e| e * e).sum::<f64>() / errors.len() as f64).sqrt();
+        // Documented budget: fresh noise + upload rounding (σ 2^16.7 per coefficient, times the
+        // scaled weight norm) and the download modulus switch (σ 2^37.2 + 2^32.2).
+        let input = 2f64.powf(16.7) * 2f64.powi(WEIGHT_SCALE_LOG as i32) * norm;
+        let switch = 2f64.powf(37.2) + 2f64.powf(32.2);
+        let budget = (input * input + switch * switch).sqrt();
+        eprintln!(
+            "noise σ = 2^{:.2}, budget 2^{:.2}",
+            sigma.log2(),
+            budget.log2()
+        );
+        assert!(
+            sigma <= 1.25 * budget,
+            "σ 2^{:.2} above budget 2^{:.2}",
+            sigma.log2(),
+            budget.log2()
+        );
+        assert!(
+            sigma >= budget / 4.0,
+            "σ 2^{:.2} implausibly low: noise missing?",
+            sigma.log2()
+        );
+        let max = errors.iter().fold(0f64, |m, e| m.max(e.abs()));
+        assert!(
+            max / 2f64.powi(56) < 1e-4,
+            "max logit error {:e}",
+            max / 2f64.powi(56)
+        );
+    }
+
+    #[test]
+    fn unpacking_matches_tfhe_packing() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        for bits in [30usize, 46, 64, 7] {
+            let max = if bits == 64 {
+                u64::MAX
+            } else {
+                (1u64 << bits) - 1
+            };
+            let values: Vec<u64> = (0..2100).map(|_| rng.random::<u64>() & max).collect();
+            let packed = PackedIntegers::pack(&values, CiphertextModulusLog(bits));
+            let mine = unpack(packed.packed_coeffs(), bits, values.len());
+            assert_eq!(mine, values, "{bits}-bit unpack");
+            assert_eq!(packed.unpack::<u64>().collect::<Vec<_>>(), values);
+        }
+    }
+
+    #[test]
+    fn chunks_and_groups_follow_the_lanes() {
+        let p = Packing::new(256, 5).unwrap();
+        assert_eq!(p.lanes(), 8);
+        assert_eq!(p.chunks(4).collect::<Vec<_>>(), vec![4]);
+        assert_eq!(p.chunks(19).collect::<Vec<_>>(), vec![8, 8, 3]);
+        assert_eq!(
+            (p.groups(8), p.groups(4), p.groups(2), p.groups(1)),
+            (5, 3, 2, 1)
+        );
+        assert_eq!(Packing::new(300, 5), Err(HeError::CutWidth { cut: 300 }));
+        assert_eq!(Packing::new(512, 5).unwrap().lanes(), 4);
+    }
+
+    #[test]
+    fn malformed_ciphertexts_give_typed_errors() {
+        let packing = Packing::new(256, 5).unwrap();
+        let mut key = ClientKey::from_seed(9);
+        let mut server = ServerHe::new(packing);
+        server.set_weights(&vec![0.01; 256 * 5], &[0.0; 5]).unwrap();
+        let good = key.encrypt(&packing.encode_activations(&vec![0.5; 4 * 256], 4).unwrap());
+
+        let mut truncated = good.clone();
+        truncated.body.pop();
+        assert!(matches!(
+            server.forward(&truncated, 4),
+            Err(HeError::PackedLength { .. })
+        ));
+        assert!(matches!(
+            server.forward(&good, 9),
+            Err(HeError::ChunkSize { .. })
+        ));
+        assert!(matches!(
+            server.forward(&good, 0),
+            Err(HeError::ChunkSize { .. })
+        ));
+        assert!(matches!(
+            server.backward(&[good.clone()], 4),
+            Err(HeError::CiphertextCount {
+                expected: 3,
+                got: 1
+            })
+        ));
+
+        let out = server.forward(&good, 4).unwrap().remove(0);
+        let bodies = packing.forward_output_bodies(4, 0);
+        let mut short = out.clone();
+        short.packed.truncate(10);
+        assert!(matches!(
+            key.decrypt(&short, bodies),
+            Err(HeError::PackedLength { .. })
+        ));
+        let mut lying = out.clone();
+        lying.bodies = 2000;
+        assert!(matches!(
+            key.decrypt(&lying, bodies),
+            Err(HeError::Bodies { .. })
+        ));
+        let mut modulus = out.clone();
+        modulus.log_modulus = 64;
+        assert!(matches!(
+            key.decrypt(&modulus, bodies),
+            Err(HeError::LogModulus { .. })
+        ));
+        // A garbled (but well-sized) ciphertext decrypts to garbage, never panics.
+        let mut garbled = out;
+        garbled
+            .packed
+            .iter_mut()
+            .for_each(|w| *w = w.rotate_left(13));
+        assert!(key.decrypt(&garbled, bodies).is_ok());
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused() {
+        let p = Packing::new(256, 5).unwrap();
+        let mut a = vec![0.0f32; 256];
+        a[3] = f32::NAN;
+        assert!(matches!(
+            p.encode_activations(&a, 1),
+            Err(HeError::OutOfRange { .. })
+        ));
+        a[3] = 1e9;
+        assert!(matches!(
+            p.encode_activations(&a, 1),
+            Err(HeError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            p.encode_activations(&a[..10], 1),
+            Err(HeError::ValueCount { .. })
+        ));
+        assert!(matches!(p.encode_gradients(&[0.0; 5], 1, 1), Ok(_)));
+    }
+
+    #[test]
+    fn client_key_debug_hides_the_key() {
+        assert_eq!(
+            format!("{:?}", ClientKey::from_seed(1)),
+            "ClientKey(<secret>)"
+        );
+    }
+}

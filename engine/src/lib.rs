@@ -1,0 +1,12 @@
+//! MedSplit's training engine: what the coordinator and the hospital agents both speak.
+//!
+//! No I/O happens here (the data loaders aside, which read the files they are pointed at): the
+//! model halves, the HE packing and the protocol state machines take and return values and
+//! serialized messages, so the same code runs in-process and over a network.
+
+pub mod data;
+pub mod he;
+pub mod model;
+pub mod protocol;
+pub mod training;
+pub mod wire;

@@ -1,0 +1,942 @@
+//! The two halves of split training as state machines over serialized wire messages.
+//!
+//! A training step is four messages: the client sends `Forward`, the server answers `Logits`,
+//! the client computes softmax + loss with its labels and sends `Backward`, the server answers
+//! `InputGradients` and updates its layer, the client backpropagates and updates its layers.
+//! An evaluation step is `Forward { train: false }` → `Logits`. Neither side does I/O.
+
+use burn::optim::{GradientsParams, ModuleOptimizer};
+use burn::tensor::{Device, Tensor, TensorData};
+
+use crate::he::{ClientKey, HeError, Packing, ServerHe};
+use crate::model::{
+    self, CLIENT_LR, ClientNet, ModelConfig, ModelError, ServerNet, ServerOptimizer, tensor_values,
+};
+use crate::wire::{Activations, ClientMessage, Gradients, Outputs, ServerMessage, WireError};
+
+/// How the cut-layer values travel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Privacy {
+    /// Plaintext activations and gradients (`split`).
+    Plaintext,
+    /// GLWE-encrypted activations and gradients (`split-he`).
+    Encrypted,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error(transparent)]
+    He(#[from] HeError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("unexpected message: {0}")]
+    Unexpected(&'static str),
+    #[error("{what}: expected {expected} values, got {got}")]
+    Shape {
+        what: &'static str,
+        expected: usize,
+        got: usize,
+    },
+    #[error("a batch holds 1 to {max} samples, got {0}", max = u16::MAX)]
+    BatchSize(usize),
+    #[error("label {label} at row {row} is not below {classes}")]
+    Label {
+        row: usize,
+        label: u8,
+        classes: usize,
+    },
+    #[error("non-finite value in {0}")]
+    NotFinite(&'static str),
+}
+
+fn expect(what: &'static str, expected: usize, got: usize) -> Result<(), ProtocolError> {
+    if expected != got {
+        return Err(ProtocolError::Shape {
+            what,
+            expected,
+            got,
+        });
+    }
+    Ok(())
+}
+
+fn finite(what: &'static str, values: &[f32]) -> Result<(), ProtocolError> {
+    if values.iter().any(|v| !v.is_finite()) {
+        return Err(ProtocolError::NotFinite(what));
+    }
+    Ok(())
+}
+
+fn tensor2(values: Vec<f32>, rows: usize, cols: usize, device: &Device) -> Tensor<2> {
+    Tensor::from_data(TensorData::new(values, [rows, cols]), device)
+}
+
+/// Loss and accuracy of one training batch as the client measured them.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct BatchStats {
+    pub samples: usize,
+    pub loss_sum: f64,
+    pub correct: usize,
+}
+
+/// Checks a batch and returns its size.
+///
+/// # Shapes
+/// `beats`: `[B, beat_len]` row-major; `labels`: `[B]`, or empty when `train` is false.
+fn check_batch(
+    config: &ModelConfig,
+    beats: &[f32],
+    labels: &[u8],
+    train: bool,
+) -> Result<usize, ProtocolError> {
+    let batch = beats.len() / config.beat_len;
+    if batch == 0 || batch > u16::MAX as usize {
+        return Err(ProtocolError::BatchSize(batch));
+    }
+    expect("beats", batch * config.beat_len, beats.len())?;
+    finite("beats", beats)?;
+    if train {
+        expect("labels", batch, labels.len())?;
+        if let Some((row, &label)) = labels
+            .iter()
+            .enumerate()
+            .find(|(_, l)| **l as usize >= config.classes)
+        {
+            return Err(ProtocolError::Label {
+                row,
+                label,
+                classes: config.classes,
+            });
+        }
+    }
+    Ok(batch)
+}
+
+fn beats_tensor(beats: &[f32], batch: usize, len: usize, device: &Device) -> Tensor<3> {
+    Tensor::from_data(TensorData::new(beats.to_vec(), [batch, 1, len]), device)
+}
+
+/// Softmax cross-entropy at the client: loss statistics and dJ/dlogits (mean over the batch).
+///
+/// # Shapes
+/// `logits`: `[B, classes]` → dJ/dlogits `[B, classes]`.
+fn loss_and_gradient(
+    logits: &[f32],
+    labels: &[u8],
+    classes: usize,
+    device: &Device,
+) -> (BatchStats, Vec<f32>) {
+    let batch = labels.len();
+    let logits_t = tensor2(logits.to_vec(), batch, classes, device).require_grad();
+    let loss = model::cross_entropy(logits_t.clone(), labels, device);
+    let loss_value = tensor_values(loss.clone())[0] as f64;
+    let grads = loss.backward();
+    let g = tensor_values(logits_t.grad(&grads).expect("logits require a gradient"));
+    let stats = BatchStats {
+        samples: batch,
+        loss_sum: loss_value * batch as f64,
+        correct: model::correct_predictions(logits, labels, classes),
+    };
+    (stats, g)
+}
+
+/// What the client does after a message.
+#[derive(Debug)]
+pub enum ClientEvent {
+    /// Send these bytes to the server.
+    Send(Vec<u8>),
+    /// The training step is complete.
+    Trained(BatchStats),
+    /// The evaluation step is complete: predicted classes.
+    Evaluated(Vec<usize>),
+}
+
+enum ClientState {
+    Idle,
+    AwaitLogits {
+        activations: Tensor<2>,
+        values: Vec<f32>,
+        labels: Vec<u8>,
+        train: bool,
+    },
+    AwaitInputGradients {
+        activations: Tensor<2>,
+        stats: BatchStats,
+    },
+}
+
+/// The hospital's half: its layers, labels, loss, optimiser and (in `split-he`) its secret key.
+pub struct ClientSession {
+    config: ModelConfig,
+    model: ClientNet,
+    optimizer: ModuleOptimizer,
+    device: Device,
+    he: Option<(ClientKey, Packing)>,
+    state: ClientState,
+    #[cfg(test)]
+    last_gradients: Vec<f32>,
+}
+
+impl ClientSession {
+    pub fn new(config: &ModelConfig, privacy: Privacy, seed: u64) -> Result<Self, ProtocolError> {
+        config.validate()?;
+        let device = Device::flex().autodiff();
+        let he = match privacy {
+            Privacy::Plaintext => None,
+            Privacy::Encrypted => Some((
+                ClientKey::generate(),
+                Packing::new(config.cut_width().0, config.classes)?,
+            )),
+        };
+        Ok(Self {
+            config: config.clone(),
+            model: config.init_client(seed, &device),
+            optimizer: model::client_optimizer(),
+            device,
+            he,
+            state: ClientState::Idle,
+            #[cfg(test)]
+            last_gradients: Vec::new(),
+        })
+    }
+
+    /// Starts a training step (`train`, with labels) or an evaluation step (labels empty).
+    ///
+    /// # Shapes
+    /// `beats`: `[B, beat_len]` row-major; `labels`: `[B]`.
+    pub fn start(
+        &mut self,
+        beats: &[f32],
+        labels: &[u8],
+        train: bool,
+    ) -> Result<Vec<u8>, ProtocolError> {
+        if !matches!(self.state, ClientState::Idle) {
+            return Err(ProtocolError::Unexpected("a step is already in flight"));
+        }
+        let batch = check_batch(&self.config, beats, labels, train)?;
+        let activations = self.model.forward(beats_tensor(
+            beats,
+            batch,
+            self.config.beat_len,
+            &self.device,
+        ));
+        let values = tensor_values(activations.clone());
+        let payload = match &mut self.he {
+            None => Activations::Plain(values.clone()),
+            Some((key, packing)) => {
+                let cut = self.config.cut_width().0;
+                let mut uploads = Vec::new();
+                let mut start = 0;
+                for n in packing.chunks(batch) {
+                    let plain =
+                        packing.encode_activations(&values[start * cut..(start + n) * cut], n)?;
+                    uploads.push(key.encrypt(&plain));
+                    start += n;
+                }
+                Activations::Encrypted(uploads)
+            }
+        };
+        self.state = ClientState::AwaitLogits {
+            activations,
+            values,
+            labels: labels.to_vec(),
+            train,
+        };
+        Ok(ClientMessage::Forward {
+            train,
+            batch: batch as u16,
+            activations: payload,
+        }
+        .encode())
+    }
+
+    /// Handles the server's answer to the message sent last.
+    pub fn on_message(&mut self, bytes: &[u8]) -> Result<ClientEvent, ProtocolError> {
+        let message = ServerMessage::decode(bytes)?;
+        match (
+            std::mem::replace(&mut self.state, ClientState::Idle),
+            message,
+        ) {
+            (
+                ClientState::AwaitLogits {
+                    activations,
+                    values,
+                    labels,
+                    train,
+                },
+                ServerMessage::Logits(out),
+            ) => {
+                let batch = activations.dims()[0];
+                let logits = self.open_logits(out, batch)?;
+                if !train {
+                    let predicted = model::predictions(&logits, self.config.classes).collect();
+                    return Ok(ClientEvent::Evaluated(predicted));
+                }
+                let (stats, g) =
+                    loss_and_gradient(&logits, &labels, self.config.classes, &self.device);
+                let payload = self.seal_gradients(g, &values, batch)?;
+                self.state = ClientState::AwaitInputGradients { activations, stats };
+                Ok(ClientEvent::Send(ClientMessage::Backward(payload).encode()))
+            }
+            (
+                ClientState::AwaitInputGradients { activations, stats },
+                ServerMessage::InputGradients(out),
+            ) => {
+                let batch = activations.dims()[0];
+                let grads = self.open_input_gradients(out, batch)?;
+                let grads = tensor2(grads, batch, self.config.cut_width().0, &self.device);
+                // Inject dJ/da as the upstream gradient of the cut layer.
+                let gradients = (activations * grads).sum().backward();
+                let params = GradientsParams::from_grads(gradients, &self.model);
+                #[cfg(test)]
+                {
+                    self.last_gradients = self.model.gradient_values(&params);
+                }
+                self.model = self.optimizer.step(CLIENT_LR, self.model.clone(), params);
+                Ok(ClientEvent::Trained(stats))
+            }
+            (state, _) => {
+                self.state = state;
+                Err(ProtocolError::Unexpected(
+                    "message does not answer the step in flight",
+                ))
+            }
+        }
+    }
+
+    fn open_logits(&mut self, out: Outputs, batch: usize) -> Result<Vec<f32>, ProtocolError> {
+        let classes = self.config.classes;
+        let logits = match (out, &mut self.he) {
+            (Outputs::Plain(v), None) => v,
+            (Outputs::Encrypted(cts), Some((key, packing))) => {
+                let mut logits = Vec::with_capacity(batch * classes);
+                let mut cts = cts.iter();
+                for n in packing.chunks(batch) {
+                    let mut phases = Vec::new();
+                    for g in 0..packing.groups(n) {
+                        let ct = cts
+                            .next()
+                            .ok_or(ProtocolError::Unexpected("too few logit ciphertexts"))?;
+                        phases.push(key.decrypt(ct, packing.forward_output_bodies(n, g))?);
+                    }
+                    logits.extend(packing.decode_logits(&phases, n)?);
+                }
+                if cts.next().is_some() {
+                    return Err(ProtocolError::Unexpected("too many logit ciphertexts"));
+                }
+                logits
+            }
+            _ => {
+                return Err(ProtocolError::Unexpected(
+                    "logits in the wrong privacy mode",
+                ));
+            }
+        };
+        expect("logits", batch * classes, logits.len())?;
+        finite("logits", &logits)?;
+        Ok(logits)
+    }
+
+    fn open_input_gradients(
+        &mut self,
+        out: Outputs,
+        batch: usize,
+    ) -> Result<Vec<f32>, ProtocolError> {
+        let cut = self.config.cut_width().0;
+        let grads = match (out, &mut self.he) {
+            (Outputs::Plain(v), None) => v,
+            (Outputs::Encrypted(cts), Some((key, packing))) => {
+                let chunks: Vec<usize> = packing.chunks(batch).collect();
+                expect("input-gradient ciphertexts", chunks.len(), cts.len())?;
+                let mut grads = Vec::with_capacity(batch * cut);
+                for (ct, n) in cts.iter().zip(chunks) {
+                    let phase = key.decrypt(ct, packing.backward_output_bodies(n))?;
+                    grads.extend(packing.decode_input_gradients(&phase, n)?);
+                }
+                grads
+            }
+            _ => {
+                return Err(ProtocolError::Unexpected(
+                    "input gradients in the wrong privacy mode",
+                ));
+            }
+        };
+        expect("input gradients", batch * cut, grads.len())?;
+        finite("input gradients", &grads)?;
+        Ok(grads)
+    }
+
+    /// The backward payload: dJ/dlogits in the clear, or encrypted together with the batch-summed
+    /// gradient of the server layer (`Σ_b a_bᵀ g_b` and `Σ_b g_b`).
+    fn seal_gradients(
+        &mut self,
+        g: Vec<f32>,
+        activations: &[f32],
+        batch: usize,
+    ) -> Result<Gradients, ProtocolError> {
+        let Some((key, packing)) = &mut self.he else {
+            return Ok(Gradients::Plain(g));
+        };
+        let (cut, classes) = (self.config.cut_width().0, self.config.classes);
+        let mut weight_grad = vec![0f64; cut * classes];
+        let mut bias_grad = vec![0f64; classes];
+        for (a, gb) in activations.chunks_exact(cut).zip(g.chunks_exact(classes)) {
+            for (i, &ai) in a.iter().enumerate() {
+                for (j, &gj) in gb.iter().enumerate() {
+                    weight_grad[i * classes + j] += ai as f64 * gj as f64;
+                }
+            }
+            bias_grad
+                .iter_mut()
+                .zip(gb)
+                .for_each(|(b, &gj)| *b += gj as f64);
+        }
+        let mut uploads = Vec::new();
+        let mut start = 0;
+        for n in packing.chunks(batch) {
+            let chunk = &g[start * classes..(start + n) * classes];
+            for group in 0..packing.groups(n) {
+                uploads.push(key.encrypt(&packing.encode_gradients(chunk, n, group)?));
+            }
+            start += n;
+        }
+        Ok(Gradients::Encrypted {
+            uploads,
+            weight_grad: weight_grad.into_iter().map(|v| v as f32).collect(),
+            bias_grad: bias_grad.into_iter().map(|v| v as f32).collect(),
+        })
+    }
+
+    /// The client half, for sealing and hand-off.
+    pub fn model(&self) -> &ClientNet {
+        &self.model
+    }
+}
+
+enum ServerState {
+    Idle,
+    AwaitPlainBackward { input: Tensor<2>, logits: Tensor<2> },
+    AwaitEncryptedBackward { batch: usize },
+}
+
+/// The coordinator's half: its layer and optimiser; in `split-he` it only ever holds ciphertexts
+/// of activations and of per-sample gradients.
+pub struct ServerSession {
+    config: ModelConfig,
+    model: ServerNet,
+    optimizer: ModuleOptimizer,
+    lr: f64,
+    device: Device,
+    he: Option<(ServerHe, Packing)>,
+    state: ServerState,
+    #[cfg(test)]
+    last_gradients: Vec<f32>,
+}
+
+impl ServerSession {
+    pub fn new(
+        config: &ModelConfig,
+        privacy: Privacy,
+        optimizer: ServerOptimizer,
+        seed: u64,
+    ) -> Result<Self, ProtocolError> {
+        config.validate()?;
+        let device = Device::flex().autodiff();
+        let model = config.init_server(seed, &device);
+        let he = match privacy {
+            Privacy::Plaintext => None,
+            Privacy::Encrypted => {
+                let packing = Packing::new(config.cut_width().0, config.classes)?;
+                let mut he = ServerHe::new(packing);
+                let (w, b) = model.weights();
+                he.set_weights(&w, &b)?;
+                Some((he, packing))
+            }
+        };
+        Ok(Self {
+            config: config.clone(),
+            model,
+            optimizer: optimizer.init(),
+            lr: optimizer.lr(),
+            device,
+            he,
+            state: ServerState::Idle,
+            #[cfg(test)]
+            last_gradients: Vec::new(),
+        })
+    }
+
+    /// Handles one client message and returns the reply.
+    pub fn handle(&mut self, bytes: &[u8]) -> Result<Vec<u8>, ProtocolError> {
+        let reply = match (ClientMessage::decode(bytes)?, &self.state) {
+            (
+                ClientMessage::Forward {
+                    train,
+                    batch,
+                    activations,
+                },
+                ServerState::Idle,
+            ) => self.forward(train, batch as usize, activations)?,
+            (
+                ClientMessage::Backward(grads),
+                ServerState::AwaitPlainBackward { .. } | ServerState::AwaitEncryptedBackward { .. },
+            ) => self.backward(grads)?,
+            _ => {
+                return Err(ProtocolError::Unexpected(
+                    "message does not fit the step in flight",
+                ));
+            }
+        };
+        Ok(reply.encode())
+    }
+
+    fn forward(
+        &mut self,
+        train: bool,
+        batch: usize,
+        activations: Activations,
+    ) -> Result<ServerMessage, ProtocolError> {
+        if batch == 0 {
+            return Err(ProtocolError::BatchSize(0));
+        }
+        let cut = self.config.cut_width().0;
+        match (activations, &mut self.he) {
+            (Activations::Plain(values), None) => {
+                expect("activations", batch * cut, values.len())?;
+                finite("activations", &values)?;
+                let input = tensor2(values, batch, cut, &self.device).require_grad();
+                let logits = self.model.forward(input.clone());
+                let out = tensor_values(logits.clone());
+                if train {
+                    self.state = ServerState::AwaitPlainBackward { input, logits };
+                }
+                Ok(ServerMessage::Logits(Outputs::Plain(out)))
+            }
+            (Activations::Encrypted(uploads), Some((he, packing))) => {
+                let chunks: Vec<usize> = packing.chunks(batch).collect();
+                expect("activation ciphertexts", chunks.len(), uploads.len())?;
+                let mut outputs = Vec::new();
+                for (upload, n) in uploads.iter().zip(chunks) {
+                    outputs.extend(he.forward(upload, n)?);
+                }
+                if train {
+                    self.state = ServerState::AwaitEncryptedBackward { batch };
+                }
+                Ok(ServerMessage::Logits(Outputs::Encrypted(outputs)))
+            }
+            _ => Err(ProtocolError::Unexpected(
+                "activations in the wrong privacy mode",
+            )),
+        }
+    }
+
+    fn backward(&mut self, grads: Gradients) -> Result<ServerMessage, ProtocolError> {
+        let (cut, classes) = (self.config.cut_width().0, self.config.classes);
+        let (reply, params) = match (grads, &self.state, &mut self.he) {
+            (Gradients::Plain(g), ServerState::AwaitPlainBackward { input, logits }, None) => {
+                let batch = input.dims()[0];
+                expect("logit gradients", batch * classes, g.len())?;
+                finite("logit gradients", &g)?;
+                let upstream = tensor2(g, batch, classes, &self.device);
+                let gradients = (logits.clone() * upstream).sum().backward();
+                let da = tensor_values(input.grad(&gradients).expect("input requires a gradient"));
+                let params = GradientsParams::from_grads(gradients, &self.model);
+                (ServerMessage::InputGradients(Outputs::Plain(da)), params)
+            }
+            (
+                Gradients::Encrypted {
+                    uploads,
+                    weight_grad,
+                    bias_grad,
+                },
+                &ServerState::AwaitEncryptedBackward { batch },
+                Some((he, packing)),
+            ) => {
+                expect("weight gradient", cut * classes, weight_grad.len())?;
+                expect("bias gradient", classes, bias_grad.len())?;
+                finite("weight gradient", &weight_grad)?;
+                finite("bias gradient", &bias_grad)?;
+                let chunks: Vec<usize> = packing.chunks(batch).collect();
+                let groups: Vec<usize> = chunks.iter().map(|&n| packing.groups(n)).collect();
+                expect("gradient ciphertexts", groups.iter().sum(), uploads.len())?;
+                let mut outputs = Vec::new();
+                let mut start = 0;
+                for (&n, &count) in chunks.iter().zip(&groups) {
+                    outputs.push(he.backward(&uploads[start..start + count], n)?);
+                    start += count;
+                }
+                let inner = Device::flex();
+                let mut params = GradientsParams::new();
+                let (weight_id, bias_id) = self.model.parameter_ids();
+                params.register(weight_id, tensor2(weight_grad, cut, classes, &inner));
+                if let Some(id) = bias_id {
+                    params.register(
+                        id,
+                        Tensor::<1>::from_data(TensorData::new(bias_grad, [classes]), &inner),
+                    );
+                }
+                (
+                    ServerMessage::InputGradients(Outputs::Encrypted(outputs)),
+                    params,
+                )
+            }
+            _ => {
+                return Err(ProtocolError::Unexpected(
+                    "gradients in the wrong privacy mode",
+                ));
+            }
+        };
+        #[cfg(test)]
+        {
+            self.last_gradients = self.model.gradient_values(&params);
+        }
+        self.model = self.optimizer.step(self.lr, self.model.clone(), params);
+        if let Some((he, _)) = &mut self.he {
+            let (w, b) = self.model.weights();
+            he.set_weights(&w, &b)?;
+        }
+        self.state = ServerState::Idle;
+        Ok(reply)
+    }
+
+    /// The server layer, for checkpoints.
+    pub fn model(&self) -> &ServerNet {
+        &self.model
+    }
+}
+
+/// The whole model in one process: the `local` baseline, same data, seeds and optimisers.
+pub struct LocalModel {
+    config: ModelConfig,
+    client: ClientNet,
+    server: ServerNet,
+    client_optimizer: ModuleOptimizer,
+    server_optimizer: ModuleOptimizer,
+    server_lr: f64,
+    device: Device,
+    #[cfg(test)]
+    last_gradients: (Vec<f32>, Vec<f32>),
+}
+
+impl LocalModel {
+    pub fn new(
+        config: &ModelConfig,
+        optimizer: ServerOptimizer,
+        seed: u64,
+    ) -> Result<Self, ProtocolError> {
+        config.validate()?;
+        let device = Device::flex().autodiff();
+        Ok(Self {
+            config: config.clone(),
+            client: config.init_client(seed, &device),
+            server: config.init_server(seed, &device),
+            client_optimizer: model::client_optimizer(),
+            server_optimizer: optimizer.init(),
+            server_lr: optimizer.lr(),
+            device,
+            #[cfg(test)]
+            last_gradients: Default::default(),
+        })
+    }
+
+    fn logits(&self, beats: &[f32], batch: usize) -> Tensor<2> {
+        let input = beats_tensor(beats, batch, self.config.beat_len, &self.device);
+        self.server.forward(self.client.forward(input))
+    }
+}
+
+/// One way of training the split model: `local`, or the two halves exchanging messages.
+pub trait Trainer {
+    /// One optimisation step on a batch.
+    ///
+    /// # Shapes
+    /// `beats`: `[B, beat_len]`, `labels`: `[B]`.
+    fn train_batch(&mut self, beats: &[f32], labels: &[u8]) -> Result<BatchStats, ProtocolError>;
+    /// Predicted classes of a batch.
+    fn predict(&mut self, beats: &[f32]) -> Result<Vec<usize>, ProtocolError>;
+    /// Bytes sent each way so far.
+    fn traffic(&self) -> Traffic {
+        Traffic::default()
+    }
+}
+
+impl Trainer for LocalModel {
+    fn train_batch(&mut self, beats: &[f32], labels: &[u8]) -> Result<BatchStats, ProtocolError> {
+        let batch = check_batch(&self.config, beats, labels, true)?;
+        let logits = self.logits(beats, batch);
+        let values = tensor_values(logits.clone());
+        let loss = model::cross_entropy(logits, labels, &self.device);
+        let stats = BatchStats {
+            samples: batch,
+            loss_sum: tensor_values(loss.clone())[0] as f64 * batch as f64,
+            correct: model::correct_predictions(&values, labels, self.config.classes),
+        };
+        let mut gradients = loss.backward();
+        let client = GradientsParams::from_module(&mut gradients, &self.client);
+        let server = GradientsParams::from_module(&mut gradients, &self.server);
+        #[cfg(test)]
+        {
+            self.last_gradients = (
+                self.client.gradient_values(&client),
+                self.server.gradient_values(&server),
+            );
+        }
+        self.client = self
+            .client_optimizer
+            .step(CLIENT_LR, self.client.clone(), client);
+        self.server = self
+            .server_optimizer
+            .step(self.server_lr, self.server.clone(), server);
+        Ok(stats)
+    }
+
+    fn predict(&mut self, beats: &[f32]) -> Result<Vec<usize>, ProtocolError> {
+        let batch = check_batch(&self.config, beats, &[], false)?;
+        let logits = tensor_values(self.logits(beats, batch));
+        Ok(model::predictions(&logits, self.config.classes).collect())
+    }
+}
+
+/// Bytes exchanged, each way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub client_to_server: u64,
+    pub server_to_client: u64,
+    pub messages: u64,
+}
+
+/// Both halves in one process, exchanging the serialized messages a network would carry.
+pub struct InProcess {
+    pub client: ClientSession,
+    pub server: ServerSession,
+    traffic: Traffic,
+}
+
+impl InProcess {
+    pub fn new(
+        config: &ModelConfig,
+        privacy: Privacy,
+        optimizer: ServerOptimizer,
+        seed: u64,
+    ) -> Result<Self, ProtocolError> {
+        Ok(Self {
+            client: ClientSession::new(config, privacy, seed)?,
+            server: ServerSession::new(config, privacy, optimizer, seed)?,
+            traffic: Traffic::default(),
+        })
+    }
+
+    fn exchange(&mut self, request: Vec<u8>) -> Result<ClientEvent, ProtocolError> {
+        self.traffic.client_to_server += request.len() as u64;
+        let reply = self.server.handle(&request)?;
+        self.traffic.server_to_client += reply.len() as u64;
+        self.traffic.messages += 2;
+        self.client.on_message(&reply)
+    }
+}
+
+impl Trainer for InProcess {
+    fn train_batch(&mut self, beats: &[f32], labels: &[u8]) -> Result<BatchStats, ProtocolError> {
+        let forward = self.client.start(beats, labels, true)?;
+        let ClientEvent::Send(backward) = self.exchange(forward)? else {
+            return Err(ProtocolError::Unexpected("training step ended early"));
+        };
+        match self.exchange(backward)? {
+            ClientEvent::Trained(stats) => Ok(stats),
+            _ => Err(ProtocolError::Unexpected("training step did not finish")),
+        }
+    }
+
+    fn predict(&mut self, beats: &[f32]) -> Result<Vec<usize>, ProtocolError> {
+        let forward = self.client.start(beats, &[], false)?;
+        match self.exchange(forward)? {
+            ClientEvent::Evaluated(predicted) => Ok(predicted),
+            _ => Err(ProtocolError::Unexpected("evaluation step did not finish")),
+        }
+    }
+
+    fn traffic(&self) -> Traffic {
+        self.traffic
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::synthetic;
+    use crate::training::{epoch_order, evaluate, gather, train_epoch};
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len(), "gradient lengths differ");
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    fn norm(a: &[f32]) -> f32 {
+        a.iter().map(|x| x * x).sum::<f32>().sqrt()
+    }
+
+    #[test]
+    fn split_gradients_match_local_and_split_he_stays_close() {
+        let config = ModelConfig::m1();
+        let data = synthetic(24, 11);
+        let optimizer = ServerOptimizer::default();
+        let mut local = LocalModel::new(&config, optimizer, 5).unwrap();
+        let mut split = InProcess::new(&config, Privacy::Plaintext, optimizer, 5).unwrap();
+        let mut he = InProcess::new(&config, Privacy::Encrypted, optimizer, 5).unwrap();
+        for (step, batch) in (0..24).collect::<Vec<_>>().chunks(6).enumerate() {
+            let (beats, labels) = gather(&data, batch);
+            let l = local.train_batch(&beats, &labels).unwrap();
+            let s = split.train_batch(&beats, &labels).unwrap();
+            let h = he.train_batch(&beats, &labels).unwrap();
+            assert_eq!(l.correct, s.correct);
+            assert!(
+                (l.loss_sum - s.loss_sum).abs() < 1e-5,
+                "step {step}: loss {l:?} vs {s:?}"
+            );
+            assert!(
+                (l.loss_sum - h.loss_sum).abs() < 1e-3,
+                "step {step}: loss {l:?} vs {h:?}"
+            );
+
+            let (lc, ls) = &local.last_gradients;
+            let (sc, ss) = (&split.client.last_gradients, &split.server.last_gradients);
+            let (hc, hs) = (&he.client.last_gradients, &he.server.last_gradients);
+            assert!(norm(lc) > 1e-4 && norm(ls) > 1e-4, "gradients vanished");
+            assert!(
+                max_diff(lc, sc) <= 1e-6 * norm(lc).max(1.0),
+                "step {step}: client split vs local {}",
+                max_diff(lc, sc)
+            );
+            assert!(
+                max_diff(ls, ss) <= 1e-6 * norm(ls).max(1.0),
+                "step {step}: server split vs local {}",
+                max_diff(ls, ss)
+            );
+            assert!(
+                max_diff(lc, hc) <= 1e-4,
+                "step {step}: client split-he vs local {}",
+                max_diff(lc, hc)
+            );
+            assert!(
+                max_diff(ls, hs) <= 1e-4,
+                "step {step}: server split-he vs local {}",
+                max_diff(ls, hs)
+            );
+        }
+    }
+
+    #[test]
+    fn split_he_learns_synthetic_beats_well_above_chance() {
+        let config = ModelConfig::m1();
+        let train = synthetic(1500, 1);
+        let test = synthetic(500, 2);
+        let mut he =
+            InProcess::new(&config, Privacy::Encrypted, ServerOptimizer::default(), 3).unwrap();
+        for epoch in 0..2 {
+            let order = epoch_order(train.len(), 3, epoch);
+            train_epoch(&mut he, &train, &order, 8, &mut |_, _| {}).unwrap();
+        }
+        let accuracy = evaluate(&mut he, &test, 8).unwrap();
+        eprintln!("split-he synthetic test accuracy after 2 epochs: {accuracy:.3}");
+        assert!(accuracy >= 0.8, "accuracy {accuracy}");
+        assert!(he.traffic().client_to_server > 0 && he.traffic().server_to_client > 0);
+    }
+
+    #[test]
+    fn bad_messages_are_refused_and_nothing_is_lost() {
+        let config = ModelConfig::m1();
+        let data = synthetic(8, 4);
+        let (beats, labels) = gather(&data, &[0, 1, 2, 3]);
+        let mut he =
+            InProcess::new(&config, Privacy::Encrypted, ServerOptimizer::default(), 1).unwrap();
+        let mut plain = ClientSession::new(&config, Privacy::Plaintext, 1).unwrap();
+
+        assert!(matches!(
+            he.server.handle(&[1, 2, 3]),
+            Err(ProtocolError::Wire(_))
+        ));
+        assert!(matches!(he.server.handle(&[]), Err(ProtocolError::Wire(_))));
+        let plaintext = plain.start(&beats, &labels, true).unwrap();
+        assert!(matches!(
+            he.server.handle(&plaintext),
+            Err(ProtocolError::Unexpected(_))
+        ));
+        let backward = ClientMessage::Backward(Gradients::Plain(vec![0.0; 20])).encode();
+        assert!(matches!(
+            he.server.handle(&backward),
+            Err(ProtocolError::Unexpected(_))
+        ));
+
+        // A forward message whose batch size lies about its ciphertexts.
+        let forward = he.client.start(&beats, &labels, true).unwrap();
+        let mut lying = ClientMessage::decode(&forward).unwrap();
+        if let ClientMessage::Forward { batch, .. } = &mut lying {
+            *batch = 12;
+        }
+        assert!(matches!(
+            he.server.handle(&lying.encode()),
+            Err(ProtocolError::Shape { .. })
+        ));
+        // The honest message still goes through: the session was not disturbed.
+        let reply = he.server.handle(&forward).unwrap();
+        assert!(matches!(
+            he.client.on_message(&[0xff; 3]),
+            Err(ProtocolError::Wire(_))
+        ));
+        assert!(matches!(
+            he.client.on_message(&reply).unwrap(),
+            ClientEvent::Send(_)
+        ));
+
+        assert!(matches!(
+            plain.start(&beats, &labels, true),
+            Err(ProtocolError::Unexpected(_))
+        ));
+        let mut fresh = ClientSession::new(&config, Privacy::Plaintext, 1).unwrap();
+        assert!(matches!(
+            fresh.start(&beats[..300], &labels, true),
+            Err(ProtocolError::Shape { .. })
+        ));
+        assert!(matches!(
+            fresh.start(&beats, &[0, 1, 9, 2], true),
+            Err(ProtocolError::Label {
+                row: 2,
+                label: 9,
+                ..
+            })
+        ));
+        let mut nan = beats.clone();
+        nan[5] = f32::NAN;
+        assert!(matches!(
+            fresh.start(&nan, &labels, true),
+            Err(ProtocolError::NotFinite(_))
+        ));
+        assert!(matches!(
+            fresh.start(&[], &[], true),
+            Err(ProtocolError::BatchSize(0))
+        ));
+    }
+
+    #[test]
+    fn the_wide_variant_trains_through_he() {
+        let config = ModelConfig::m1_wide();
+        assert_eq!(config.cut_width().0, 512);
+        let data = synthetic(12, 8);
+        let mut he = InProcess::new(
+            &config,
+            Privacy::Encrypted,
+            ServerOptimizer::Sgd { lr: 0.01 },
+            2,
+        )
+        .unwrap();
+        let order: Vec<usize> = (0..12).collect();
+        let totals = train_epoch(&mut he, &data, &order, 6, &mut |_, _| {}).unwrap();
+        assert_eq!(totals.samples, 12);
+        assert_eq!(he.predict(&gather(&data, &[0, 1, 2]).0).unwrap().len(), 3);
+    }
+}

@@ -1,0 +1,93 @@
+//! The epoch loop shared by every mode: same data order, same batches, same evaluation.
+
+use rand::{SeedableRng, seq::SliceRandom};
+use rand_chacha::ChaCha8Rng;
+
+use crate::data::Dataset;
+use crate::protocol::{BatchStats, ProtocolError, Trainer};
+
+/// The order in which epoch `epoch` visits the training set: a seeded shuffle, identical for every
+/// mode trained from the same seed.
+pub fn epoch_order(len: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..len).collect();
+    let mut rng = ChaCha8Rng::seed_from_u64(
+        seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .wrapping_add(epoch as u64),
+    );
+    order.shuffle(&mut rng);
+    order
+}
+
+/// Gathers the rows `indices` of `data` into one batch.
+///
+/// # Shapes
+/// Returns beats `[indices.len(), beat_len]` row-major and labels `[indices.len()]`.
+pub fn gather(data: &Dataset, indices: &[usize]) -> (Vec<f32>, Vec<u8>) {
+    let mut beats = Vec::with_capacity(indices.len() * data.beat_len());
+    let mut labels = Vec::with_capacity(indices.len());
+    for &i in indices {
+        beats.extend_from_slice(data.beat(i));
+        labels.push(data.labels()[i]);
+    }
+    (beats, labels)
+}
+
+/// Totals of a run of batches.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Totals {
+    pub samples: usize,
+    pub loss_sum: f64,
+    pub correct: usize,
+}
+
+impl Totals {
+    pub fn add(&mut self, s: BatchStats) {
+        self.samples += s.samples;
+        self.loss_sum += s.loss_sum;
+        self.correct += s.correct;
+    }
+    pub fn mean_loss(&self) -> f64 {
+        self.loss_sum / self.samples.max(1) as f64
+    }
+    pub fn accuracy(&self) -> f64 {
+        self.correct as f64 / self.samples.max(1) as f64
+    }
+}
+
+/// One pass over `data` in `order`, `batch_size` samples at a time (the last batch may be
+/// smaller). `progress(done, total)` is called after every batch.
+pub fn train_epoch(
+    trainer: &mut dyn Trainer,
+    data: &Dataset,
+    order: &[usize],
+    batch_size: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Totals, ProtocolError> {
+    let mut totals = Totals::default();
+    for batch in order.chunks(batch_size.max(1)) {
+        let (beats, labels) = gather(data, batch);
+        totals.add(trainer.train_batch(&beats, &labels)?);
+        progress(totals.samples, order.len());
+    }
+    Ok(totals)
+}
+
+/// Accuracy on `data`, predicted `batch_size` samples at a time.
+pub fn evaluate(
+    trainer: &mut dyn Trainer,
+    data: &Dataset,
+    batch_size: usize,
+) -> Result<f64, ProtocolError> {
+    let indices: Vec<usize> = (0..data.len()).collect();
+    let mut correct = 0;
+    for batch in indices.chunks(batch_size.max(1)) {
+        let (beats, labels) = gather(data, batch);
+        let predicted = trainer.predict(&beats)?;
+        correct += predicted
+            .iter()
+            .zip(&labels)
+            .filter(|(p, l)| **p == **l as usize)
+            .count();
+    }
+    Ok(correct as f64 / data.len().max(1) as f64)
+}
