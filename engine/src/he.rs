@@ -44,7 +44,9 @@
 
 use std::fmt;
 
-use tfhe::core_crypto::commons::math::random::{CompressionSeed, RandomGenerator, Seed};
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha12Rng;
+use tfhe::core_crypto::commons::math::random::{DynamicDistribution, Seed};
 use tfhe::core_crypto::fft_impl::common::modulus_switch;
 use tfhe::core_crypto::fft_impl::fft64::c64;
 use tfhe::core_crypto::fft_impl::fft64::math::fft::Fft;
@@ -107,7 +109,7 @@ pub struct Packing {
 
 impl Packing {
     pub fn new(cut: usize, classes: usize) -> Result<Self, HeError> {
-        if cut == 0 || POLYNOMIAL_SIZE % cut != 0 {
+        if cut == 0 || !POLYNOMIAL_SIZE.is_multiple_of(cut) {
             return Err(HeError::CutWidth { cut });
         }
         Ok(Self {
@@ -286,15 +288,17 @@ fn to_fixed(x: f64, scale_log: u32) -> Result<u64, HeError> {
     if !x.is_finite() || x.abs() >= limit {
         return Err(HeError::OutOfRange { value: x, limit });
     }
-    Ok((x * 2f64.powi(scale_log as i32)).round() as i64 as u64)
+    // Round half away from zero; the cast truncates (and compiles to one instruction).
+    let y = x * 2f64.powi(scale_log as i32);
+    Ok((y + 0.5f64.copysign(y)) as i64 as u64)
 }
 
 fn from_fixed(v: u64, scale_log: u32) -> f64 {
     v as i64 as f64 / 2f64.powi(scale_log as i32)
 }
 
-/// A seeded GLWE ciphertext as uploaded: the mask is regenerated from `seed`, the body is kept to
-/// its [`UPLOAD_LOG_MODULUS`] high bits and bit-packed.
+/// A seeded GLWE ciphertext as uploaded: the mask is regenerated from `seed` (ChaCha12, see
+/// `expand_mask`), the body is kept to its [`UPLOAD_LOG_MODULUS`] high bits and bit-packed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UploadCiphertext {
     pub seed: u128,
@@ -359,8 +363,8 @@ pub struct ClientKey {
     ntt: Plan32,
     fft: Fft,
     buffers: ComputationBuffers,
-    seeder: Box<dyn Seeder>,
-    noise: RandomGenerator<DefaultRandomGenerator>,
+    /// Seeds of the masks and the encryption noise: ChaCha12 keyed from the OS entropy.
+    randomness: ChaCha12Rng,
 }
 
 impl fmt::Debug for ClientKey {
@@ -372,18 +376,17 @@ impl fmt::Debug for ClientKey {
 impl ClientKey {
     /// A fresh key from the operating system's entropy.
     pub fn generate() -> Self {
-        let mut seeder = new_seeder();
-        let key_seed = seeder.seed();
-        Self::with_seeder(key_seed, seeder)
+        let key_seed = new_seeder().seed();
+        Self::with_key_seed(key_seed)
     }
 
     /// A key derived from `seed` (mask and noise seeds still come from the OS): for tests that
     /// need a reproducible key.
     pub fn from_seed(seed: u128) -> Self {
-        Self::with_seeder(Seed(seed), new_seeder())
+        Self::with_key_seed(Seed(seed))
     }
 
-    fn with_seeder(key_seed: Seed, mut seeder: Box<dyn Seeder>) -> Self {
+    fn with_key_seed(key_seed: Seed) -> Self {
         let params = PARAMETER_SET;
         assert_eq!(params.polynomial_size.0, POLYNOMIAL_SIZE);
         assert_eq!(params.glwe_dimension.0 + 1, GLWE_SIZE.0);
@@ -409,15 +412,17 @@ impl ClientKey {
             Polynomial::from_container(key.as_ref()),
             buffers.stack(),
         );
-        let noise = RandomGenerator::<DefaultRandomGenerator>::new(seeder.seed());
+        let mut seeder = new_seeder();
+        let mut entropy = [0u8; 32];
+        entropy[..16].copy_from_slice(&seeder.seed().0.to_le_bytes());
+        entropy[16..].copy_from_slice(&seeder.seed().0.to_le_bytes());
         Self {
             key,
             key_fourier,
             ntt: Plan32::try_new(POLYNOMIAL_SIZE).expect("N = 2048 has NTT roots"),
             fft,
             buffers,
-            seeder,
-            noise,
+            randomness: ChaCha12Rng::from_seed(entropy),
         }
     }
 
@@ -425,26 +430,23 @@ impl ClientKey {
     /// `round₄₆(mask·s + m + e)` with the product mask·s taken modulo 2^64 by an NTT.
     pub fn encrypt(&mut self, plaintext: &[u64]) -> UploadCiphertext {
         assert_eq!(plaintext.len(), POLYNOMIAL_SIZE, "plaintext length");
-        let seed = self.seeder.seed();
-        let mask = expand_mask(seed.0);
+        let seed = (self.randomness.next_u64() as u128) << 64 | self.randomness.next_u64() as u128;
+        let mask = expand_mask(seed);
         let mut body = vec![0u64; POLYNOMIAL_SIZE];
         self.ntt
             .negacyclic_polymul(&mut body, &mask, self.key.as_ref());
+        let bound_log2 = noise_bound_log2();
         for (b, &m) in body.iter_mut().zip(plaintext) {
-            *b = b.wrapping_add(m);
+            let noise = t_uniform(&mut self.randomness, bound_log2);
+            *b = b.wrapping_add(m).wrapping_add(noise);
         }
-        self.noise
-            .unsigned_integer_slice_wrapping_add_random_from_distribution_assign(
-                &mut body,
-                PARAMETER_SET.glwe_noise_distribution,
-            );
         let switched: Vec<u64> = body
             .iter()
             .map(|&b| modulus_switch(b, CiphertextModulusLog(UPLOAD_LOG_MODULUS)))
             .collect();
         let packed = PackedIntegers::pack(&switched, CiphertextModulusLog(UPLOAD_LOG_MODULUS));
         UploadCiphertext {
-            seed: seed.0,
+            seed,
             body: packed.packed_coeffs().to_vec(),
         }
     }
@@ -489,7 +491,7 @@ impl ClientKey {
             *f *= *k;
         }
         let mut product = vec![0u64; POLYNOMIAL_SIZE];
-        view.backward_as_torus(
+        view.add_backward_as_torus(
             Polynomial::from_container(product.as_mut_slice()),
             FourierPolynomial {
                 data: fourier.as_slice(),
@@ -504,17 +506,35 @@ impl ClientKey {
     }
 }
 
-/// The GLWE mask tfhe derives from a compression seed (what `SeededGlweCiphertext` decompression
-/// does on both sides).
+/// log2 of the TUniform bound of [`PARAMETER_SET`]'s GLWE noise (17).
+fn noise_bound_log2() -> u32 {
+    match PARAMETER_SET.glwe_noise_distribution {
+        DynamicDistribution::TUniform(t) => t.bound_log2(),
+        DynamicDistribution::Gaussian(_) => unreachable!("the parameter set uses TUniform noise"),
+    }
+}
+
+/// One sample of TUniform(2^b), drawn exactly as tfhe draws it: b + 2 random bits r, then
+/// `(r >> 1) + (r & 1) − 2^b`, so every value in (−2^b, 2^b) has probability 2^-(b+1) and ±2^b
+/// have 2^-(b+2).
+fn t_uniform(rng: &mut ChaCha12Rng, bound_log2: u32) -> u64 {
+    debug_assert!(bound_log2 + 2 <= 32);
+    let r = (rng.next_u32() & ((1u32 << (bound_log2 + 2)) - 1)) as u64;
+    ((r >> 1) + (r & 1)).wrapping_sub(1 << bound_log2)
+}
+
+/// Domain separation of mask expansion: the ChaCha12 key is the 128-bit seed and this label.
+const MASK_DOMAIN: &[u8; 16] = b"medsplit-mask-v1";
+
+/// The uniform GLWE mask of a seeded ciphertext: the ChaCha12 keystream under (seed, domain)
+/// (ChaCha12 is `rand`'s standard CSPRNG; it is several times faster than tfhe's byte-wise AES-CTR).
+/// Client and server expand the same seed to the same mask; the seed is public.
 fn expand_mask(seed: u128) -> Vec<u64> {
-    let seeded = SeededGlweCiphertext::from_container(
-        vec![0u64; POLYNOMIAL_SIZE],
-        GLWE_SIZE,
-        CompressionSeed::from(Seed(seed)),
-        CiphertextModulus::new_native(),
-    );
-    let glwe = seeded.decompress_into_glwe_ciphertext();
-    glwe.get_mask().as_ref().to_vec()
+    let mut key = [0u8; 32];
+    key[..16].copy_from_slice(&seed.to_le_bytes());
+    key[16..].copy_from_slice(MASK_DOMAIN);
+    let mut rng = ChaCha12Rng::from_seed(key);
+    (0..POLYNOMIAL_SIZE).map(|_| rng.next_u64()).collect()
 }
 
 /// The server's side: ciphertext × plaintext-polynomial products in the Fourier domain.
@@ -723,6 +743,8 @@ fn accumulate(
         CiphertextModulus::new_native(),
     );
     let view = fft.as_view();
+    // `add_backward_as_torus` (into the zeroed output) has SIMD conversions; `backward_as_torus`
+    // converts one scalar at a time.
     let mut acc = vec![c64::default(); POLYNOMIAL_SIZE / 2];
     for (part, out) in glwe.as_mut().chunks_exact_mut(POLYNOMIAL_SIZE).enumerate() {
         acc.fill(c64::default());
@@ -733,7 +755,7 @@ fn accumulate(
                 }
             }
         }
-        view.backward_as_torus(
+        view.add_backward_as_torus(
             Polynomial::from_container(out),
             FourierPolynomial {
                 data: acc.as_slice(),
@@ -988,7 +1010,7 @@ mod tests {
             Err(HeError::ChunkSize { .. })
         ));
         assert!(matches!(
-            server.backward(&[good.clone()], 4),
+            server.backward(std::slice::from_ref(&good), 4),
             Err(HeError::CiphertextCount {
                 expected: 3,
                 got: 1
@@ -1042,7 +1064,38 @@ mod tests {
             p.encode_activations(&a[..10], 1),
             Err(HeError::ValueCount { .. })
         ));
-        assert!(matches!(p.encode_gradients(&[0.0; 5], 1, 1), Ok(_)));
+        assert!(p.encode_gradients(&[0.0; 5], 1, 1).is_ok());
+    }
+
+    #[test]
+    fn noise_is_tfhe_tuniform_17() {
+        assert_eq!(noise_bound_log2(), 17);
+        let mut rng = ChaCha12Rng::seed_from_u64(2);
+        let samples: Vec<i64> = (0..200_000)
+            .map(|_| t_uniform(&mut rng, 17) as i64)
+            .collect();
+        assert!(samples.iter().all(|&x| x.abs() <= 1 << 17));
+        let var = samples.iter().map(|&x| (x as f64).powi(2)).sum::<f64>() / samples.len() as f64;
+        // Variance of TUniform(2^b) is (2^{2b+1} + 1) / 6.
+        let expected = (2f64.powi(35) + 1.0) / 6.0;
+        assert!(
+            (var / expected - 1.0).abs() < 0.02,
+            "variance {var} vs {expected}"
+        );
+        let mean = samples.iter().sum::<i64>() as f64 / samples.len() as f64;
+        assert!(mean.abs() < 2f64.powi(17) * 0.01, "mean {mean}");
+    }
+
+    #[test]
+    fn masks_are_deterministic_per_seed_and_differ_across_seeds() {
+        assert_eq!(expand_mask(7), expand_mask(7));
+        assert_ne!(expand_mask(7), expand_mask(8));
+        let ones: u32 = expand_mask(9).iter().map(|m| m.count_ones()).sum();
+        let bits = 64.0 * POLYNOMIAL_SIZE as f64;
+        assert!(
+            (ones as f64 / bits - 0.5).abs() < 0.01,
+            "mask bits are not uniform"
+        );
     }
 
     #[test]

@@ -67,7 +67,7 @@ impl ModelConfig {
     }
 
     pub fn validate(&self) -> Result<(), ModelError> {
-        if self.beat_len == 0 || self.beat_len % 4 != 0 {
+        if self.beat_len == 0 || !self.beat_len.is_multiple_of(4) {
             return Err(ModelError::BeatLen(self.beat_len));
         }
         for (field, v) in [

@@ -417,8 +417,13 @@ impl ClientSession {
 
 enum ServerState {
     Idle,
-    AwaitPlainBackward { input: Tensor<2>, logits: Tensor<2> },
-    AwaitEncryptedBackward { batch: usize },
+    AwaitPlainBackward {
+        input: Box<Tensor<2>>,
+        logits: Box<Tensor<2>>,
+    },
+    AwaitEncryptedBackward {
+        batch: usize,
+    },
 }
 
 /// The coordinator's half: its layer and optimiser; in `split-he` it only ever holds ciphertexts
@@ -510,7 +515,10 @@ impl ServerSession {
                 let logits = self.model.forward(input.clone());
                 let out = tensor_values(logits.clone());
                 if train {
-                    self.state = ServerState::AwaitPlainBackward { input, logits };
+                    self.state = ServerState::AwaitPlainBackward {
+                        input: Box::new(input),
+                        logits: Box::new(logits),
+                    };
                 }
                 Ok(ServerMessage::Logits(Outputs::Plain(out)))
             }
@@ -540,7 +548,7 @@ impl ServerSession {
                 expect("logit gradients", batch * classes, g.len())?;
                 finite("logit gradients", &g)?;
                 let upstream = tensor2(g, batch, classes, &self.device);
-                let gradients = (logits.clone() * upstream).sum().backward();
+                let gradients = ((**logits).clone() * upstream).sum().backward();
                 let da = tensor_values(input.grad(&gradients).expect("input requires a gradient"));
                 let params = GradientsParams::from_grads(gradients, &self.model);
                 (ServerMessage::InputGradients(Outputs::Plain(da)), params)
