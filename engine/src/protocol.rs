@@ -836,6 +836,25 @@ mod tests {
                 max_diff(ls, hs)
             );
         }
+        // The updates agree too: the optimiser states advance the same way in every mode.
+        let (lw, _) = local.server.weights();
+        let (sw, _) = split.server.model().weights();
+        let (hw, _) = he.server.model().weights();
+        eprintln!(
+            "server weights: split {:e}, split-he {:e}",
+            max_diff(&lw, &sw),
+            max_diff(&lw, &hw)
+        );
+        assert!(
+            max_diff(&lw, &sw) <= 1e-6,
+            "server weights split vs local {}",
+            max_diff(&lw, &sw)
+        );
+        assert!(
+            max_diff(&lw, &hw) <= 1e-5,
+            "server weights split-he vs local {}",
+            max_diff(&lw, &hw)
+        );
     }
 
     #[test]
