@@ -22,7 +22,7 @@ pub const SYNTHETIC_CLASSES: usize = 5;
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     /// A file could not be read.
-    #[error("cannot read {}: {source}", path.display())]
+    #[error("cannot read {}", path.display())]
     Io {
         path: PathBuf,
         #[source]

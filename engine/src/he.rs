@@ -396,22 +396,8 @@ impl ClientKey {
             params.polynomial_size,
             &mut secret,
         );
-        let fft = Fft::new(params.polynomial_size);
-        let mut buffers = ComputationBuffers::new();
-        let view = fft.as_view();
-        buffers.resize(
-            view.forward_scratch()
-                .or(view.backward_scratch())
-                .unaligned_bytes_required(),
-        );
-        let mut key_fourier = vec![c64::default(); POLYNOMIAL_SIZE / 2];
-        view.forward_as_integer(
-            FourierPolynomial {
-                data: key_fourier.as_mut_slice(),
-            },
-            Polynomial::from_container(key.as_ref()),
-            buffers.stack(),
-        );
+        let (fft, mut buffers) = fft_with_scratch();
+        let key_fourier = fourier(&fft, &mut buffers, key.as_ref(), Read::Integer);
         let mut seeder = new_seeder();
         let mut entropy = [0u8; 32];
         entropy[..16].copy_from_slice(&seeder.seed().0.to_le_bytes());
@@ -477,26 +463,19 @@ impl ClientKey {
             .map(|v| v << shift)
             .collect();
         let (mask, body) = values.split_at(POLYNOMIAL_SIZE);
-        let view = self.fft.as_view();
-        let stack = self.buffers.stack();
-        let mut fourier = vec![c64::default(); POLYNOMIAL_SIZE / 2];
-        view.forward_as_torus(
-            FourierPolynomial {
-                data: fourier.as_mut_slice(),
-            },
-            Polynomial::from_container(mask),
-            stack,
-        );
-        for (f, k) in fourier.iter_mut().zip(&self.key_fourier) {
+        let mut product_fourier = fourier(&self.fft, &mut self.buffers, mask, Read::Torus);
+        for (f, k) in product_fourier.iter_mut().zip(&self.key_fourier) {
             *f *= *k;
         }
+        // `add_backward_as_torus` (into a zeroed output) has SIMD conversions;
+        // `backward_as_torus` converts one scalar at a time.
         let mut product = vec![0u64; POLYNOMIAL_SIZE];
-        view.add_backward_as_torus(
+        self.fft.as_view().add_backward_as_torus(
             Polynomial::from_container(product.as_mut_slice()),
             FourierPolynomial {
-                data: fourier.as_slice(),
+                data: product_fourier.as_slice(),
             },
-            stack,
+            self.buffers.stack(),
         );
         Ok(body
             .iter()
@@ -504,6 +483,46 @@ impl ClientKey {
             .map(|(&b, &p)| b.wrapping_sub(p))
             .collect())
     }
+}
+
+/// How the FFT reads a polynomial's coefficients.
+#[derive(Clone, Copy)]
+enum Read {
+    /// As torus elements (ciphertexts).
+    Torus,
+    /// As signed integers (keys and weights).
+    Integer,
+}
+
+/// tfhe's f64 FFT for N = 2048 with scratch space for either direction.
+fn fft_with_scratch() -> (Fft, ComputationBuffers) {
+    let fft = Fft::new(PolynomialSize(POLYNOMIAL_SIZE));
+    let mut buffers = ComputationBuffers::new();
+    let view = fft.as_view();
+    buffers.resize(
+        view.forward_scratch()
+            .or(view.backward_scratch())
+            .unaligned_bytes_required(),
+    );
+    (fft, buffers)
+}
+
+/// Forward negacyclic FFT of `poly` into a fresh Fourier polynomial (N/2 complex values).
+fn fourier(fft: &Fft, buffers: &mut ComputationBuffers, poly: &[u64], read: Read) -> Vec<c64> {
+    let mut out = vec![c64::default(); POLYNOMIAL_SIZE / 2];
+    let fourier = FourierPolynomial {
+        data: out.as_mut_slice(),
+    };
+    let view = fft.as_view();
+    match read {
+        Read::Torus => {
+            view.forward_as_torus(fourier, Polynomial::from_container(poly), buffers.stack())
+        }
+        Read::Integer => {
+            view.forward_as_integer(fourier, Polynomial::from_container(poly), buffers.stack())
+        }
+    };
+    out
 }
 
 /// log2 of the TUniform bound of [`PARAMETER_SET`]'s GLWE noise (17).
@@ -564,14 +583,7 @@ type Limbs = [Vec<c64>; 2];
 
 impl ServerHe {
     pub fn new(packing: Packing) -> Self {
-        let fft = Fft::new(PolynomialSize(POLYNOMIAL_SIZE));
-        let mut buffers = ComputationBuffers::new();
-        let view = fft.as_view();
-        buffers.resize(
-            view.forward_scratch()
-                .or(view.backward_scratch())
-                .unaligned_bytes_required(),
-        );
+        let (fft, buffers) = fft_with_scratch();
         Self {
             packing,
             fft,
@@ -604,7 +616,6 @@ impl ServerHe {
     fn ensure_transforms(&mut self, n: usize) {
         if self.transforms[n].is_none() {
             let groups = self.packing.groups(n);
-            let view = self.fft.as_view();
             let mut transform = |poly: Vec<u64>| -> Limbs {
                 let half = 1i64 << (LIMB_BITS - 1);
                 let lo: Vec<u64> = poly
@@ -616,17 +627,7 @@ impl ServerHe {
                     .zip(&lo)
                     .map(|(&w, &l)| ((w as i64 - l as i64) >> LIMB_BITS) as u64)
                     .collect();
-                [lo, hi].map(|limb| {
-                    let mut out = vec![c64::default(); POLYNOMIAL_SIZE / 2];
-                    view.forward_as_integer(
-                        FourierPolynomial {
-                            data: out.as_mut_slice(),
-                        },
-                        Polynomial::from_container(limb.as_slice()),
-                        self.buffers.stack(),
-                    );
-                    out
-                })
+                [lo, hi].map(|limb| fourier(&self.fft, &mut self.buffers, &limb, Read::Integer))
             };
             let fwd = (0..groups)
                 .map(|g| transform(self.packing.forward_weights(&self.weights, n, g)))
@@ -651,20 +652,9 @@ impl ServerHe {
             .into_iter()
             .map(|v| v << (64 - UPLOAD_LOG_MODULUS))
             .collect();
-        let view = self.fft.as_view();
         Ok([mask, body].map(|poly| {
             let shifted: Vec<u64> = poly.iter().map(|&x| x << LIMB_BITS).collect();
-            [poly, shifted].map(|limb| {
-                let mut out = vec![c64::default(); POLYNOMIAL_SIZE / 2];
-                view.forward_as_torus(
-                    FourierPolynomial {
-                        data: out.as_mut_slice(),
-                    },
-                    Polynomial::from_container(limb.as_slice()),
-                    self.buffers.stack(),
-                );
-                out
-            })
+            [poly, shifted].map(|limb| fourier(&self.fft, &mut self.buffers, &limb, Read::Torus))
         }))
     }
 

@@ -102,7 +102,7 @@ struct ModeResult {
 
 fn main() {
     if let Err(error) = try_main(Args::parse()) {
-        eprintln!("error: {error:?}");
+        eprintln!("error: {error:#}");
         std::process::exit(1);
     }
 }
