@@ -195,12 +195,12 @@ impl Packing {
     }
 
     /// Bodies the client needs from forward output `g` of a chunk of `n` samples.
-    fn forward_bodies(&self, n: usize, g: usize) -> usize {
+    pub fn forward_output_bodies(&self, n: usize, g: usize) -> usize {
         self.logits_in_group(n, g).len() * n
     }
 
     /// Bodies the client needs from the backward output of a chunk of `n` samples.
-    fn backward_bodies(&self, n: usize) -> usize {
+    pub fn backward_output_bodies(&self, n: usize) -> usize {
         n * self.cut
     }
 
@@ -218,7 +218,7 @@ impl Packing {
         }
         let mut logits = vec![0f32; n * self.classes];
         for (g, phase) in phases.iter().enumerate() {
-            expect_len(phase.len(), self.forward_bodies(n, g))?;
+            expect_len(phase.len(), self.forward_output_bodies(n, g))?;
             let first = self.logits_in_group(n, g).start;
             for j in self.logits_in_group(n, g) {
                 for b in 0..n {
@@ -238,7 +238,7 @@ impl Packing {
     /// `phase`: the first `n·D` bodies. Returns `[n, D]` row-major.
     pub fn decode_input_gradients(&self, phase: &[u64], n: usize) -> Result<Vec<f32>, HeError> {
         self.check_chunk(n)?;
-        expect_len(phase.len(), self.backward_bodies(n))?;
+        expect_len(phase.len(), self.backward_output_bodies(n))?;
         Ok(phase
             .iter()
             .map(|&v| from_fixed(v, GRADIENT_SCALE_LOG + WEIGHT_SCALE_LOG) as f32)
@@ -683,7 +683,7 @@ impl ServerHe {
                     .flat_map(|j| (0..n).map(move |b| ((j - first) * n + b, j)))
                     .map(|(c, j)| (c, self.bias[j]))
                     .collect();
-                let bodies = packing.forward_bodies(n, g);
+                let bodies = packing.forward_output_bodies(n, g);
                 accumulate(&self.fft, &mut self.buffers, &[(&input, w)], bodies, &bias)
             })
             .collect())
@@ -710,7 +710,7 @@ impl ServerHe {
         self.ensure_transforms(n);
         let (_, bwd) = self.transforms[n].as_ref().expect("ensured above");
         let terms: Vec<_> = inputs.iter().zip(bwd.iter()).collect();
-        let bodies = self.packing.backward_bodies(n);
+        let bodies = self.packing.backward_output_bodies(n);
         Ok(accumulate(
             &self.fft,
             &mut self.buffers,
@@ -770,16 +770,6 @@ fn accumulate(
         log_modulus: DOWNLOAD_LOG_MODULUS as u8,
         bodies: bodies as u16,
         packed: compressed.packed_integers().packed_coeffs().to_vec(),
-    }
-}
-
-/// Bodies expected from forward output `g` and from the backward output of a chunk of `n`.
-impl Packing {
-    pub fn forward_output_bodies(&self, n: usize, g: usize) -> usize {
-        self.forward_bodies(n, g)
-    }
-    pub fn backward_output_bodies(&self, n: usize) -> usize {
-        self.backward_bodies(n)
     }
 }
 
