@@ -1,5 +1,218 @@
-//! The MedSplit coordinator: REST API, scheduling on Postgres and the server-side layers of every
-//! job. Its server half is `medsplit_engine::protocol::ServerSession`, driven today in-process by
-//! `medsplit-bench`; the network service is built on it by the platform work.
+//! The MedSplit coordinator: REST API for researchers and admins, the schedule of training
+//! visits (Postgres is the source of truth), and the server-side layer of every job, applied to
+//! encrypted activations in one WebSocket session per visit.
+//!
+//! `main` parses flags and calls [`serve`]; tests build the same router with [`create_app`].
 
-pub use medsplit_engine::protocol::ServerSession;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use tokio::sync::{Notify, watch};
+
+mod api;
+pub mod auth;
+pub mod config;
+pub mod db;
+mod error;
+pub mod local;
+mod scheduler;
+mod session;
+
+pub use config::Settings;
+pub use error::Error;
+
+/// Shared by every request handler and background task.
+#[derive(Clone)]
+pub struct AppState {
+    pub db: db::Db,
+    pub keys: Arc<auth::Keys>,
+    pub settings: Arc<Settings>,
+    sessions: Arc<Sessions>,
+    /// Woken when a visit may have been queued (Postgres NOTIFY, or a local change).
+    work: Arc<Notify>,
+}
+
+impl AppState {
+    pub fn new(db: db::Db, keys: auth::Keys, settings: Settings) -> Self {
+        Self {
+            db,
+            keys: Arc::new(keys),
+            settings: Arc::new(settings),
+            sessions: Arc::new(Sessions::default()),
+            work: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Number of training sessions open now.
+    pub fn open_sessions(&self) -> usize {
+        self.sessions.open.lock().unwrap().len()
+    }
+}
+
+/// Open training sessions, so that revocation, cancellation and lease loss end them at once.
+#[derive(Default)]
+struct Sessions {
+    open: Mutex<HashMap<i64, OpenSession>>,
+    draining: watch::Sender<bool>,
+}
+
+struct OpenSession {
+    agent_id: i64,
+    job_id: i64,
+    stop: watch::Sender<Option<u16>>,
+}
+
+impl Sessions {
+    fn register(&self, visit: i64, agent_id: i64, job_id: i64) -> watch::Receiver<Option<u16>> {
+        let (stop, rx) = watch::channel(None);
+        let previous = self.open.lock().unwrap().insert(
+            visit,
+            OpenSession {
+                agent_id,
+                job_id,
+                stop,
+            },
+        );
+        if let Some(previous) = previous {
+            previous
+                .stop
+                .send_replace(Some(medsplit_engine::api::close::FENCED));
+        }
+        rx
+    }
+
+    fn unregister(&self, visit: i64, rx: &watch::Receiver<Option<u16>>) {
+        let mut open = self.open.lock().unwrap();
+        if open
+            .get(&visit)
+            .is_some_and(|s| s.stop.subscribe().same_channel(rx))
+        {
+            open.remove(&visit);
+        }
+    }
+
+    fn stop_where(&self, code: u16, pred: impl Fn(i64, &OpenSession) -> bool) {
+        for (visit, s) in self.open.lock().unwrap().iter() {
+            if pred(*visit, s) {
+                // The first reason given is the one the agent hears.
+                s.stop.send_if_modified(|current| {
+                    let unset = current.is_none();
+                    if unset {
+                        *current = Some(code);
+                    }
+                    unset
+                });
+            }
+        }
+    }
+}
+
+/// The router: REST API, training sessions, OpenAPI document.
+pub fn create_app(state: AppState) -> Router {
+    api::routes(state)
+}
+
+/// Background work: wakes claimers on Postgres notifications, and re-queues visits whose lease
+/// expired. Runs until the process ends.
+pub fn spawn_background(state: &AppState) {
+    tokio::spawn(scheduler::listen(state.clone()));
+    tokio::spawn(scheduler::sweep_forever(state.clone()));
+}
+
+/// Requeues visits left running by a previous coordinator process (their sessions died with it).
+pub async fn recover(state: &AppState) -> Result<(), sqlx::Error> {
+    let requeued = db::requeue_running(&state.db).await?;
+    if !requeued.is_empty() {
+        tracing::info!(visits = ?requeued, "re-queued visits left running by the previous process");
+        state.work.notify_waiters();
+    }
+    Ok(())
+}
+
+/// Stops accepting sessions, waits up to `grace` for open ones to finish their visit, then
+/// closes the rest (their visits will be retried) and waits for them to go.
+pub async fn drain(state: &AppState, grace: Duration) {
+    state.sessions.draining.send_replace(true);
+    let deadline = tokio::time::Instant::now() + grace;
+    while state.open_sessions() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    state
+        .sessions
+        .stop_where(medsplit_engine::api::close::SHUTDOWN, |_, _| true);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while state.open_sessions() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub async fn connect(database_url: &str) -> Result<db::Db, sqlx::Error> {
+    let db = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(32)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(database_url)
+        .await?;
+    MIGRATOR.run(&db).await?;
+    Ok(db)
+}
+
+/// The schema, from `migrations/`.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// Creates a platform admin; returns the user id.
+pub async fn create_admin(db: &db::Db, email: &str, password: &str) -> Result<i64, Error> {
+    api::check_new_user(email, password)?;
+    let hash = auth::hash_password(password)?;
+    let mut tx = db.begin().await?;
+    let user = db::create_user(&mut *tx, email, &hash, "platform_admin", None).await?;
+    db::audit(
+        &mut *tx,
+        "cli",
+        "user.create",
+        &format!("user:{}", user.id),
+        serde_json::json!({ "email": email, "role": "platform_admin" }),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(user.id)
+}
+
+/// rustls server configuration from PEM files.
+pub fn tls_config(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<axum_server::tls_rustls::RustlsConfig, Error> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| Error::Internal(format!("{}: {e}", p.display())))
+    };
+    let certs = rustls_pemfile::certs(&mut &read(cert)?[..])
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Error::Internal(format!("{}: {e}", cert.display())))?;
+    let key_der = rustls_pemfile::private_key(&mut &read(key)?[..])
+        .map_err(|e| Error::Internal(format!("{}: {e}", key.display())))?
+        .ok_or_else(|| Error::Internal(format!("{}: no private key", key.display())))?;
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key_der)
+        .map_err(|e| Error::Internal(format!("TLS: {e}")))?;
+    Ok(axum_server::tls_rustls::RustlsConfig::from_config(
+        std::sync::Arc::new(config),
+    ))
+}
+
+/// Logs to stderr: human-readable, or one JSON object per line.
+pub fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        let _ = builder.json().try_init();
+    } else {
+        let _ = builder.try_init();
+    }
+}

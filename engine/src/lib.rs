@@ -4,9 +4,11 @@
 //! model halves, the HE packing and the protocol state machines take and return values and
 //! serialized messages, so the same code runs in-process and over a network.
 
+pub mod api;
 pub mod data;
 pub mod he;
 pub mod model;
 pub mod protocol;
 pub mod training;
+pub mod wfdb;
 pub mod wire;

@@ -31,6 +31,10 @@ pub enum ModelError {
     Zero { field: &'static str },
     #[error("leaky ReLU slope must be finite and in [0, 1), got {0}")]
     Slope(f64),
+    #[error("expected {expected} parameters, got {got}")]
+    ParameterCount { expected: usize, got: usize },
+    #[error("a parameter is not finite")]
+    NonFiniteParameter,
 }
 
 /// Shapes of the split M1 network.
@@ -137,6 +141,80 @@ impl ModelConfig {
     }
 }
 
+impl ModelConfig {
+    /// Number of values in [`ClientNet::parameters`].
+    pub fn client_parameter_count(&self) -> usize {
+        let [c1, c2] = self.channels;
+        let [k1, k2] = self.kernels;
+        c1 * k1 + c1 + c2 * c1 * k2 + c2
+    }
+
+    /// Number of values in [`ServerNet::parameters`].
+    pub fn server_parameter_count(&self) -> usize {
+        (self.cut_width().0 + 1) * self.classes
+    }
+
+    /// The client half holding `values` (in the order of [`ClientNet::parameters`]).
+    pub fn client_from_parameters(
+        &self,
+        values: &[f32],
+        device: &Device,
+    ) -> Result<ClientNet, ModelError> {
+        self.validate()?;
+        check_parameters(self.client_parameter_count(), values)?;
+        let mut net = self.init_client(0, device);
+        let [c1, c2] = self.channels;
+        let [k1, k2] = self.kernels;
+        let mut rest = values;
+        for (conv, shape) in [
+            (&mut net.conv1, [c1, 1, k1]),
+            (&mut net.conv2, [c2, c1, k2]),
+        ] {
+            let (w, tail) = rest.split_at(shape.iter().product());
+            let (b, tail) = tail.split_at(shape[0]);
+            conv.weight = Param::from_data(TensorData::new(w.to_vec(), shape), device);
+            conv.bias = Some(Param::from_data(
+                TensorData::new(b.to_vec(), [shape[0]]),
+                device,
+            ));
+            rest = tail;
+        }
+        Ok(net)
+    }
+
+    /// The server layer holding `values` (in the order of [`ServerNet::parameters`]).
+    pub fn server_from_parameters(
+        &self,
+        values: &[f32],
+        device: &Device,
+    ) -> Result<ServerNet, ModelError> {
+        self.validate()?;
+        check_parameters(self.server_parameter_count(), values)?;
+        let cut = self.cut_width().0;
+        let (w, b) = values.split_at(cut * self.classes);
+        let mut linear = LinearConfig::new(cut, self.classes).init(device);
+        linear.weight = Param::from_data(TensorData::new(w.to_vec(), [cut, self.classes]), device);
+        linear.bias = Some(Param::from_data(
+            TensorData::new(b.to_vec(), [self.classes]),
+            device,
+        ));
+        Ok(ServerNet { linear })
+    }
+}
+
+fn check_parameters(expected: usize, values: &[f32]) -> Result<(), ModelError> {
+    if values.len() != expected {
+        return Err(ModelError::ParameterCount {
+            expected,
+            got: values.len(),
+        });
+    }
+    if values.iter().any(|v| !v.is_finite()) {
+        return Err(ModelError::NonFiniteParameter);
+    }
+    Ok(())
+}
+
 fn uniform_param<const D: usize>(
     rng: &mut ChaCha8Rng,
     shape: [usize; D],
@@ -172,6 +250,19 @@ impl ClientNet {
             .forward(self.activation.forward(self.conv2.forward(x)));
         x.flatten(1, 2)
     }
+
+    /// Every parameter, flattened: conv1 weight `[c₁, 1, k₁]`, conv1 bias `[c₁]`, conv2 weight
+    /// `[c₂, c₁, k₂]`, conv2 bias `[c₂]`.
+    pub fn parameters(&self) -> Vec<f32> {
+        let mut out = Vec::new();
+        for conv in [&self.conv1, &self.conv2] {
+            out.extend(tensor_values(conv.weight.val()));
+            if let Some(b) = &conv.bias {
+                out.extend(tensor_values(b.val()));
+            }
+        }
+        out
+    }
 }
 
 /// The layer the coordinator holds.
@@ -197,6 +288,13 @@ impl ServerNet {
             .map(|b| tensor_values(b.val()))
             .unwrap_or_default();
         (w, b)
+    }
+
+    /// Every parameter, flattened: weight `[cut, classes]` then bias `[classes]`.
+    pub fn parameters(&self) -> Vec<f32> {
+        let (mut w, b) = self.weights();
+        w.extend(b);
+        w
     }
 
     /// Parameter ids of the weight and the bias, for injecting gradients computed elsewhere.

@@ -183,6 +183,27 @@ impl ClientSession {
     pub fn new(config: &ModelConfig, privacy: Privacy, seed: u64) -> Result<Self, ProtocolError> {
         config.validate()?;
         let device = Device::flex().autodiff();
+        let model = config.init_client(seed, &device);
+        Self::build(config, privacy, model, device)
+    }
+
+    /// A session continuing from client parameters handed over by the previous hospital.
+    pub fn resume(
+        config: &ModelConfig,
+        privacy: Privacy,
+        parameters: &[f32],
+    ) -> Result<Self, ProtocolError> {
+        let device = Device::flex().autodiff();
+        let model = config.client_from_parameters(parameters, &device)?;
+        Self::build(config, privacy, model, device)
+    }
+
+    fn build(
+        config: &ModelConfig,
+        privacy: Privacy,
+        model: ClientNet,
+        device: Device,
+    ) -> Result<Self, ProtocolError> {
         let he = match privacy {
             Privacy::Plaintext => None,
             Privacy::Encrypted => Some((
@@ -192,7 +213,7 @@ impl ClientSession {
         };
         Ok(Self {
             config: config.clone(),
-            model: config.init_client(seed, &device),
+            model,
             optimizer: model::client_optimizer(),
             device,
             he,
@@ -450,6 +471,28 @@ impl ServerSession {
         config.validate()?;
         let device = Device::flex().autodiff();
         let model = config.init_server(seed, &device);
+        Self::build(config, privacy, optimizer, model, device)
+    }
+
+    /// A session continuing from a checkpoint of the server layer.
+    pub fn resume(
+        config: &ModelConfig,
+        privacy: Privacy,
+        optimizer: ServerOptimizer,
+        parameters: &[f32],
+    ) -> Result<Self, ProtocolError> {
+        let device = Device::flex().autodiff();
+        let model = config.server_from_parameters(parameters, &device)?;
+        Self::build(config, privacy, optimizer, model, device)
+    }
+
+    fn build(
+        config: &ModelConfig,
+        privacy: Privacy,
+        optimizer: ServerOptimizer,
+        model: ServerNet,
+        device: Device,
+    ) -> Result<Self, ProtocolError> {
         let he = match privacy {
             Privacy::Plaintext => None,
             Privacy::Encrypted => {

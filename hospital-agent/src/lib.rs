@@ -1,5 +1,52 @@
-//! The MedSplit hospital agent: local data, the client half, labels, loss and the HE secret key.
-//! Its client half is `medsplit_engine::protocol::ClientSession`; the daemon around it comes with
-//! the platform work. The `medsplit-bench` binary lives here.
+//! The MedSplit hospital agent: holds the hospital's data, the client-side layers, the labels,
+//! the loss and a per-visit HE secret key; claims visits from the coordinator and trains them.
+//! Only ciphertexts, aggregate measurements and sealed weights leave it.
+
+pub mod client;
+pub mod config;
+pub mod daemon;
+pub mod seal;
+pub mod state;
+pub mod visit;
 
 pub use medsplit_engine::protocol::ClientSession;
+
+use medsplit_engine::data::DataError;
+use medsplit_engine::protocol::ProtocolError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    State(#[from] state::StateError),
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Wfdb(#[from] medsplit_engine::wfdb::WfdbError),
+    #[error("coordinator unreachable: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("coordinator answered {status}: {message}")]
+    Status { status: u16, message: String },
+    #[error("this agent's credential was refused: it has been revoked (or its hospital disabled)")]
+    Revoked,
+    #[error("training session: {0}")]
+    Session(String),
+    #[error("the coordinator closed the session ({code}): {reason}")]
+    Closed { code: u16, reason: String },
+    #[error("the visit was taken from this attempt (lease lost or job cancelled)")]
+    Fenced,
+    #[error("shutting down")]
+    Shutdown,
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    #[error(transparent)]
+    Seal(#[from] seal::SealError),
+}
+
+impl AgentError {
+    /// Errors that retrying cannot fix: the daemon stops on them.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, Self::Revoked | Self::Config(_) | Self::State(_))
+    }
+}

@@ -1,0 +1,561 @@
+//! `medsplit`: the researchers' and admins' command line (a REST client of the coordinator),
+//! and `medsplit demo`, which runs the whole platform on this machine.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use medsplit_coordinator::local::{Postgres, Rest};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "MedSplit: submit and follow split-learning jobs, or run the demo"
+)]
+struct Cli {
+    /// Coordinator base URL.
+    #[arg(
+        long,
+        env = "MEDSPLIT_COORDINATOR",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
+    coordinator: String,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Log in; the session token is kept in ~/.config/medsplit/session (mode 0600). The
+    /// password is read from MEDSPLIT_PASSWORD or standard input.
+    Login {
+        #[arg(long)]
+        email: String,
+    },
+    /// Submit a job from a JSON or TOML spec file.
+    Submit {
+        spec: PathBuf,
+        /// Follow it until it ends.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// List jobs.
+    Jobs,
+    /// Follow a job with a progress display until it ends.
+    Watch { job: i64 },
+    /// Per-visit and per-round metrics of a job (JSON).
+    Metrics { job: i64 },
+    /// Cancel a job.
+    Cancel { job: i64 },
+    /// Run the platform on this machine: Postgres, a coordinator and agents as real processes
+    /// on loopback, each agent with its own data, training one cyclic HE job.
+    Demo(Demo),
+}
+
+#[derive(clap::Args)]
+struct Demo {
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
+    #[arg(long, default_value_t = 3)]
+    hospitals: usize,
+    /// MIT-BIH beat directory (train/test .f32 + .labels), split across the hospitals; without
+    /// it each hospital generates its own synthetic beats.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Synthetic beats per hospital (without --data).
+    #[arg(long, default_value_t = 4000)]
+    samples: usize,
+    #[arg(long, default_value_t = 4)]
+    batch_size: u32,
+    #[arg(long, default_value_t = 1)]
+    local_epochs: u32,
+    /// Write the final summary as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    match runtime.block_on(try_main(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn try_main(cli: Cli) -> anyhow::Result<()> {
+    let rest =
+        || -> anyhow::Result<Rest> { Ok(Rest::new(&cli.coordinator).with_token(read_session()?)) };
+    match cli.command {
+        Cmd::Login { email } => {
+            let password = secret("MEDSPLIT_PASSWORD", "password")?;
+            let r = Rest::new(&cli.coordinator).login(&email, &password).await?;
+            save_session(r.token.as_deref().unwrap_or_default())?;
+            println!("logged in as {email}");
+        }
+        Cmd::Submit { spec, watch } => {
+            let text =
+                std::fs::read_to_string(&spec).with_context(|| spec.display().to_string())?;
+            let body: Value = if spec.extension().is_some_and(|e| e == "toml") {
+                toml::from_str(&text).with_context(|| spec.display().to_string())?
+            } else {
+                serde_json::from_str(&text).with_context(|| spec.display().to_string())?
+            };
+            let r = rest()?;
+            let job = r.call("POST", "/v1/jobs", Some(body)).await?;
+            let id = job["id"].as_i64().unwrap_or_default();
+            println!("job {id} submitted; waiting for the hospitals' consent");
+            if watch {
+                follow(&r, id).await?;
+            }
+        }
+        Cmd::Jobs => {
+            let jobs = rest()?.call("GET", "/v1/jobs", None).await?;
+            println!("{:>5}  {:<10}  {:>7}  name", "id", "status", "visits");
+            for j in jobs.as_array().into_iter().flatten() {
+                println!(
+                    "{:>5}  {:<10}  {:>3}/{:<3}  {}",
+                    j["id"],
+                    j["status"].as_str().unwrap_or(""),
+                    j["visits_done"],
+                    j["visits_total"],
+                    j["name"].as_str().unwrap_or("")
+                );
+            }
+        }
+        Cmd::Watch { job } => {
+            follow(&rest()?, job).await?;
+        }
+        Cmd::Metrics { job } => {
+            let m = rest()?
+                .call("GET", &format!("/v1/jobs/{job}/metrics"), None)
+                .await?;
+            println!("{}", serde_json::to_string_pretty(&m)?);
+        }
+        Cmd::Cancel { job } => {
+            let j = rest()?
+                .call("POST", &format!("/v1/jobs/{job}/cancel"), Some(json!({})))
+                .await?;
+            println!("job {job}: {}", j["status"].as_str().unwrap_or(""));
+        }
+        Cmd::Demo(args) => demo(args).await?,
+    }
+    Ok(())
+}
+
+fn secret(env: &str, what: &str) -> anyhow::Result<String> {
+    if let Ok(v) = std::env::var(env) {
+        return Ok(v);
+    }
+    if std::io::stdin().is_terminal() {
+        eprint!("{what}: ");
+    }
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    Ok(line.trim_end_matches(['\r', '\n']).to_string())
+}
+
+fn session_path() -> anyhow::Result<PathBuf> {
+    let home = std::env::var_os("HOME").context("HOME is not set")?;
+    Ok(PathBuf::from(home).join(".config/medsplit/session"))
+}
+
+fn save_session(token: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = session_path()?;
+    std::fs::create_dir_all(path.parent().expect("has a parent"))?;
+    let _ = std::fs::remove_file(&path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)?;
+    std::io::Write::write_all(&mut f, token.as_bytes())?;
+    Ok(())
+}
+
+fn read_session() -> anyhow::Result<String> {
+    let path = session_path()?;
+    std::fs::read_to_string(&path)
+        .map(|t| t.trim().to_string())
+        .with_context(|| "not logged in: run `medsplit login --email …` first".to_string())
+}
+
+/// Follows a job until it ends: a progress bar over its visits, and one line per finished
+/// round with each hospital's test accuracy. Returns the final metrics.
+async fn follow(r: &Rest, id: i64) -> anyhow::Result<Value> {
+    let bar = if std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new(1)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{prefix:>12} [{bar:40}] {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(format!("job {id}"));
+    let mut printed_rounds = 0usize;
+    let mut last_line = String::new();
+    loop {
+        let job = r.call("GET", &format!("/v1/jobs/{id}"), None).await?;
+        let metrics = r
+            .call("GET", &format!("/v1/jobs/{id}/metrics"), None)
+            .await?;
+        let total = job["visits_total"].as_u64().unwrap_or(1).max(1);
+        let done = job["visits_done"].as_u64().unwrap_or(0);
+        let current = &job["current"];
+        let within = current["progress"].as_f64().unwrap_or(0.0);
+        bar.set_length(1000);
+        bar.set_position(((done as f64 + within) / total as f64 * 1000.0) as u64);
+        let status = job["status"].as_str().unwrap_or("").to_string();
+        let line = if current.is_object() {
+            format!(
+                "{status}: visit {}/{total}, round {} at {} ({:.0} %)",
+                done + 1,
+                current["round"].as_i64().unwrap_or(0) + 1,
+                current["hospital"].as_str().unwrap_or(""),
+                100.0 * within
+            )
+        } else {
+            format!("{status}: {done}/{total} visits")
+        };
+        bar.set_message(line.clone());
+        if bar.is_hidden() && line != last_line {
+            eprintln!("job {id} {line}");
+        }
+        last_line = line;
+        let rounds = metrics["rounds"].as_array().cloned().unwrap_or_default();
+        while printed_rounds < rounds.len() {
+            let round = &rounds[printed_rounds];
+            let hs = round["hospitals"].as_array().cloned().unwrap_or_default();
+            if hs
+                .iter()
+                .any(|h| !matches!(h["status"].as_str(), Some("completed" | "skipped")))
+            {
+                break;
+            }
+            let cells: Vec<String> = hs
+                .iter()
+                .map(|h| {
+                    let acc = h["test_accuracy"]
+                        .as_f64()
+                        .map(|a| format!("{:.2} %", 100.0 * a))
+                        .unwrap_or_else(|| h["status"].as_str().unwrap_or("-").to_string());
+                    format!("{} {acc}", h["hospital"].as_str().unwrap_or(""))
+                })
+                .collect();
+            let mean = round["mean_test_accuracy"]
+                .as_f64()
+                .map(|m| format!("   mean {:.2} %", 100.0 * m))
+                .unwrap_or_default();
+            bar.suspend(|| {
+                println!(
+                    "round {:>2}: test accuracy  {}{mean}",
+                    printed_rounds + 1,
+                    cells.join("   ")
+                )
+            });
+            printed_rounds += 1;
+        }
+        if !matches!(status.as_str(), "pending" | "running") {
+            bar.finish_and_clear();
+            if status != "completed" {
+                bail!(
+                    "job {id} ended {status}{}",
+                    job["error"]
+                        .as_str()
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
+                );
+            }
+            return Ok(metrics);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The demo
+
+const DEMO_PASSWORD: &str = "demo-password-not-for-production";
+
+/// A child process stopped (SIGTERM, then SIGKILL) when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0.id() {
+            // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        }
+    }
+}
+
+fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe.with_file_name(name);
+    if !path.exists() {
+        bail!(
+            "{} not found next to {}: build every binary first (cargo build --release --bins)",
+            name,
+            exe.display()
+        );
+    }
+    Ok(path)
+}
+
+async fn demo(args: Demo) -> anyhow::Result<()> {
+    if args.hospitals == 0 || args.hospitals > 20 {
+        bail!("--hospitals must be 1 to 20");
+    }
+    if args.rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
+    let started = Instant::now();
+    let coordinator_bin = sibling("medsplit-coordinator")?;
+    let agent_bin = sibling("medsplit-agent")?;
+    let dir = tempdir()?;
+    let _cleanup = RemoveDir(dir.clone());
+    eprintln!("demo: working in {}", dir.display());
+
+    let pg = Postgres::start(&dir).await?;
+    let db_url = pg.url.clone();
+
+    let key = dir.join("jwt.key");
+    write_private(&key, new_secret().as_bytes())?;
+    let status = Command::new(&coordinator_bin)
+        .args(["create-admin", "--email", "admin@demo.example"])
+        .env("DATABASE_URL", &db_url)
+        .env("MEDSPLIT_ADMIN_PASSWORD", DEMO_PASSWORD)
+        .stdout(Stdio::null())
+        .status()
+        .await?;
+    if !status.success() {
+        bail!("creating the demo admin failed");
+    }
+    let mut coordinator = Command::new(&coordinator_bin);
+    coordinator
+        .args(["serve", "--listen", "127.0.0.1:0", "--jwt-key-file"])
+        .arg(&key)
+        .env("DATABASE_URL", &db_url)
+        .env("MEDSPLIT_LOG_FORMAT", "json")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.join("coordinator.log"))?)
+        .kill_on_drop(true);
+    let mut child = coordinator.spawn().context("starting the coordinator")?;
+    let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+    let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+        .await
+        .context("the coordinator did not start in 60 s (see coordinator.log)")??
+        .context("the coordinator exited (see coordinator.log)")?;
+    let url = line.rsplit(' ').next().unwrap_or_default().to_string();
+    let _coordinator = Proc(child);
+    eprintln!("demo: coordinator at {url}");
+
+    let admin = Rest::new(&url)
+        .login("admin@demo.example", DEMO_PASSWORD)
+        .await?;
+    let mut names = Vec::new();
+    let mut agents = Vec::new();
+    let mut hospital_admins = Vec::new();
+    for i in 0..args.hospitals {
+        let name = format!("hospital-{}", i + 1);
+        let h = admin
+            .call("POST", "/v1/hospitals", Some(json!({ "name": name })))
+            .await?;
+        let email = format!("admin@{name}.demo.example");
+        admin
+            .call(
+                "POST",
+                "/v1/users",
+                Some(json!({ "email": email, "password": DEMO_PASSWORD, "role": "hospital_admin", "hospital_id": h["id"] })),
+            )
+            .await?;
+        let ha = Rest::new(&url).login(&email, DEMO_PASSWORD).await?;
+        let token = ha
+            .call("POST", "/v1/enrolment-tokens", Some(json!({})))
+            .await?;
+        let state_dir = dir.join(format!("agent-{}", i + 1));
+        let out = Command::new(&agent_bin)
+            .args([
+                "enrol",
+                "--coordinator",
+                &url,
+                "--name",
+                &format!("agent-{}", i + 1),
+            ])
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .env(
+                "MEDSPLIT_ENROL_TOKEN",
+                token["token"].as_str().unwrap_or_default(),
+            )
+            .output()
+            .await?;
+        if !out.status.success() {
+            bail!(
+                "agent enrolment failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let config = dir.join(format!("agent-{}.toml", i + 1));
+        std::fs::write(&config, agent_config(&args, i, &state_dir))?;
+        let log = std::fs::File::create(dir.join(format!("agent-{}.log", i + 1)))?;
+        let child = Command::new(&agent_bin)
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
+            .env("MEDSPLIT_LOG_FORMAT", "json")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting an agent")?;
+        agents.push(Proc(child));
+        hospital_admins.push(ha);
+        names.push(name);
+    }
+    eprintln!("demo: {} agents enrolled and running", agents.len());
+
+    admin
+        .call(
+            "POST",
+            "/v1/users",
+            Some(json!({ "email": "researcher@demo.example", "password": DEMO_PASSWORD, "role": "researcher" })),
+        )
+        .await?;
+    let researcher = Rest::new(&url)
+        .login("researcher@demo.example", DEMO_PASSWORD)
+        .await?;
+    let spec = json!({
+        "name": "demo: cyclic split learning with HE",
+        "hospitals": names,
+        "rounds": args.rounds,
+        "local_epochs": args.local_epochs,
+        "batch_size": args.batch_size,
+        "seed": 0,
+    });
+    let job = researcher.call("POST", "/v1/jobs", Some(spec)).await?;
+    let id = job["id"].as_i64().unwrap_or_default();
+    for ha in &hospital_admins {
+        ha.call(
+            "POST",
+            &format!("/v1/jobs/{id}/consent"),
+            Some(json!({ "decision": "approve" })),
+        )
+        .await?;
+    }
+    eprintln!(
+        "demo: job {id} approved by {} hospitals: {} rounds, HE on",
+        names.len(),
+        args.rounds
+    );
+    let metrics = follow(&researcher, id).await?;
+    let seconds = started.elapsed().as_secs_f64();
+
+    let mut rounds = Vec::new();
+    for r in metrics["rounds"].as_array().into_iter().flatten() {
+        let mut per = serde_json::Map::new();
+        for h in r["hospitals"].as_array().into_iter().flatten() {
+            per.insert(
+                h["hospital"].as_str().unwrap_or("").to_string(),
+                h["test_accuracy"].clone(),
+            );
+        }
+        rounds.push(json!({
+            "round": r["round"].as_i64().unwrap_or(0) + 1,
+            "test_accuracy": per,
+            "mean_test_accuracy": r["mean_test_accuracy"],
+        }));
+    }
+    let visits = metrics["visits"].as_array().cloned().unwrap_or_default();
+    let sum = |k: &str| visits.iter().filter_map(|v| v[k].as_f64()).sum::<f64>();
+    let summary = json!({
+        "job_id": id,
+        "status": "completed",
+        "hospitals": names,
+        "rounds": rounds,
+        "he": true,
+        "visits": visits.len(),
+        "bytes_up": sum("bytes_up"),
+        "bytes_down": sum("bytes_down"),
+        "server_seconds": sum("server_seconds"),
+        "data": args.data.as_ref().map(|d| d.display().to_string()).unwrap_or_else(|| format!("synthetic, {} beats per hospital", args.samples)),
+        "seconds": seconds,
+    });
+    println!(
+        "demo finished in {seconds:.1} s: {} visits, {:.1} MB encrypted traffic",
+        visits.len(),
+        (sum("bytes_up") + sum("bytes_down")) / 1e6
+    );
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&summary)?)
+            .with_context(|| path.display().to_string())?;
+        println!("summary written to {}", path.display());
+    }
+    drop(agents);
+    drop(pg);
+    Ok(())
+}
+
+fn agent_config(args: &Demo, i: usize, state_dir: &Path) -> String {
+    let source = match &args.data {
+        Some(d) => format!(
+            "[[sources]]\nformat = \"beats\"\npath = {:?}\nfiles = [\"train\", \"test\"]\n\n[shard]\nindex = {i}\ncount = {}\n",
+            d.display().to_string(),
+            args.hospitals
+        ),
+        None => format!(
+            "[[sources]]\nformat = \"synthetic\"\nsamples = {}\nseed = {}\n",
+            args.samples,
+            1000 + i
+        ),
+    };
+    format!(
+        "state_dir = {:?}\n\n{source}\n[split]\ntest_fraction = 0.2\nseed = {i}\n",
+        state_dir.display().to_string()
+    )
+}
+
+fn new_secret() -> String {
+    medsplit_coordinator::auth::new_secret()
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    std::io::Write::write_all(&mut f, bytes)?;
+    Ok(())
+}
+
+fn tempdir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("medsplit-demo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+    Ok(dir)
+}
+
+struct RemoveDir(PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -1,0 +1,33 @@
+//! Settings of a running coordinator (the flags of `medsplit-coordinator serve`).
+
+use std::time::Duration;
+
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Base URL agents and browsers use, e.g. `https://medsplit.example.org`.
+    pub public_url: String,
+    /// A visit's lease: an agent that sends no heartbeat for this long loses the visit.
+    pub lease: Duration,
+    /// How often expired leases are looked for.
+    pub sweep_interval: Duration,
+    /// Claims wait this long for work before polling the database again (fallback for
+    /// missed notifications).
+    pub poll_interval: Duration,
+    /// Largest training-session frame accepted.
+    pub max_message_bytes: usize,
+    /// How long an enrolment token stays valid.
+    pub enrolment_ttl: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            public_url: "http://127.0.0.1:8080".into(),
+            lease: Duration::from_secs(30),
+            sweep_interval: Duration::from_secs(2),
+            poll_interval: Duration::from_secs(5),
+            max_message_bytes: 16 << 20,
+            enrolment_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}

@@ -1,0 +1,1035 @@
+//! Every SQL statement of the coordinator, checked against the schema at compile time
+//! (`coordinator/.sqlx/` holds the checked shapes so that builds need no database).
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::PgExecutor;
+use sqlx::types::Json;
+
+pub type Db = sqlx::PgPool;
+
+/// The channel agents' claims wait on; the payload is the hospital id.
+pub const VISITS_CHANNEL: &str = "medsplit_visits";
+
+// ---------------------------------------------------------------------------------------------
+// Hospitals and users
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Hospital {
+    pub id: i64,
+    pub name: String,
+    pub disabled: bool,
+    pub created_at: DateTime<Utc>,
+}
+
+pub async fn create_hospital(e: impl PgExecutor<'_>, name: &str) -> sqlx::Result<Hospital> {
+    sqlx::query_as!(
+        Hospital,
+        "insert into hospitals (name) values ($1) returning id, name, disabled, created_at",
+        name
+    )
+    .fetch_one(e)
+    .await
+}
+
+pub async fn list_hospitals(e: impl PgExecutor<'_>) -> sqlx::Result<Vec<Hospital>> {
+    sqlx::query_as!(
+        Hospital,
+        "select id, name, disabled, created_at from hospitals order by name"
+    )
+    .fetch_all(e)
+    .await
+}
+
+pub async fn hospital(e: impl PgExecutor<'_>, id: i64) -> sqlx::Result<Option<Hospital>> {
+    sqlx::query_as!(
+        Hospital,
+        "select id, name, disabled, created_at from hospitals where id = $1",
+        id
+    )
+    .fetch_optional(e)
+    .await
+}
+
+pub async fn set_hospital_disabled(
+    e: impl PgExecutor<'_>,
+    id: i64,
+    disabled: bool,
+) -> sqlx::Result<bool> {
+    let r = sqlx::query!(
+        "update hospitals set disabled = $2 where id = $1",
+        id,
+        disabled
+    )
+    .execute(e)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Ids of the named hospitals that exist and are enabled, as `(name, id)`.
+pub async fn hospitals_by_name(
+    e: impl PgExecutor<'_>,
+    names: &[String],
+) -> sqlx::Result<Vec<(String, i64)>> {
+    let rows = sqlx::query!(
+        "select name, id from hospitals where name = any($1) and not disabled",
+        names
+    )
+    .fetch_all(e)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.name, r.id)).collect())
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct User {
+    pub id: i64,
+    pub email: String,
+    pub role: String,
+    pub hospital_id: Option<i64>,
+    pub disabled: bool,
+    pub created_at: DateTime<Utc>,
+}
+
+pub async fn create_user(
+    e: impl PgExecutor<'_>,
+    email: &str,
+    password_hash: &str,
+    role: &str,
+    hospital_id: Option<i64>,
+) -> sqlx::Result<User> {
+    sqlx::query_as!(
+        User,
+        "insert into users (email, password_hash, role, hospital_id) values ($1, $2, $3, $4)
+         returning id, email, role, hospital_id, disabled, created_at",
+        email,
+        password_hash,
+        role,
+        hospital_id
+    )
+    .fetch_one(e)
+    .await
+}
+
+pub async fn list_users(e: impl PgExecutor<'_>) -> sqlx::Result<Vec<User>> {
+    sqlx::query_as!(
+        User,
+        "select id, email, role, hospital_id, disabled, created_at from users order by id"
+    )
+    .fetch_all(e)
+    .await
+}
+
+pub struct Credentials {
+    pub id: i64,
+    pub password_hash: String,
+    pub role: String,
+    pub hospital_id: Option<i64>,
+    pub disabled: bool,
+}
+
+pub async fn credentials(e: impl PgExecutor<'_>, email: &str) -> sqlx::Result<Option<Credentials>> {
+    sqlx::query_as!(
+        Credentials,
+        "select id, password_hash, role, hospital_id, disabled from users where email = $1",
+        email
+    )
+    .fetch_optional(e)
+    .await
+}
+
+pub async fn set_user_disabled(
+    e: impl PgExecutor<'_>,
+    id: i64,
+    disabled: bool,
+) -> sqlx::Result<bool> {
+    let r = sqlx::query!("update users set disabled = $2 where id = $1", id, disabled)
+        .execute(e)
+        .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Whether the user exists and may act now (not disabled, nor its hospital).
+pub async fn user_active(e: impl PgExecutor<'_>, id: i64) -> sqlx::Result<bool> {
+    let row = sqlx::query_scalar!(
+        r#"select (not u.disabled and not coalesce(h.disabled, false)) as "active!"
+           from users u left join hospitals h on h.id = u.hospital_id where u.id = $1"#,
+        id
+    )
+    .fetch_optional(e)
+    .await?;
+    Ok(row.unwrap_or(false))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Audit trail
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditEntry {
+    pub id: i64,
+    pub at: DateTime<Utc>,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub detail: serde_json::Value,
+}
+
+pub async fn audit(
+    e: impl PgExecutor<'_>,
+    actor: &str,
+    action: &str,
+    target: &str,
+    detail: serde_json::Value,
+) -> sqlx::Result<()> {
+    sqlx::query!(
+        "insert into audit_log (actor, action, target, detail) values ($1, $2, $3, $4)",
+        actor,
+        action,
+        target,
+        detail
+    )
+    .execute(e)
+    .await?;
+    Ok(())
+}
+
+pub async fn audit_trail(e: impl PgExecutor<'_>, limit: i64) -> sqlx::Result<Vec<AuditEntry>> {
+    sqlx::query_as!(
+        AuditEntry,
+        "select id, at, actor, action, target, detail from audit_log order by id desc limit $1",
+        limit
+    )
+    .fetch_all(e)
+    .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Enrolment and agents
+
+pub async fn create_enrolment_token(
+    e: impl PgExecutor<'_>,
+    hospital_id: i64,
+    token_hash: &[u8],
+    created_by: i64,
+    expires_at: DateTime<Utc>,
+) -> sqlx::Result<i64> {
+    sqlx::query_scalar!(
+        "insert into enrolment_tokens (hospital_id, token_hash, created_by, expires_at)
+         values ($1, $2, $3, $4) returning id",
+        hospital_id,
+        token_hash,
+        created_by,
+        expires_at
+    )
+    .fetch_one(e)
+    .await
+}
+
+/// Why a token cannot be redeemed.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TokenState {
+    Unknown,
+    Used,
+    Expired,
+}
+
+/// Marks the token used and returns `(token id, hospital id)`, or why it cannot be used.
+pub async fn redeem_token(
+    tx: &mut sqlx::PgConnection,
+    token_hash: &[u8],
+) -> sqlx::Result<Result<(i64, i64), TokenState>> {
+    let row = sqlx::query!(
+        r#"select id, hospital_id, used_at, expires_at < now() as "expired!"
+           from enrolment_tokens where token_hash = $1 for update"#,
+        token_hash
+    )
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(row) = row else {
+        return Ok(Err(TokenState::Unknown));
+    };
+    if row.used_at.is_some() {
+        return Ok(Err(TokenState::Used));
+    }
+    if row.expired {
+        return Ok(Err(TokenState::Expired));
+    }
+    sqlx::query!(
+        "update enrolment_tokens set used_at = now() where id = $1",
+        row.id
+    )
+    .execute(&mut *tx)
+    .await?;
+    Ok(Ok((row.id, row.hospital_id)))
+}
+
+pub async fn create_agent(
+    tx: &mut sqlx::PgConnection,
+    token_id: i64,
+    hospital_id: i64,
+    name: &str,
+    public_key: &[u8],
+    credential_hash: &[u8],
+    version: &str,
+) -> sqlx::Result<i64> {
+    let id = sqlx::query_scalar!(
+        "insert into agents (hospital_id, name, public_key, credential_hash, version)
+         values ($1, $2, $3, $4, $5) returning id",
+        hospital_id,
+        name,
+        public_key,
+        credential_hash,
+        version
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    sqlx::query!(
+        "update enrolment_tokens set agent_id = $2 where id = $1",
+        token_id,
+        id
+    )
+    .execute(&mut *tx)
+    .await?;
+    Ok(id)
+}
+
+pub struct AgentIdentity {
+    pub id: i64,
+    pub hospital_id: i64,
+    pub revoked: bool,
+}
+
+pub async fn agent_by_credential(
+    e: impl PgExecutor<'_>,
+    credential_hash: &[u8],
+) -> sqlx::Result<Option<AgentIdentity>> {
+    sqlx::query_as!(
+        AgentIdentity,
+        r#"select a.id, a.hospital_id, (a.revoked_at is not null or h.disabled) as "revoked!"
+           from agents a join hospitals h on h.id = a.hospital_id where a.credential_hash = $1"#,
+        credential_hash
+    )
+    .fetch_optional(e)
+    .await
+}
+
+/// Whether the agent may act now; records that it was seen.
+pub async fn agent_active(e: impl PgExecutor<'_>, id: i64) -> sqlx::Result<bool> {
+    let row = sqlx::query_scalar!(
+        r#"update agents a set last_seen_at = now() from hospitals h
+           where a.id = $1 and h.id = a.hospital_id and a.revoked_at is null and not h.disabled
+           returning a.id"#,
+        id
+    )
+    .fetch_optional(e)
+    .await?;
+    Ok(row.is_some())
+}
+
+pub async fn set_agent_version(e: impl PgExecutor<'_>, id: i64, version: &str) -> sqlx::Result<()> {
+    sqlx::query!("update agents set version = $2 where id = $1", id, version)
+        .execute(e)
+        .await?;
+    Ok(())
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentInfo {
+    pub id: i64,
+    pub hospital_id: i64,
+    pub name: String,
+    pub version: String,
+    pub enrolled_at: DateTime<Utc>,
+    pub last_seen_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+    pub current_visit: Option<i64>,
+}
+
+pub async fn list_agents(e: impl PgExecutor<'_>, hospital_id: i64) -> sqlx::Result<Vec<AgentInfo>> {
+    sqlx::query_as!(
+        AgentInfo,
+        r#"select a.id, a.hospital_id, a.name, a.version, a.enrolled_at, a.last_seen_at, a.revoked_at,
+                  (select v.id from visits v where v.agent_id = a.id and v.status = 'running' limit 1)
+                    as current_visit
+           from agents a where a.hospital_id = $1 order by a.id"#,
+        hospital_id
+    )
+    .fetch_all(e)
+    .await
+}
+
+/// Revokes an agent of `hospital_id`; false if there is no such agent or it was revoked already.
+pub async fn revoke_agent(e: impl PgExecutor<'_>, id: i64, hospital_id: i64) -> sqlx::Result<bool> {
+    let r = sqlx::query!(
+        "update agents set revoked_at = now()
+         where id = $1 and hospital_id = $2 and revoked_at is null",
+        id,
+        hospital_id
+    )
+    .execute(e)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Jobs
+
+#[derive(Debug, Clone)]
+pub struct JobRow {
+    pub id: i64,
+    pub name: String,
+    pub owner_id: i64,
+    pub spec: Json<medsplit_engine::api::JobSpec>,
+    pub status: String,
+    pub error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+#[allow(clippy::too_many_arguments)]
+pub async fn insert_job(
+    e: impl PgExecutor<'_>,
+    owner_id: i64,
+    spec: &medsplit_engine::api::JobSpec,
+    on_failure: &str,
+) -> sqlx::Result<i64> {
+    sqlx::query_scalar!(
+        "insert into jobs (name, owner_id, spec, status, rounds, max_attempts, on_failure)
+         values ($1, $2, $3, 'pending', $4, $5, $6) returning id",
+        spec.name,
+        owner_id,
+        Json(spec) as _,
+        spec.rounds as i32,
+        spec.max_attempts as i32,
+        on_failure
+    )
+    .fetch_one(e)
+    .await
+}
+
+pub async fn insert_job_hospital(
+    e: impl PgExecutor<'_>,
+    job_id: i64,
+    position: i32,
+    hospital_id: i64,
+) -> sqlx::Result<()> {
+    sqlx::query!(
+        "insert into job_hospitals (job_id, position, hospital_id) values ($1, $2, $3)",
+        job_id,
+        position,
+        hospital_id
+    )
+    .execute(e)
+    .await?;
+    Ok(())
+}
+
+pub async fn job(e: impl PgExecutor<'_>, id: i64) -> sqlx::Result<Option<JobRow>> {
+    sqlx::query_as!(
+        JobRow,
+        r#"select id, name, owner_id, spec as "spec: Json<medsplit_engine::api::JobSpec>", status,
+                  error, created_at, started_at, finished_at
+           from jobs where id = $1"#,
+        id
+    )
+    .fetch_optional(e)
+    .await
+}
+
+/// Jobs of `owner` (all jobs when `None`), newest first.
+pub async fn list_jobs(e: impl PgExecutor<'_>, owner: Option<i64>) -> sqlx::Result<Vec<JobRow>> {
+    sqlx::query_as!(
+        JobRow,
+        r#"select id, name, owner_id, spec as "spec: Json<medsplit_engine::api::JobSpec>", status,
+                  error, created_at, started_at, finished_at
+           from jobs where $1::bigint is null or owner_id = $1 order by id desc"#,
+        owner
+    )
+    .fetch_all(e)
+    .await
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct JobHospital {
+    pub position: i32,
+    pub hospital_id: i64,
+    pub name: String,
+    pub consent: String,
+    pub decided_at: Option<DateTime<Utc>>,
+}
+
+pub async fn job_hospitals(e: impl PgExecutor<'_>, job_id: i64) -> sqlx::Result<Vec<JobHospital>> {
+    sqlx::query_as!(
+        JobHospital,
+        "select jh.position, jh.hospital_id, h.name, jh.consent, jh.decided_at
+         from job_hospitals jh join hospitals h on h.id = jh.hospital_id
+         where jh.job_id = $1 order by jh.position",
+        job_id
+    )
+    .fetch_all(e)
+    .await
+}
+
+/// Records a hospital's decision on a pending job; false if the job is not pending or does not
+/// name the hospital, or the hospital decided already.
+pub async fn set_consent(
+    e: impl PgExecutor<'_>,
+    job_id: i64,
+    hospital_id: i64,
+    consent: &str,
+    user_id: i64,
+) -> sqlx::Result<bool> {
+    let r = sqlx::query!(
+        "update job_hospitals jh set consent = $3, decided_by = $4, decided_at = now()
+         from jobs j
+         where jh.job_id = $1 and jh.hospital_id = $2 and j.id = jh.job_id
+           and j.status = 'pending' and jh.consent = 'pending'",
+        job_id,
+        hospital_id,
+        consent,
+        user_id
+    )
+    .execute(e)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Jobs naming `hospital_id` with the hospital's consent, newest first.
+pub async fn jobs_for_hospital(
+    e: impl PgExecutor<'_>,
+    hospital_id: i64,
+) -> sqlx::Result<Vec<JobRow>> {
+    sqlx::query_as!(
+        JobRow,
+        r#"select j.id, j.name, j.owner_id, j.spec as "spec: Json<medsplit_engine::api::JobSpec>",
+                  j.status, j.error, j.created_at, j.started_at, j.finished_at
+           from jobs j join job_hospitals jh on jh.job_id = j.id
+           where jh.hospital_id = $1 order by j.id desc"#,
+        hospital_id
+    )
+    .fetch_all(e)
+    .await
+}
+
+/// Starts a pending job whose hospitals have all approved: creates its visits (rounds ×
+/// hospitals) and queues the first. Returns false when consent is still missing.
+pub async fn start_job_if_approved(tx: &mut sqlx::PgConnection, job_id: i64) -> sqlx::Result<bool> {
+    let started = sqlx::query_scalar!(
+        "update jobs set status = 'running', started_at = now()
+         where id = $1 and status = 'pending'
+           and not exists (select 1 from job_hospitals
+                           where job_id = $1 and consent <> 'approved')
+         returning rounds",
+        job_id
+    )
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(rounds) = started else {
+        return Ok(false);
+    };
+    sqlx::query!(
+        "insert into visits (job_id, seq, round, position, hospital_id, status)
+         select $1, r * n.count + jh.position, r, jh.position, jh.hospital_id,
+                case when r = 0 and jh.position = 0 then 'queued' else 'waiting' end
+         from job_hospitals jh
+         cross join generate_series(0, $2 - 1) r
+         cross join (select count(*)::int as count from job_hospitals where job_id = $1) n
+         where jh.job_id = $1",
+        job_id,
+        rounds
+    )
+    .execute(&mut *tx)
+    .await?;
+    notify_queued(&mut *tx, job_id).await?;
+    Ok(true)
+}
+
+/// Marks a pending job declined (a declined job never runs).
+pub async fn decline_job(e: impl PgExecutor<'_>, job_id: i64) -> sqlx::Result<bool> {
+    let r = sqlx::query!(
+        "update jobs set status = 'declined', finished_at = now()
+         where id = $1 and status = 'pending'",
+        job_id
+    )
+    .execute(e)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Ends a job that is still pending or running with `status` (`cancelled` or `failed`); its
+/// unfinished visits are cancelled. False if the job had already ended.
+pub async fn end_job(
+    tx: &mut sqlx::PgConnection,
+    job_id: i64,
+    status: &str,
+    error: Option<&str>,
+) -> sqlx::Result<bool> {
+    let r = sqlx::query!(
+        "update jobs set status = $2, error = $3, finished_at = now()
+         where id = $1 and status in ('pending', 'running')",
+        job_id,
+        status,
+        error
+    )
+    .execute(&mut *tx)
+    .await?;
+    if r.rows_affected() == 0 {
+        return Ok(false);
+    }
+    sqlx::query!(
+        "update visits set status = 'cancelled', lease_expires_at = null
+         where job_id = $1 and status in ('waiting', 'queued', 'running')",
+        job_id
+    )
+    .execute(&mut *tx)
+    .await?;
+    Ok(true)
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct JobEvent {
+    pub id: i64,
+    pub at: DateTime<Utc>,
+    pub kind: String,
+    pub detail: serde_json::Value,
+}
+
+pub async fn job_event(
+    e: impl PgExecutor<'_>,
+    job_id: i64,
+    kind: &str,
+    detail: serde_json::Value,
+) -> sqlx::Result<()> {
+    sqlx::query!(
+        "insert into job_events (job_id, kind, detail) values ($1, $2, $3)",
+        job_id,
+        kind,
+        detail
+    )
+    .execute(e)
+    .await?;
+    Ok(())
+}
+
+pub async fn job_events(
+    e: impl PgExecutor<'_>,
+    job_id: i64,
+    after: i64,
+    limit: i64,
+) -> sqlx::Result<Vec<JobEvent>> {
+    sqlx::query_as!(
+        JobEvent,
+        "select id, at, kind, detail from job_events where job_id = $1 and id > $2
+         order by id limit $3",
+        job_id,
+        after,
+        limit
+    )
+    .fetch_all(e)
+    .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Visits: claim, lease, completion
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Visit {
+    pub id: i64,
+    pub job_id: i64,
+    pub seq: i32,
+    pub round: i32,
+    pub position: i32,
+    pub hospital_id: i64,
+    pub status: String,
+    pub attempt: i32,
+    pub failures: i32,
+    pub agent_id: Option<i64>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub progress: Option<f64>,
+    pub train_loss: Option<f64>,
+    pub train_accuracy: Option<f64>,
+    pub train_samples: Option<i64>,
+    pub test_accuracy: Option<f64>,
+    pub test_samples: Option<i64>,
+    pub bytes_up: Option<i64>,
+    pub bytes_down: Option<i64>,
+    pub messages: Option<i64>,
+    pub server_seconds: Option<f64>,
+    pub wall_seconds: Option<f64>,
+    pub last_error: Option<String>,
+}
+
+pub async fn visits(e: impl PgExecutor<'_>, job_id: i64) -> sqlx::Result<Vec<Visit>> {
+    sqlx::query_as!(
+        Visit,
+        "select id, job_id, seq, round, position, hospital_id, status, attempt, failures, agent_id,
+                lease_expires_at, started_at, finished_at, progress, train_loss, train_accuracy,
+                train_samples, test_accuracy, test_samples, bytes_up, bytes_down, messages,
+                server_seconds, wall_seconds, last_error
+         from visits where job_id = $1 order by seq",
+        job_id
+    )
+    .fetch_all(e)
+    .await
+}
+
+pub async fn visit(e: impl PgExecutor<'_>, id: i64) -> sqlx::Result<Option<Visit>> {
+    sqlx::query_as!(
+        Visit,
+        "select id, job_id, seq, round, position, hospital_id, status, attempt, failures, agent_id,
+                lease_expires_at, started_at, finished_at, progress, train_loss, train_accuracy,
+                train_samples, test_accuracy, test_samples, bytes_up, bytes_down, messages,
+                server_seconds, wall_seconds, last_error
+         from visits where id = $1",
+        id
+    )
+    .fetch_optional(e)
+    .await
+}
+
+pub struct Claimed {
+    pub visit_id: i64,
+    pub attempt: i32,
+    pub job_id: i64,
+    pub seq: i32,
+    pub round: i32,
+    pub position: i32,
+    pub spec: Json<medsplit_engine::api::JobSpec>,
+}
+
+/// Claims the oldest queued visit of the agent's hospital that the agent can train (it holds
+/// the weights the last completed visit sealed to it, or the job has none yet): the visit runs
+/// under a lease of `lease_seconds`, and its attempt number is the fencing token.
+pub async fn claim_visit(
+    e: impl PgExecutor<'_>,
+    agent_id: i64,
+    hospital_id: i64,
+    lease_seconds: f64,
+) -> sqlx::Result<Option<Claimed>> {
+    sqlx::query_as!(
+        Claimed,
+        r#"with candidate as (
+             select v.id from visits v join jobs j on j.id = v.job_id
+             where v.hospital_id = $2 and v.status = 'queued' and j.status = 'running'
+               and not exists (
+                 select 1 from visits p
+                 where p.job_id = v.job_id and p.status = 'completed' and p.seq < v.seq
+                   and not exists (select 1 from visits q where q.job_id = v.job_id
+                                   and q.status = 'completed' and q.seq > p.seq and q.seq < v.seq)
+                   and not exists (select 1 from sealed_weights s
+                                   where s.visit_id = p.id and s.recipient_agent_id = $1))
+             order by v.job_id, v.seq
+             limit 1
+             for update of v skip locked
+           )
+           update visits v set status = 'running', attempt = v.attempt + 1, agent_id = $1,
+                  lease_expires_at = now() + make_interval(secs => $3), started_at = now(),
+                  progress = 0
+           from candidate c, jobs j
+           where v.id = c.id and j.id = v.job_id
+           returning v.id as visit_id, v.attempt, v.job_id, v.seq, v.round, v.position,
+                     j.spec as "spec: Json<medsplit_engine::api::JobSpec>""#,
+        agent_id,
+        hospital_id,
+        lease_seconds
+    )
+    .fetch_optional(e)
+    .await
+}
+
+pub struct HandoffRow {
+    pub visit_id: i64,
+    pub sender_agent_id: i64,
+    pub sender_public_key: Vec<u8>,
+    pub sealed: Vec<u8>,
+}
+
+/// The client weights the last completed visit before `seq` sealed to `agent_id`.
+pub async fn handoff(
+    e: impl PgExecutor<'_>,
+    job_id: i64,
+    seq: i32,
+    agent_id: i64,
+) -> sqlx::Result<Option<HandoffRow>> {
+    sqlx::query_as!(
+        HandoffRow,
+        "select s.visit_id, s.sender_agent_id, a.public_key as sender_public_key, s.sealed
+         from sealed_weights s join agents a on a.id = s.sender_agent_id
+         where s.visit_id = (select id from visits where job_id = $1 and seq < $2
+                             and status = 'completed' order by seq desc limit 1)
+           and s.recipient_agent_id = $3",
+        job_id,
+        seq,
+        agent_id
+    )
+    .fetch_optional(e)
+    .await
+}
+
+/// Agents that may train one of the job's later visits: every unrevoked agent of its hospitals.
+pub async fn recipients(e: impl PgExecutor<'_>, job_id: i64) -> sqlx::Result<Vec<(i64, Vec<u8>)>> {
+    let rows = sqlx::query!(
+        "select a.id, a.public_key from agents a
+         join job_hospitals jh on jh.hospital_id = a.hospital_id
+         where jh.job_id = $1 and a.revoked_at is null order by a.id",
+        job_id
+    )
+    .fetch_all(e)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.id, r.public_key)).collect())
+}
+
+/// Extends the lease of a running visit held by this attempt; false if the attempt was fenced.
+pub async fn heartbeat(
+    e: impl PgExecutor<'_>,
+    visit_id: i64,
+    attempt: i32,
+    agent_id: i64,
+    lease_seconds: f64,
+) -> sqlx::Result<bool> {
+    let r = sqlx::query!(
+        "update visits set lease_expires_at = now() + make_interval(secs => $4)
+         where id = $1 and attempt = $2 and agent_id = $3 and status = 'running'",
+        visit_id,
+        attempt,
+        agent_id,
+        lease_seconds
+    )
+    .execute(e)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+pub async fn set_progress(
+    e: impl PgExecutor<'_>,
+    visit_id: i64,
+    attempt: i32,
+    progress: f64,
+) -> sqlx::Result<()> {
+    sqlx::query!(
+        "update visits set progress = $3 where id = $1 and attempt = $2 and status = 'running'",
+        visit_id,
+        attempt,
+        progress
+    )
+    .execute(e)
+    .await?;
+    Ok(())
+}
+
+/// Ends this attempt of a running visit now: it counts as a failed attempt and is re-queued (or
+/// the job's policy applies) by the next [`expire_leases`].
+pub async fn release_visit(
+    e: impl PgExecutor<'_>,
+    visit_id: i64,
+    attempt: i32,
+    agent_id: i64,
+    reason: &str,
+) -> sqlx::Result<bool> {
+    let r = sqlx::query!(
+        "update visits set lease_expires_at = now() - interval '1 second', last_error = $4
+         where id = $1 and attempt = $2 and agent_id = $3 and status = 'running'",
+        visit_id,
+        attempt,
+        agent_id,
+        reason
+    )
+    .execute(e)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Puts every running visit back in the queue without counting a failure: run at start-up, when
+/// no session can be open.
+pub async fn requeue_running(e: impl PgExecutor<'_>) -> sqlx::Result<Vec<i64>> {
+    sqlx::query_scalar!(
+        "update visits set status = 'queued', agent_id = null, lease_expires_at = null,
+                last_error = 'coordinator restarted'
+         where status = 'running' returning id"
+    )
+    .fetch_all(e)
+    .await
+}
+
+pub struct Expired {
+    pub id: i64,
+    pub job_id: i64,
+    pub seq: i32,
+    pub hospital_id: i64,
+    pub failures: i32,
+    pub max_attempts: i32,
+    pub on_failure: String,
+}
+
+/// Running visits whose lease has expired, locked for this transaction; their failure count is
+/// incremented.
+pub async fn take_expired(tx: &mut sqlx::PgConnection) -> sqlx::Result<Vec<Expired>> {
+    sqlx::query_as!(
+        Expired,
+        "with expired as (
+             select v.id from visits v
+             where v.status = 'running' and v.lease_expires_at < now()
+             for update of v skip locked
+         )
+         update visits v set failures = v.failures + 1, agent_id = null, lease_expires_at = null,
+                status = 'queued'
+         from expired e, jobs j
+         where v.id = e.id and j.id = v.job_id
+         returning v.id, v.job_id, v.seq, v.hospital_id, v.failures, j.max_attempts, j.on_failure"
+    )
+    .fetch_all(&mut *tx)
+    .await
+}
+
+pub async fn skip_visit(e: impl PgExecutor<'_>, visit_id: i64) -> sqlx::Result<()> {
+    sqlx::query!(
+        "update visits set status = 'skipped', finished_at = now() where id = $1",
+        visit_id
+    )
+    .execute(e)
+    .await?;
+    Ok(())
+}
+
+/// Measurements of a completed visit.
+pub struct VisitOutcome {
+    pub train_loss: f64,
+    pub train_accuracy: f64,
+    pub train_samples: i64,
+    pub test_accuracy: Option<f64>,
+    pub test_samples: i64,
+    pub bytes_up: i64,
+    pub bytes_down: i64,
+    pub messages: i64,
+    pub server_seconds: f64,
+}
+
+/// Completes this attempt of a running visit; `None` if the attempt was fenced (lease lost, job
+/// cancelled). Returns the job and the visit's position in the schedule.
+pub async fn complete_visit(
+    tx: &mut sqlx::PgConnection,
+    visit_id: i64,
+    attempt: i32,
+    agent_id: i64,
+    m: &VisitOutcome,
+) -> sqlx::Result<Option<(i64, i32)>> {
+    let row = sqlx::query!(
+        "update visits set status = 'completed', finished_at = now(), lease_expires_at = null,
+                progress = 1, train_loss = $4, train_accuracy = $5, train_samples = $6,
+                test_accuracy = $7, test_samples = $8, bytes_up = $9, bytes_down = $10,
+                messages = $11, server_seconds = $12,
+                wall_seconds = extract(epoch from now() - started_at)::float8
+         where id = $1 and attempt = $2 and agent_id = $3 and status = 'running'
+           and lease_expires_at > now()
+         returning job_id, seq",
+        visit_id,
+        attempt,
+        agent_id,
+        m.train_loss,
+        m.train_accuracy,
+        m.train_samples,
+        m.test_accuracy,
+        m.test_samples,
+        m.bytes_up,
+        m.bytes_down,
+        m.messages,
+        m.server_seconds
+    )
+    .fetch_optional(&mut *tx)
+    .await?;
+    Ok(row.map(|r| (r.job_id, r.seq)))
+}
+
+pub async fn store_checkpoint(
+    e: impl PgExecutor<'_>,
+    job_id: i64,
+    server_layer: &[u8],
+) -> sqlx::Result<()> {
+    sqlx::query!(
+        "update jobs set server_checkpoint = $2 where id = $1",
+        job_id,
+        server_layer
+    )
+    .execute(e)
+    .await?;
+    Ok(())
+}
+
+pub async fn checkpoint(e: impl PgExecutor<'_>, job_id: i64) -> sqlx::Result<Option<Vec<u8>>> {
+    sqlx::query_scalar!("select server_checkpoint from jobs where id = $1", job_id)
+        .fetch_one(e)
+        .await
+}
+
+pub async fn store_sealed(
+    e: impl PgExecutor<'_>,
+    visit_id: i64,
+    recipient: i64,
+    sender: i64,
+    sealed: &[u8],
+) -> sqlx::Result<()> {
+    sqlx::query!(
+        "insert into sealed_weights (visit_id, recipient_agent_id, sender_agent_id, sealed)
+         values ($1, $2, $3, $4)",
+        visit_id,
+        recipient,
+        sender,
+        sealed
+    )
+    .execute(e)
+    .await?;
+    Ok(())
+}
+
+/// Queues the job's next waiting visit, or completes the job when none is left. Returns
+/// whether the job is now complete.
+pub async fn advance(tx: &mut sqlx::PgConnection, job_id: i64) -> sqlx::Result<bool> {
+    let next = sqlx::query_scalar!(
+        "update visits set status = 'queued'
+         where id = (select id from visits where job_id = $1 and status = 'waiting'
+                     order by seq limit 1)
+         returning id",
+        job_id
+    )
+    .fetch_optional(&mut *tx)
+    .await?;
+    if next.is_some() {
+        notify_queued(&mut *tx, job_id).await?;
+        return Ok(false);
+    }
+    sqlx::query!(
+        "update jobs set status = 'completed', finished_at = now()
+         where id = $1 and status = 'running'",
+        job_id
+    )
+    .execute(&mut *tx)
+    .await?;
+    Ok(true)
+}
+
+/// Wakes agents waiting for work (delivered when the transaction commits).
+pub async fn notify_queued(e: impl PgExecutor<'_>, job_id: i64) -> sqlx::Result<()> {
+    sqlx::query!(
+        "select pg_notify($1, $2)",
+        VISITS_CHANNEL,
+        job_id.to_string()
+    )
+    .execute(e)
+    .await?;
+    Ok(())
+}
+
+/// Running jobs' open visits held by `agent_id` (to close their sessions on revocation).
+pub async fn running_visits_of_agent(
+    e: impl PgExecutor<'_>,
+    agent_id: i64,
+) -> sqlx::Result<Vec<i64>> {
+    sqlx::query_scalar!(
+        "select id from visits where agent_id = $1 and status = 'running'",
+        agent_id
+    )
+    .fetch_all(e)
+    .await
+}

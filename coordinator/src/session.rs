@@ -1,0 +1,351 @@
+//! One training session per visit: a WebSocket whose binary frames are the engine's wire
+//! messages (the server layer answers each one) and whose text frames are
+//! [`AgentFrame`]/[`CoordinatorFrame`] control messages. The visit is completed — metrics,
+//! checkpoint of the server layer, sealed client weights, next visit queued — in one
+//! transaction fenced by the attempt number.
+
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::response::Response;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use medsplit_engine::api::{AgentFrame, CoordinatorFrame, VisitReport, close};
+use medsplit_engine::protocol::{Privacy, ServerSession};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::auth::{Principal, Role};
+use crate::error::{Error, Result};
+use crate::{AppState, db};
+
+#[derive(Deserialize)]
+pub struct SessionQuery {
+    attempt: i32,
+}
+
+struct Visit {
+    id: i64,
+    attempt: i32,
+    agent_id: i64,
+    job_id: i64,
+}
+
+/// `GET /v1/visits/{id}/session?attempt=N`: only the agent holding this attempt of the visit,
+/// from the visit's hospital, may open it.
+pub async fn upgrade(
+    State(s): State<AppState>,
+    p: Principal,
+    Path(visit_id): Path<i64>,
+    Query(q): Query<SessionQuery>,
+    ws: WebSocketUpgrade,
+) -> Result<Response> {
+    p.require(Role::Agent)?;
+    if *s.sessions.draining.borrow() {
+        return Err(Error::Unavailable("the coordinator is shutting down"));
+    }
+    let visit = db::visit(&s.db, visit_id)
+        .await?
+        .ok_or(Error::NotFound("visit"))?;
+    if Some(visit.hospital_id) != p.hospital {
+        return Err(Error::Forbidden("this visit belongs to another hospital"));
+    }
+    if visit.status != "running" || visit.agent_id != Some(p.id) || visit.attempt != q.attempt {
+        return Err(Error::Conflict(
+            "this attempt does not hold the visit".into(),
+        ));
+    }
+    let job = db::job(&s.db, visit.job_id)
+        .await?
+        .ok_or(Error::NotFound("job"))?;
+    let spec = job.spec.0;
+    let config = spec.model.config();
+    let privacy = if spec.insecure_plaintext {
+        Privacy::Plaintext
+    } else {
+        Privacy::Encrypted
+    };
+    let server = match db::checkpoint(&s.db, job.id).await? {
+        Some(bytes) => {
+            ServerSession::resume(&config, privacy, spec.server_optimizer, &decode_f32(&bytes))
+        }
+        None => ServerSession::new(&config, privacy, spec.server_optimizer, spec.seed),
+    }
+    .map_err(|e| Error::Internal(format!("job {}: server layer: {e}", job.id)))?;
+    let visit = Visit {
+        id: visit.id,
+        attempt: q.attempt,
+        agent_id: p.id,
+        job_id: job.id,
+    };
+    let limit = s.settings.max_message_bytes;
+    Ok(ws
+        .max_message_size(limit)
+        .max_frame_size(limit)
+        .on_upgrade(move |socket| run(s, socket, visit, server)))
+}
+
+pub fn encode_f32(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+pub fn decode_f32(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// Counters of one session.
+#[derive(Default)]
+struct Counters {
+    bytes_up: i64,
+    bytes_down: i64,
+    messages: i64,
+    server_time: Duration,
+}
+
+async fn run(s: AppState, mut socket: WebSocket, visit: Visit, server: ServerSession) {
+    let mut stop = s.sessions.register(visit.id, visit.agent_id, visit.job_id);
+    let end = serve(&s, &mut socket, &visit, server, &mut stop).await;
+    s.sessions.unregister(visit.id, &stop);
+    let (code, reason) = match end {
+        End::Completed => (1000, "visit completed".to_string()),
+        End::AgentLeft => return,
+        End::Stopped(code) => (
+            code,
+            match code {
+                close::REVOKED => "agent revoked",
+                close::SHUTDOWN => "coordinator shutting down; the visit will be retried",
+                _ => "this attempt no longer holds the visit",
+            }
+            .to_string(),
+        ),
+        End::TooBig => (1009, "message too big".to_string()),
+        End::Bad(reason) => (close::BAD_MESSAGE, reason),
+        End::Failed => (1011, "internal error".to_string()),
+    };
+    tracing::info!(visit = visit.id, attempt = visit.attempt, code, %reason, "session closed");
+    let reason: String = reason.chars().take(120).collect();
+    let _ = socket
+        .send(Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        })))
+        .await;
+}
+
+enum End {
+    Completed,
+    AgentLeft,
+    Stopped(u16),
+    TooBig,
+    Bad(String),
+    Failed,
+}
+
+async fn serve(
+    s: &AppState,
+    socket: &mut WebSocket,
+    visit: &Visit,
+    server: ServerSession,
+    stop: &mut tokio::sync::watch::Receiver<Option<u16>>,
+) -> End {
+    let mut server = Some(server);
+    let mut counters = Counters::default();
+    let mut last_progress = Instant::now() - Duration::from_secs(10);
+    loop {
+        let message = tokio::select! {
+            _ = stop.changed() => return End::Stopped(stop.borrow().unwrap_or(close::FENCED)),
+            m = socket.recv() => m,
+        };
+        let message = match message {
+            None | Some(Ok(Message::Close(_))) => return End::AgentLeft,
+            Some(Err(e)) => {
+                let text = e.to_string();
+                return if text.contains("too long") || text.contains("too big") {
+                    End::TooBig
+                } else {
+                    tracing::debug!(visit = visit.id, error = %text, "session read failed");
+                    End::AgentLeft
+                };
+            }
+            Some(Ok(m)) => m,
+        };
+        match message {
+            Message::Binary(bytes) => {
+                counters.bytes_up += bytes.len() as i64;
+                let started = Instant::now();
+                let mut srv = server
+                    .take()
+                    .expect("server layer present between messages");
+                let (srv, reply) = match tokio::task::spawn_blocking(move || {
+                    let reply = srv.handle(&bytes);
+                    (srv, reply)
+                })
+                .await
+                {
+                    Ok(r) => r,
+                    Err(_) => return End::Failed,
+                };
+                server = Some(srv);
+                counters.server_time += started.elapsed();
+                match reply {
+                    Ok(reply) => {
+                        counters.bytes_down += reply.len() as i64;
+                        counters.messages += 2;
+                        if socket.send(Message::Binary(reply.into())).await.is_err() {
+                            return End::AgentLeft;
+                        }
+                    }
+                    Err(e) => return End::Bad(format!("bad message: {e}")),
+                }
+            }
+            Message::Text(text) => match serde_json::from_str::<AgentFrame>(&text) {
+                Ok(AgentFrame::Progress {
+                    samples_done,
+                    samples_total,
+                    epoch,
+                    epochs,
+                }) => {
+                    if last_progress.elapsed() >= Duration::from_secs(1) && samples_total > 0 {
+                        last_progress = Instant::now();
+                        let within = samples_done.min(samples_total) as f64 / samples_total as f64;
+                        let progress =
+                            ((epoch.saturating_sub(1)) as f64 + within) / epochs.max(1) as f64;
+                        if let Err(e) = db::set_progress(
+                            &s.db,
+                            visit.id,
+                            visit.attempt,
+                            progress.clamp(0.0, 1.0),
+                        )
+                        .await
+                        {
+                            tracing::warn!(error = %e, "progress not recorded");
+                        }
+                    }
+                }
+                Ok(AgentFrame::Complete(report)) => {
+                    let server = server.as_ref().expect("server layer present");
+                    return match complete(s, visit, server, report, &counters).await {
+                        Ok(true) => {
+                            let frame = serde_json::to_string(&CoordinatorFrame::Completed)
+                                .expect("serializable");
+                            let _ = socket.send(Message::Text(frame.into())).await;
+                            End::Completed
+                        }
+                        Ok(false) => End::Stopped(close::FENCED),
+                        Err(Error::Invalid(e)) => End::Bad(format!("bad report: {e}")),
+                        Err(e) => {
+                            tracing::error!(visit = visit.id, error = %e, "completing the visit failed");
+                            End::Failed
+                        }
+                    };
+                }
+                Err(e) => return End::Bad(format!("bad control frame: {e}")),
+            },
+            Message::Ping(_) | Message::Pong(_) => {}
+            Message::Close(_) => return End::AgentLeft,
+        }
+    }
+}
+
+fn check_report(r: &VisitReport, recipients: &[(i64, Vec<u8>)]) -> Result<Vec<(i64, Vec<u8>)>> {
+    use medsplit_engine::api::FieldError;
+    let unit = |field: &str, v: f64| {
+        if (0.0..=1.0).contains(&v) {
+            Ok(())
+        } else {
+            Err(FieldError::new(field, "must be in [0, 1]"))
+        }
+    };
+    unit("train_accuracy", r.train_accuracy)?;
+    if let Some(a) = r.test_accuracy {
+        unit("test_accuracy", a)?;
+    }
+    if !r.train_loss.is_finite() || r.train_loss < 0.0 {
+        return Err(FieldError::new("train_loss", "must be finite and non-negative").into());
+    }
+    let mut out = Vec::new();
+    for (i, copy) in r.sealed.iter().enumerate() {
+        if !recipients
+            .iter()
+            .any(|(id, _)| *id == copy.recipient_agent_id)
+        {
+            return Err(FieldError::new(
+                format!("sealed[{i}].recipient_agent_id"),
+                "not an agent of this job's hospitals",
+            )
+            .into());
+        }
+        let bytes = B64
+            .decode(&copy.sealed)
+            .ok()
+            .filter(|b| b.len() <= 4 << 20)
+            .ok_or_else(|| {
+                FieldError::new(
+                    format!("sealed[{i}].sealed"),
+                    "must be base64, at most 4 MiB",
+                )
+            })?;
+        out.push((copy.recipient_agent_id, bytes));
+    }
+    if out.is_empty() {
+        return Err(
+            FieldError::new("sealed", "the weights must be sealed to at least one agent").into(),
+        );
+    }
+    Ok(out)
+}
+
+/// Records the visit; false when this attempt was fenced off meanwhile.
+async fn complete(
+    s: &AppState,
+    visit: &Visit,
+    server: &ServerSession,
+    report: VisitReport,
+    c: &Counters,
+) -> Result<bool> {
+    let recipients = db::recipients(&s.db, visit.job_id).await?;
+    let sealed = check_report(&report, &recipients)?;
+    let outcome = db::VisitOutcome {
+        train_loss: report.train_loss,
+        train_accuracy: report.train_accuracy,
+        train_samples: report.train_samples as i64,
+        test_accuracy: report.test_accuracy,
+        test_samples: report.test_samples as i64,
+        bytes_up: c.bytes_up,
+        bytes_down: c.bytes_down,
+        messages: c.messages,
+        server_seconds: c.server_time.as_secs_f64(),
+    };
+    let mut tx = s.db.begin().await?;
+    let Some((job_id, seq)) =
+        db::complete_visit(&mut tx, visit.id, visit.attempt, visit.agent_id, &outcome).await?
+    else {
+        return Ok(false);
+    };
+    db::store_checkpoint(&mut *tx, job_id, &encode_f32(&server.model().parameters())).await?;
+    for (recipient, bytes) in sealed {
+        db::store_sealed(&mut *tx, visit.id, recipient, visit.agent_id, &bytes).await?;
+    }
+    db::job_event(
+        &mut *tx,
+        job_id,
+        "visit.completed",
+        json!({
+            "visit_id": visit.id, "seq": seq,
+            "train_loss": report.train_loss, "train_accuracy": report.train_accuracy,
+            "test_accuracy": report.test_accuracy,
+            "bytes_up": c.bytes_up, "bytes_down": c.bytes_down,
+        }),
+    )
+    .await?;
+    if db::advance(&mut tx, job_id).await? {
+        db::job_event(&mut *tx, job_id, "job.completed", json!({})).await?;
+    }
+    tx.commit().await?;
+    s.work.notify_waiters();
+    Ok(true)
+}

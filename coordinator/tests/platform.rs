@@ -1,0 +1,718 @@
+//! The platform end to end on real Postgres (a fresh database per test) with a real coordinator
+//! process: enrolment, roles, job lifecycle, leases, crashes, bad input, cyclic training.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use sqlx::PgPool;
+use tokio_tungstenite::tungstenite::Message;
+
+type Pool = PgPool;
+
+async fn count(pool: &Pool, sql: &str, id: i64) -> i64 {
+    sqlx::query_scalar(sql)
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+#[sqlx::test(migrator = "medsplit_coordinator::MIGRATOR")]
+async fn three_agents_train_a_cyclic_encrypted_job(pool: Pool) {
+    let p = Platform::new(&pool, 3, &[]).await;
+    let agents: Vec<_> = futures_util::future::join_all((0..3).map(|i| p.enrol(i))).await;
+    let running: Vec<_> = agents.iter().map(|a| a.spawn()).collect();
+    let id = p.approved_job(spec(&["h0", "h1", "h2"], 2)).await;
+    let job = p.wait_job(id, Duration::from_secs(240)).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    assert_eq!(job["visits_done"], 6);
+
+    let m = p
+        .researcher
+        .ok("GET", &format!("/v1/jobs/{id}/metrics"), None)
+        .await;
+    let rounds = m["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 2);
+    for r in rounds {
+        let hs = r["hospitals"].as_array().unwrap();
+        let names: Vec<_> = hs.iter().map(|h| h["hospital"].as_str().unwrap()).collect();
+        assert_eq!(names, ["h0", "h1", "h2"], "cyclic order");
+        for h in hs {
+            let acc = h["test_accuracy"]
+                .as_f64()
+                .expect("every hospital measured test accuracy");
+            assert!((0.0..=1.0).contains(&acc));
+        }
+    }
+    // Synthetic classes are easy: after two rounds the model must have learned something.
+    let last = rounds[1]["mean_test_accuracy"].as_f64().unwrap();
+    assert!(last > 0.5, "mean test accuracy after 2 rounds: {last}");
+    for v in m["visits"].as_array().unwrap() {
+        assert_eq!(v["status"], "completed");
+        assert_eq!(v["attempt"], 1, "no visit retried in a clean run");
+        assert!(
+            v["bytes_up"].as_i64().unwrap() > 10_000,
+            "encrypted traffic was counted"
+        );
+    }
+    // Each visit's weights were sealed to every agent; the server layer was checkpointed.
+    assert_eq!(count(&pool, "select count(*) from sealed_weights s join visits v on v.id = s.visit_id where v.job_id = $1", id).await, 18);
+    assert_eq!(
+        count(
+            &pool,
+            "select count(*) from jobs where id = $1 and server_checkpoint is not null",
+            id
+        )
+        .await,
+        1
+    );
+    // The sealed bytes never contain the agent's identity key.
+    let blobs: Vec<Vec<u8>> = sqlx::query_scalar("select sealed from sealed_weights")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    for a in &agents {
+        assert!(
+            !blobs
+                .iter()
+                .any(|b| medsplit_agent::state::contains_key(b, &a.state.secret_key))
+        );
+    }
+    // The audit trail has who did what.
+    let audit = p.admin.ok("GET", "/v1/audit", None).await;
+    let actions: Vec<_> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap().to_string())
+        .collect();
+    for a in [
+        "hospital.create",
+        "user.create",
+        "enrolment_token.create",
+        "agent.enrol",
+        "job.create",
+        "job.approved",
+    ] {
+        assert!(
+            actions.iter().any(|x| x == a),
+            "audit lacks {a}: {actions:?}"
+        );
+    }
+    for r in running {
+        r.stop.send_replace(true);
+        r.task.await.unwrap().unwrap();
+    }
+}
+
+#[sqlx::test(migrator = "medsplit_coordinator::MIGRATOR")]
+async fn enrolment_tokens_are_one_time_and_expire(pool: Pool) {
+    let p = Platform::new(&pool, 1, &[]).await;
+    let anon = p.server.api();
+    let key = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    let t = p.hospital_admins[0]
+        .ok("POST", "/v1/enrolment-tokens", Some(json!({})))
+        .await;
+    let token = t["token"].as_str().unwrap();
+    assert!(t["command"].as_str().unwrap().contains(&format!(
+        "medsplit-agent enrol --coordinator {} --token {token}",
+        p.server.url
+    )));
+    let enrol = json!({ "token": token, "name": "a1", "public_key": key, "version": "t" });
+    let (s, v) = anon.post("/v1/agents/enrol", enrol.clone()).await;
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = anon.post("/v1/agents/enrol", enrol).await;
+    assert_eq!(
+        (s, v["error"].as_str().unwrap()),
+        (410, "enrolment token already used")
+    );
+
+    let t = p.hospital_admins[0]
+        .ok(
+            "POST",
+            "/v1/enrolment-tokens",
+            Some(json!({ "ttl_seconds": 60 })),
+        )
+        .await;
+    sqlx::query("update enrolment_tokens set expires_at = now() - interval '1 second' where used_at is null")
+        .execute(&pool).await.unwrap();
+    let (s, v) = anon
+        .post(
+            "/v1/agents/enrol",
+            json!({ "token": t["token"], "name": "a2", "public_key": key, "version": "t" }),
+        )
+        .await;
+    assert_eq!(
+        (s, v["error"].as_str().unwrap()),
+        (410, "enrolment token expired")
+    );
+    let (s, _) = anon
+        .post(
+            "/v1/agents/enrol",
+            json!({ "token": "nope", "name": "a3", "public_key": key, "version": "t" }),
+        )
+        .await;
+    assert_eq!(s, 401);
+    // Tokens are stored hashed.
+    let stored: Vec<Vec<u8>> = sqlx::query_scalar("select token_hash from enrolment_tokens")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert!(
+        stored
+            .iter()
+            .all(|h| h.len() == 32 && !String::from_utf8_lossy(h).contains(token))
+    );
+    // Agent state written by the real binary path is private.
+    let dir = std::env::temp_dir().join(format!("medsplit-state-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let sk = medsplit_agent::state::new_key();
+    medsplit_agent::state::save(
+        &dir,
+        &medsplit_agent::state::Identity {
+            coordinator: "x".into(),
+            agent_id: 1,
+            hospital_id: 1,
+            credential: "c".into(),
+        },
+        &sk,
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    for f in ["identity.json", "identity.key"] {
+        assert_eq!(
+            std::fs::metadata(dir.join(f)).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+    std::fs::set_permissions(
+        dir.join("identity.key"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let err = medsplit_agent::state::load(&dir)
+        .err()
+        .expect("readable key refused")
+        .to_string();
+    assert!(err.contains("can be read by other users"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[sqlx::test(migrator = "medsplit_coordinator::MIGRATOR")]
+async fn roles_are_enforced(pool: Pool) {
+    let p = Platform::new(&pool, 2, &[]).await;
+    let (a0, a1) = (p.enrol(0).await, p.enrol(1).await);
+    // A researcher cannot enrol agents, create hospitals or users, or approve jobs.
+    assert_eq!(
+        p.researcher.post("/v1/enrolment-tokens", json!({})).await.0,
+        403
+    );
+    assert_eq!(
+        p.researcher
+            .post("/v1/hospitals", json!({ "name": "x" }))
+            .await
+            .0,
+        403
+    );
+    assert_eq!(p.researcher.get("/v1/audit").await.0, 403);
+    // A hospital admin cannot create jobs or hospitals.
+    assert_eq!(
+        p.hospital_admins[0]
+            .post("/v1/jobs", spec(&["h0"], 1))
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        p.hospital_admins[0]
+            .post("/v1/hospitals", json!({ "name": "y" }))
+            .await
+            .0,
+        403
+    );
+    // No token, a garbage token, an expired token: 401.
+    assert_eq!(p.server.api().get("/v1/jobs").await.0, 401);
+    let mut forged = p.server.api();
+    forged.token = Some("eyJhbGciOiJIUzI1NiJ9.e30.x".into());
+    assert_eq!(forged.get("/v1/jobs").await.0, 401);
+    let expired = medsplit_coordinator::auth::Keys::from_secret(
+        b"test-signing-key-0123456789abcdef0123456789",
+    )
+    .issue(
+        1,
+        medsplit_coordinator::auth::Role::PlatformAdmin,
+        None,
+        -10,
+    );
+    let mut old = p.server.api();
+    old.token = Some(expired);
+    assert_eq!(old.get("/v1/hospitals").await.0, 401);
+
+    // A job only at h1: h0's agent cannot claim it nor join its session.
+    let job = p.approved_job(spec(&["h1"], 1)).await;
+    let c0 = a0.coordinator();
+    assert!(c0.claim(Duration::from_secs(1)).await.unwrap().is_none());
+    let c1 = a1.coordinator();
+    let visit = c1
+        .claim(Duration::from_secs(5))
+        .await
+        .unwrap()
+        .expect("h1's agent claims");
+    assert_eq!(visit.job_id, job);
+    match c0.session(visit.visit_id, visit.attempt).await {
+        Err(medsplit_agent::AgentError::Status { status, .. }) => assert_eq!(status, 403),
+        other => panic!("h0's agent joined h1's session: {:?}", other.err()),
+    }
+    // h0's admin cannot approve or see a job that does not name h0; it cannot revoke h1's agent.
+    assert_eq!(
+        p.hospital_admins[0]
+            .post(
+                &format!("/v1/jobs/{job}/consent"),
+                json!({ "decision": "approve" })
+            )
+            .await
+            .0,
+        404
+    );
+    assert_eq!(
+        p.hospital_admins[0]
+            .post(
+                &format!("/v1/agents/{}/revoke", a1.state.identity.agent_id),
+                json!({})
+            )
+            .await
+            .0,
+        404
+    );
+    // Agents cannot use user endpoints.
+    let agent_token = p.server.api();
+    let (s, _) = agent_token.get("/v1/jobs").await;
+    assert_eq!(s, 401);
+
+    // Revocation takes effect at once, including the open session.
+    let mut session = c1.session(visit.visit_id, visit.attempt).await.unwrap();
+    p.hospital_admins[1]
+        .ok(
+            "POST",
+            &format!("/v1/agents/{}/revoke", a1.state.identity.agent_id),
+            Some(json!({})),
+        )
+        .await;
+    let closed = tokio::time::timeout(Duration::from_secs(10), session.next())
+        .await
+        .unwrap();
+    match closed {
+        Some(Ok(Message::Close(Some(f)))) => assert_eq!(u16::from(f.code), 4403),
+        other => panic!("session not closed on revocation: {other:?}"),
+    }
+    assert!(matches!(
+        c1.heartbeat(None).await,
+        Err(medsplit_agent::AgentError::Revoked)
+    ));
+    let agents = p.hospital_admins[1].ok("GET", "/v1/agents", None).await;
+    assert!(agents[0]["revoked_at"].is_string());
+}
+
+#[sqlx::test(migrator = "medsplit_coordinator::MIGRATOR")]
+async fn job_lifecycle_and_consent(pool: Pool) {
+    let p = Platform::new(&pool, 2, &[]).await;
+    let job = p
+        .researcher
+        .ok("POST", "/v1/jobs", Some(spec(&["h0", "h1"], 1)))
+        .await;
+    let id = job["id"].as_i64().unwrap();
+    assert_eq!(job["status"], "pending");
+    assert_eq!(
+        job["spec"]["insecure_plaintext"], false,
+        "HE is on by default"
+    );
+    // One approval is not enough.
+    let v = p.hospital_admins[0]
+        .ok(
+            "POST",
+            &format!("/v1/jobs/{id}/consent"),
+            Some(json!({ "decision": "approve" })),
+        )
+        .await;
+    assert_eq!(v["status"], "pending");
+    assert_eq!(
+        count(&pool, "select count(*) from visits where job_id = $1", id).await,
+        0
+    );
+    let v = p.hospital_admins[1]
+        .ok(
+            "POST",
+            &format!("/v1/jobs/{id}/consent"),
+            Some(json!({ "decision": "approve" })),
+        )
+        .await;
+    assert_eq!(v["status"], "running");
+    assert_eq!(v["visits_total"], 2);
+    // Deciding twice is refused.
+    assert_eq!(
+        p.hospital_admins[1]
+            .post(
+                &format!("/v1/jobs/{id}/consent"),
+                json!({ "decision": "decline" })
+            )
+            .await
+            .0,
+        409
+    );
+    // Cancel.
+    let v = p
+        .researcher
+        .ok("POST", &format!("/v1/jobs/{id}/cancel"), Some(json!({})))
+        .await;
+    assert_eq!(v["status"], "cancelled");
+    assert_eq!(
+        p.researcher
+            .post(&format!("/v1/jobs/{id}/cancel"), json!({}))
+            .await
+            .0,
+        409
+    );
+    assert_eq!(
+        count(
+            &pool,
+            "select count(*) from visits where job_id = $1 and status <> 'cancelled'",
+            id
+        )
+        .await,
+        0
+    );
+
+    // A declined job never runs.
+    let a0 = p.enrol(0).await;
+    let job = p
+        .researcher
+        .ok("POST", "/v1/jobs", Some(spec(&["h0", "h1"], 1)))
+        .await;
+    let id = job["id"].as_i64().unwrap();
+    p.hospital_admins[1]
+        .ok(
+            "POST",
+            &format!("/v1/jobs/{id}/consent"),
+            Some(json!({ "decision": "decline" })),
+        )
+        .await;
+    assert_eq!(
+        p.hospital_admins[0]
+            .post(
+                &format!("/v1/jobs/{id}/consent"),
+                json!({ "decision": "approve" })
+            )
+            .await
+            .0,
+        409
+    );
+    let v = p
+        .researcher
+        .ok("GET", &format!("/v1/jobs/{id}"), None)
+        .await;
+    assert_eq!(v["status"], "declined");
+    assert!(
+        a0.coordinator()
+            .claim(Duration::from_secs(1))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let events = p
+        .researcher
+        .ok("GET", &format!("/v1/jobs/{id}/events"), None)
+        .await;
+    let kinds: Vec<_> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["job.created", "consent.declined", "job.declined"]);
+    // Another researcher does not see the job.
+    p.admin
+        .ok(
+            "POST",
+            "/v1/users",
+            Some(json!({ "email": "r2@example.org", "password": PASSWORD, "role": "researcher" })),
+        )
+        .await;
+    let r2 = p.server.api().login("r2@example.org").await;
+    assert_eq!(r2.get(&format!("/v1/jobs/{id}")).await.0, 404);
+}
+
+#[sqlx::test(migrator = "medsplit_coordinator::MIGRATOR")]
+async fn malformed_job_specs_name_the_field(pool: Pool) {
+    let p = Platform::new(&pool, 1, &[]).await;
+    let cases = [
+        (json!({ "hospitals": ["h0"] }), "name"),
+        (
+            json!({ "name": "j", "hospitals": ["h0"], "rounds": "three" }),
+            "rounds",
+        ),
+        (
+            json!({ "name": "j", "hospitals": ["h0"], "rounds": 0 }),
+            "rounds",
+        ),
+        (
+            json!({ "name": "j", "hospitals": ["h0"], "batch_size": 100000 }),
+            "batch_size",
+        ),
+        (
+            json!({ "name": "j", "hospitals": ["h0"], "colour": "red" }),
+            "colour",
+        ),
+        (
+            json!({ "name": "j", "hospitals": ["h0", "nowhere"] }),
+            "hospitals[1]",
+        ),
+        (
+            json!({ "name": "j", "hospitals": ["h0", "h0"] }),
+            "hospitals[1]",
+        ),
+        (json!({ "name": "j", "hospitals": [] }), "hospitals"),
+        (
+            json!({ "name": "j", "hospitals": ["h0"], "model": "m9" }),
+            "model",
+        ),
+        (
+            json!({ "name": "j", "hospitals": ["h0"], "server_optimizer": { "kind": "adam", "lr": -1.0 } }),
+            "server_optimizer.lr",
+        ),
+    ];
+    for (body, field) in cases {
+        let (status, v) = p.researcher.post("/v1/jobs", body.clone()).await;
+        assert_eq!(status, 422, "{body} → {v}");
+        let got = v["field"].as_str().unwrap_or_default();
+        assert!(
+            got == field || (field == "name" && got == "."),
+            "{body}: field {got:?}, expected {field:?} ({v})"
+        );
+    }
+    let (status, v) = p.researcher.post("/v1/jobs", json!("not an object")).await;
+    assert!(status == 422 || status == 400, "{v}");
+    let resp = p
+        .researcher
+        .http
+        .post(format!("{}/v1/jobs", p.server.url))
+        .bearer_auth(p.researcher.token.as_ref().unwrap())
+        .header("content-type", "application/json")
+        .body("{ not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    assert_eq!(
+        count(&pool, "select count(*) from jobs where $1 = $1", 0).await,
+        0,
+        "nothing stored"
+    );
+}
+
+#[sqlx::test(migrator = "medsplit_coordinator::MIGRATOR")]
+async fn expired_leases_are_retried_and_fenced(pool: Pool) {
+    let p = Platform::new(&pool, 1, &[]).await;
+    let a = p.enrol(0).await;
+    let c = a.coordinator();
+    let mut s = spec(&["h0"], 1);
+    s["max_attempts"] = json!(2);
+    s["on_failure"] = json!("fail");
+    let id = p.approved_job(s).await;
+    let first = c.claim(Duration::from_secs(5)).await.unwrap().unwrap();
+    assert_eq!(first.attempt, 1);
+    assert!(
+        c.heartbeat(Some((first.visit_id, first.attempt)))
+            .await
+            .unwrap()
+    );
+    // Backdate the lease: the sweeper re-queues the visit.
+    sqlx::query("update visits set lease_expires_at = now() - interval '1 minute' where id = $1")
+        .bind(first.visit_id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let second = c
+        .claim(Duration::from_secs(10))
+        .await
+        .unwrap()
+        .expect("re-queued");
+    assert_eq!((second.visit_id, second.attempt), (first.visit_id, 2));
+    // The old attempt is fenced: no heartbeat, no session.
+    assert!(
+        !c.heartbeat(Some((first.visit_id, first.attempt)))
+            .await
+            .unwrap()
+    );
+    assert!(matches!(
+        c.session(first.visit_id, first.attempt).await,
+        Err(medsplit_agent::AgentError::Status { status: 409, .. })
+    ));
+    // A second expiry exhausts max_attempts: the policy (fail) applies.
+    sqlx::query("update visits set lease_expires_at = now() - interval '1 minute' where id = $1")
+        .bind(first.visit_id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let job = p.wait_job(id, Duration::from_secs(20)).await;
+    assert_eq!(job["status"], "failed");
+    assert!(job["error"].as_str().unwrap().contains("failed 2 times"));
+
+    // With the skip policy the round goes on without that hospital.
+    let mut s = spec(&["h0"], 2);
+    s["max_attempts"] = json!(1);
+    let id = p.approved_job(s).await;
+    let v = c.claim(Duration::from_secs(5)).await.unwrap().unwrap();
+    c.release(v.visit_id, v.attempt, "testing").await.unwrap();
+    let running = a.spawn();
+    let job = p.wait_job(id, Duration::from_secs(120)).await;
+    assert_eq!(job["status"], "completed");
+    let m = p
+        .researcher
+        .ok("GET", &format!("/v1/jobs/{id}/metrics"), None)
+        .await;
+    let statuses: Vec<_> = m["visits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, ["skipped", "completed"]);
+    running.stop.send_replace(true);
+    running.task.await.unwrap().unwrap();
+}
+
+#[sqlx::test(migrator = "medsplit_coordinator::MIGRATOR")]
+async fn a_killed_agent_s_visit_is_retried(pool: Pool) {
+    let p = Platform::new(&pool, 1, &[]).await;
+    let mut a = p.enrol(0).await;
+    a.data = std::sync::Arc::new(synthetic_data(2000, 0));
+    let mut s = spec(&["h0"], 1);
+    s["batch_size"] = json!(1);
+    let id = p.approved_job(s).await;
+    let running = a.spawn();
+    // Wait until training is under way, then kill the agent without a goodbye.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let p: Option<f64> = sqlx::query_scalar(
+            "select progress from visits where job_id = $1 and status = 'running'",
+        )
+        .bind(id)
+        .fetch_optional(&pool)
+        .await
+        .unwrap()
+        .flatten();
+        if p.is_some_and(|p| p > 0.0) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "training did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    running.task.abort();
+    let _ = running.task.await;
+    // The lease (4 s) expires; a restarted agent gets the visit again as attempt 2.
+    let again = a.spawn();
+    let job = p.wait_job(id, Duration::from_secs(180)).await;
+    assert_eq!(job["status"], "completed");
+    let (attempt, failures): (i32, i32) =
+        sqlx::query_as("select attempt, failures from visits where job_id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!((attempt, failures), (2, 1));
+    again.stop.send_replace(true);
+    again.task.await.unwrap().unwrap();
+}
+
+#[sqlx::test(migrator = "medsplit_coordinator::MIGRATOR")]
+async fn coordinator_killed_mid_job_resumes_without_losing_or_repeating_visits(pool: Pool) {
+    let mut p = Platform::new(&pool, 3, &[]).await;
+    let agents: Vec<_> = futures_util::future::join_all((0..3).map(|i| p.enrol(i))).await;
+    let running: Vec<_> = agents.iter().map(|a| a.spawn()).collect();
+    let id = p.approved_job(spec(&["h0", "h1", "h2"], 2)).await;
+    // Kill once the first visits are done and another is in flight.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while count(
+        &pool,
+        "select count(*) from visits where job_id = $1 and status = 'completed'",
+        id,
+    )
+    .await
+        < 2
+    {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let checkpoint_before: Option<Vec<u8>> =
+        sqlx::query_scalar("select server_checkpoint from jobs where id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(checkpoint_before.is_some());
+    p.server.kill_and_restart().await;
+    let job = p.wait_job(id, Duration::from_secs(240)).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    // Every visit completed exactly once.
+    let completed: Vec<i64> = sqlx::query_scalar(
+        "select (detail->>'visit_id')::bigint from job_events where job_id = $1 and kind = 'visit.completed' order by id")
+        .bind(id).fetch_all(&pool).await.unwrap();
+    let mut unique = completed.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!((completed.len(), unique.len()), (6, 6), "{completed:?}");
+    for r in running {
+        r.stop.send_replace(true);
+        let _ = r.task.await;
+    }
+}
+
+#[sqlx::test(migrator = "medsplit_coordinator::MIGRATOR")]
+async fn garbled_and_oversized_frames_close_the_session_and_lose_nothing(pool: Pool) {
+    let p = Platform::new(&pool, 1, &["--max-message-bytes", "65536"]).await;
+    let a = p.enrol(0).await;
+    let c = a.coordinator();
+    let id = p.approved_job(spec(&["h0"], 1)).await;
+    let v = c.claim(Duration::from_secs(5)).await.unwrap().unwrap();
+    for (frame, code) in [
+        (Message::binary(vec![0xde, 0xad, 0xbe, 0xef]), 4400u16),
+        (Message::text("{\"type\":\"nonsense\"}"), 4400),
+        (Message::binary(vec![7u8; 200_000]), 1009),
+    ] {
+        let mut ws = c.session(v.visit_id, v.attempt).await.unwrap();
+        ws.send(frame).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .unwrap();
+        match got {
+            Some(Ok(Message::Close(Some(f)))) => assert_eq!(u16::from(f.code), code, "{f:?}"),
+            other => panic!("expected close {code}, got {other:?}"),
+        }
+    }
+    // Nothing lost: the visit still belongs to this attempt, and training it works.
+    let visit = p
+        .researcher
+        .ok("GET", &format!("/v1/jobs/{id}/metrics"), None)
+        .await;
+    assert_eq!(visit["visits"][0]["status"], "running");
+    assert!(c.heartbeat(Some((v.visit_id, v.attempt))).await.unwrap());
+    let summary = medsplit_agent::visit::run(
+        &c,
+        &a.state.secret_key,
+        &v,
+        &a.data,
+        &mut medsplit_agent::visit::Quiet,
+    )
+    .await
+    .unwrap();
+    assert!(summary.test_accuracy.is_some());
+    let job = p.wait_job(id, Duration::from_secs(30)).await;
+    assert_eq!(job["status"], "completed");
+}

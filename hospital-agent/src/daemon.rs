@@ -1,0 +1,230 @@
+//! The agent's main loop: claim a visit (long poll), train it while a heartbeat keeps its lease,
+//! give it back if anything goes wrong; reconnect with exponential backoff and jitter.
+
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::time::Duration;
+
+use medsplit_engine::api::{VisitAssignment, close};
+use medsplit_engine::training::Totals;
+use rand::Rng;
+use tokio::sync::watch;
+
+use crate::AgentError;
+use crate::client::Coordinator;
+use crate::config::LocalData;
+use crate::state::AgentState;
+use crate::visit::{self, Observer, VisitSummary};
+
+/// Exponential backoff with full jitter: 0.5 s doubling to 30 s.
+pub struct Backoff {
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new() -> Self {
+        Self { attempt: 0 }
+    }
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+    pub fn next_delay(&mut self) -> Duration {
+        let cap = (0.5 * 2f64.powi(self.attempt.min(6) as i32)).min(30.0);
+        self.attempt += 1;
+        Duration::from_secs_f64(rand::rng().random_range(cap / 2.0..=cap))
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Runs until `shutdown` turns true (the visit in progress is given back to be retried) or a
+/// fatal error (revoked credential).
+pub async fn run(
+    coordinator: Arc<Coordinator>,
+    state: Arc<AgentState>,
+    data: Arc<LocalData>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), AgentError> {
+    let (current_tx, current_rx) = watch::channel::<Option<(i64, i32)>>(None);
+    let (fenced_tx, mut fenced_rx) = watch::channel::<Option<i64>>(None);
+    let heartbeat = tokio::spawn(heartbeats(coordinator.clone(), current_rx, fenced_tx));
+    let mut backoff = Backoff::new();
+    let result = loop {
+        if *shutdown.borrow() {
+            break Ok(());
+        }
+        let claimed = tokio::select! {
+            r = coordinator.claim(Duration::from_secs(25)) => r,
+            _ = shutdown.changed() => continue,
+        };
+        let assignment = match claimed {
+            Ok(Some(a)) => a,
+            Ok(None) => {
+                backoff.reset();
+                continue;
+            }
+            Err(e) if e.is_fatal() => break Err(e),
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in = ?delay, "claim failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
+            }
+        };
+        backoff.reset();
+        current_tx.send_replace(Some((assignment.visit_id, assignment.attempt)));
+        fenced_rx.mark_unchanged();
+        tracing::info!(
+            job = assignment.job_id,
+            visit = assignment.visit_id,
+            attempt = assignment.attempt,
+            round = assignment.round + 1,
+            "visit claimed"
+        );
+        let mut observer = display(&assignment);
+        let outcome = tokio::select! {
+            r = visit::run(&coordinator, &state.secret_key, &assignment, &data, observer.as_mut()) => r,
+            _ = shutdown.changed() => Err(AgentError::Shutdown),
+            _ = fenced_rx.changed() => Err(AgentError::Fenced),
+        };
+        current_tx.send_replace(None);
+        drop(observer);
+        match outcome {
+            Ok(summary) => log_summary(&assignment, &summary),
+            Err(e) => {
+                let fenced = matches!(e, AgentError::Fenced)
+                    || matches!(e, AgentError::Closed { code, .. } if code == close::FENCED || code == close::REVOKED);
+                tracing::warn!(visit = assignment.visit_id, error = %e, "visit not completed");
+                if !fenced {
+                    let reason = e.to_string();
+                    if let Err(r) = coordinator
+                        .release(assignment.visit_id, assignment.attempt, &reason)
+                        .await
+                    {
+                        tracing::warn!(error = %r, "could not give the visit back; its lease will expire");
+                    }
+                }
+                if e.is_fatal() {
+                    break Err(e);
+                }
+                if !matches!(e, AgentError::Shutdown) && !fenced {
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+            }
+        }
+    };
+    heartbeat.abort();
+    result
+}
+
+/// Every few seconds: tell the coordinator the agent is alive, extend the current visit's lease,
+/// and signal `fenced` if the visit was taken away.
+async fn heartbeats(
+    coordinator: Arc<Coordinator>,
+    current: watch::Receiver<Option<(i64, i32)>>,
+    fenced: watch::Sender<Option<i64>>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        let visit = *current.borrow();
+        match coordinator.heartbeat(visit).await {
+            Ok(true) => {}
+            Ok(false) => {
+                if let Some((id, _)) = visit
+                    && *current.borrow() == visit
+                {
+                    fenced.send_replace(Some(id));
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+        }
+    }
+}
+
+fn log_summary(a: &VisitAssignment, s: &VisitSummary) {
+    tracing::info!(
+        job = a.job_id,
+        visit = a.visit_id,
+        round = a.round + 1,
+        train_loss = s.train.mean_loss(),
+        train_accuracy = s.train.accuracy(),
+        test_accuracy = s.test_accuracy,
+        bytes_up = s.bytes_up,
+        bytes_down = s.bytes_down,
+        "visit completed"
+    );
+}
+
+/// Progress bars on a terminal, structured log lines otherwise.
+fn display(a: &VisitAssignment) -> Box<dyn Observer> {
+    if std::io::stderr().is_terminal() {
+        Box::new(Bars {
+            label: format!("job {} round {}", a.job_id, a.round + 1),
+            bar: None,
+        })
+    } else {
+        Box::new(Logs { visit: a.visit_id })
+    }
+}
+
+struct Bars {
+    label: String,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Observer for Bars {
+    fn epoch_started(&mut self, epoch: u32, epochs: u32, samples: u64) {
+        let bar = indicatif::ProgressBar::new(samples);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{prefix} [{bar:30}] {pos}/{len} beats {per_sec} eta {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(format!("{} epoch {epoch}/{epochs}", self.label));
+        self.bar = Some(bar);
+    }
+    fn batch_done(&mut self, samples_done: u64) {
+        if let Some(b) = &self.bar {
+            b.set_position(samples_done);
+        }
+    }
+    fn epoch_done(&mut self, _epoch: u32, seconds: f64, totals: &Totals) {
+        if let Some(b) = self.bar.take() {
+            b.finish_with_message(format!(
+                "{seconds:.1} s, loss {:.4}, accuracy {:.2} %",
+                totals.mean_loss(),
+                100.0 * totals.accuracy()
+            ));
+        }
+    }
+}
+
+struct Logs {
+    visit: i64,
+}
+
+impl Observer for Logs {
+    fn epoch_done(&mut self, epoch: u32, seconds: f64, totals: &Totals) {
+        tracing::info!(
+            visit = self.visit,
+            epoch,
+            seconds,
+            loss = totals.mean_loss(),
+            accuracy = totals.accuracy(),
+            "epoch done"
+        );
+    }
+    fn evaluating(&mut self, samples: u64) {
+        tracing::info!(visit = self.visit, samples, "measuring test accuracy");
+    }
+}

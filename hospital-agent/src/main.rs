@@ -1,0 +1,160 @@
+//! `medsplit-agent`: enrol once with a one-time token, then run as a daemon.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use base64::Engine;
+use clap::{Parser, Subcommand};
+use medsplit_agent::client::{self, Coordinator, Endpoint};
+use medsplit_agent::config::Config;
+use medsplit_agent::state::{self, Identity};
+
+#[derive(Parser)]
+#[command(version, about = "MedSplit hospital agent")]
+struct Cli {
+    /// Log format: `text`, or `json` for log collectors.
+    #[arg(
+        long,
+        env = "MEDSPLIT_LOG_FORMAT",
+        default_value = "text",
+        global = true
+    )]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Redeem a one-time enrolment token: creates the state directory (identity key and
+    /// credential, mode 0600).
+    Enrol {
+        #[arg(long)]
+        coordinator: String,
+        #[arg(long, env = "MEDSPLIT_ENROL_TOKEN", hide_env_values = true)]
+        token: String,
+        #[arg(
+            long,
+            env = "MEDSPLIT_STATE_DIR",
+            default_value = "/var/lib/medsplit-agent"
+        )]
+        state_dir: PathBuf,
+        /// Name shown to the hospital's admins.
+        #[arg(long, default_value = "agent")]
+        name: String,
+        /// PEM file of a private CA that signed the coordinator's certificate.
+        #[arg(long)]
+        ca_cert: Option<PathBuf>,
+    },
+    /// Run the daemon: claim visits for this hospital and train them.
+    Run {
+        #[arg(
+            long,
+            env = "MEDSPLIT_AGENT_CONFIG",
+            default_value = "/etc/medsplit/agent.toml"
+        )]
+        config: PathBuf,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_format);
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    match runtime.block_on(try_main(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        let _ = builder.json().try_init();
+    } else {
+        let _ = builder.try_init();
+    }
+}
+
+async fn try_main(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Enrol {
+            coordinator,
+            token,
+            state_dir,
+            name,
+            ca_cert,
+        } => {
+            if state_dir.join("identity.json").exists() {
+                anyhow::bail!(
+                    "{} already holds an enrolled agent; remove it to enrol again",
+                    state_dir.display()
+                );
+            }
+            let endpoint = Endpoint::new(&coordinator, ca_cert.as_deref())?;
+            let key = state::new_key();
+            let public =
+                base64::engine::general_purpose::STANDARD.encode(key.public_key().as_bytes());
+            let enrolled = client::enrol(&endpoint, &token, &name, &public)
+                .await
+                .context("enrolment refused")?;
+            state::save(
+                &state_dir,
+                &Identity {
+                    coordinator: endpoint.base().to_string(),
+                    agent_id: enrolled.agent_id,
+                    hospital_id: enrolled.hospital_id,
+                    credential: enrolled.credential,
+                },
+                &key,
+            )?;
+            println!(
+                "enrolled as agent {} of hospital {}; state in {}",
+                enrolled.agent_id,
+                enrolled.hospital_id,
+                state_dir.display()
+            );
+            Ok(())
+        }
+        Command::Run { config } => {
+            let config = Config::load(&config)?;
+            let state = state::load(&config.state_dir)?;
+            let data = config.load_data()?;
+            tracing::info!(
+                agent = state.identity.agent_id,
+                train = data.train.len(),
+                test = data.test.len(),
+                coordinator = %state.identity.coordinator,
+                "agent starting"
+            );
+            let endpoint = Endpoint::new(&state.identity.coordinator, config.ca_cert.as_deref())?;
+            let coordinator = Arc::new(Coordinator::new(
+                endpoint,
+                state.identity.credential.clone(),
+            ));
+            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            tokio::spawn(async move {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .expect("SIGTERM handler");
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+                tracing::info!("shutting down; the visit in progress will be retried");
+                stop_tx.send_replace(true);
+            });
+            medsplit_agent::daemon::run(coordinator, Arc::new(state), Arc::new(data), stop_rx)
+                .await?;
+            Ok(())
+        }
+    }
+}

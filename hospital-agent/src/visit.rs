@@ -1,0 +1,256 @@
+//! One visit: open the handed-over weights, train `local_epochs` passes over the local training
+//! set through the coordinator's encrypted server layer, measure test accuracy through the same
+//! path, seal the weights to the agents that may train next, and report.
+
+use std::time::Instant;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use crypto_box::SecretKey;
+use futures_util::{SinkExt, StreamExt};
+use medsplit_engine::api::{
+    AgentFrame, CoordinatorFrame, SealedCopy, VisitAssignment, VisitReport,
+};
+use medsplit_engine::protocol::{ClientEvent, ClientSession, Privacy};
+use medsplit_engine::training::{Totals, epoch_order, gather};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::client::{Coordinator, Session};
+use crate::config::LocalData;
+use crate::{AgentError, seal};
+
+/// What the agent's user sees of a visit in progress.
+pub trait Observer: Send {
+    fn epoch_started(&mut self, _epoch: u32, _epochs: u32, _samples: u64) {}
+    fn batch_done(&mut self, _samples_done: u64) {}
+    fn epoch_done(&mut self, _epoch: u32, _seconds: f64, _totals: &Totals) {}
+    fn evaluating(&mut self, _samples: u64) {}
+}
+
+/// An observer that shows nothing.
+pub struct Quiet;
+impl Observer for Quiet {}
+
+/// What a visit measured.
+#[derive(Clone, Debug)]
+pub struct VisitSummary {
+    pub train: Totals,
+    pub test_accuracy: Option<f64>,
+    pub epoch_seconds: Vec<f64>,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+}
+
+/// Runs a claimed visit to completion.
+pub async fn run(
+    coordinator: &Coordinator,
+    key: &SecretKey,
+    a: &VisitAssignment,
+    data: &LocalData,
+    observer: &mut dyn Observer,
+) -> Result<VisitSummary, AgentError> {
+    let config = a.spec.model.config();
+    if data.train.beat_len() != config.beat_len || data.train.num_classes() != config.classes {
+        return Err(AgentError::Session(format!(
+            "local data has {}-sample beats in {} classes; the job's model needs {} and {}",
+            data.train.beat_len(),
+            data.train.num_classes(),
+            config.beat_len,
+            config.classes
+        )));
+    }
+    let privacy = if a.spec.insecure_plaintext {
+        Privacy::Plaintext
+    } else {
+        Privacy::Encrypted
+    };
+    let mut client = match &a.handoff {
+        None => ClientSession::new(&config, privacy, a.spec.seed)?,
+        Some(h) => {
+            let sender = seal::public_key(&decode(&h.sender_public_key)?)?;
+            let params = seal::open(key, &sender, &decode(&h.sealed)?, a.job_id, h.from_visit_id)?;
+            ClientSession::resume(&config, privacy, &params)?
+        }
+    };
+    let mut ws = coordinator.session(a.visit_id, a.attempt).await?;
+    let mut link = Link::default();
+
+    let epochs = a.spec.local_epochs;
+    let batch_size = a.spec.batch_size as usize;
+    let total = data.train.len() as u64;
+    let mut train = Totals::default();
+    let mut epoch_seconds = Vec::new();
+    for epoch in 1..=epochs {
+        observer.epoch_started(epoch, epochs, total);
+        let started = Instant::now();
+        let seed = a.spec.seed ^ ((a.round as u64) << 32 | a.position as u64);
+        let order = epoch_order(data.train.len(), seed, epoch as usize - 1);
+        let mut totals = Totals::default();
+        let mut next_report = 0u64;
+        for batch in order.chunks(batch_size) {
+            let (beats, labels) = gather(&data.train, batch);
+            let mut out = client.start(&beats, &labels, true)?;
+            let stats = loop {
+                let reply = link.exchange(&mut ws, out).await?;
+                match client.on_message(&reply)? {
+                    ClientEvent::Send(next) => out = next,
+                    ClientEvent::Trained(stats) => break stats,
+                    ClientEvent::Evaluated(_) => {
+                        return Err(AgentError::Session("unexpected evaluation reply".into()));
+                    }
+                }
+            };
+            totals.add(stats);
+            let done = totals.samples as u64;
+            observer.batch_done(done);
+            if done >= next_report || done == total {
+                next_report = done + total / 50 + 1;
+                let frame = AgentFrame::Progress {
+                    epoch,
+                    epochs,
+                    samples_done: done,
+                    samples_total: total,
+                };
+                send_text(&mut ws, &frame).await?;
+            }
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        observer.epoch_done(epoch, seconds, &totals);
+        epoch_seconds.push(seconds);
+        train = totals;
+    }
+
+    let mut test_accuracy = None;
+    if a.spec.evaluates(a.round) {
+        observer.evaluating(data.test.len() as u64);
+        let indices: Vec<usize> = (0..data.test.len()).collect();
+        let mut correct = 0usize;
+        for batch in indices.chunks(batch_size.max(16)) {
+            let (beats, labels) = gather(&data.test, batch);
+            let out = client.start(&beats, &[], false)?;
+            let reply = link.exchange(&mut ws, out).await?;
+            let ClientEvent::Evaluated(predicted) = client.on_message(&reply)? else {
+                return Err(AgentError::Session(
+                    "unexpected reply to an evaluation".into(),
+                ));
+            };
+            correct += predicted
+                .iter()
+                .zip(&labels)
+                .filter(|(p, l)| **p == **l as usize)
+                .count();
+        }
+        test_accuracy = Some(correct as f64 / data.test.len().max(1) as f64);
+    }
+
+    let parameters = client.model().parameters();
+    let mut sealed = Vec::new();
+    for r in &a.recipients {
+        let recipient = seal::public_key(&decode(&r.public_key)?)?;
+        sealed.push(SealedCopy {
+            recipient_agent_id: r.agent_id,
+            sealed: B64.encode(seal::seal(
+                key,
+                &recipient,
+                a.job_id,
+                a.visit_id,
+                &parameters,
+            )),
+        });
+    }
+    let report = VisitReport {
+        train_loss: train.mean_loss(),
+        train_accuracy: train.accuracy(),
+        train_samples: train.samples as u64,
+        test_accuracy,
+        test_samples: if test_accuracy.is_some() {
+            data.test.len() as u64
+        } else {
+            0
+        },
+        sealed,
+    };
+    send_text(&mut ws, &AgentFrame::Complete(report)).await?;
+    loop {
+        match next(&mut ws).await? {
+            Message::Text(t) => {
+                if matches!(serde_json::from_str(&t), Ok(CoordinatorFrame::Completed)) {
+                    break;
+                }
+            }
+            Message::Binary(_) => {
+                return Err(AgentError::Session("unexpected binary frame".into()));
+            }
+            _ => {}
+        }
+    }
+    let _ = ws.close(None).await;
+    Ok(VisitSummary {
+        train,
+        test_accuracy,
+        epoch_seconds,
+        bytes_up: link.up,
+        bytes_down: link.down,
+    })
+}
+
+fn decode(s: &str) -> Result<Vec<u8>, AgentError> {
+    B64.decode(s)
+        .map_err(|_| AgentError::Session("the coordinator sent malformed base64".into()))
+}
+
+async fn send_text(ws: &mut Session, frame: &AgentFrame) -> Result<(), AgentError> {
+    let text = serde_json::to_string(frame).expect("serializable");
+    ws.send(Message::text(text)).await.map_err(ws_err)
+}
+
+fn ws_err(e: tokio_tungstenite::tungstenite::Error) -> AgentError {
+    AgentError::Session(e.to_string())
+}
+
+/// The next data frame; a close frame becomes [`AgentError::Closed`].
+async fn next(ws: &mut Session) -> Result<Message, AgentError> {
+    loop {
+        match ws.next().await {
+            None => {
+                return Err(AgentError::Session(
+                    "the coordinator closed the session".into(),
+                ));
+            }
+            Some(Err(e)) => return Err(ws_err(e)),
+            Some(Ok(Message::Close(frame))) => {
+                let (code, reason) = frame
+                    .map(|f| (u16::from(f.code), f.reason.to_string()))
+                    .unwrap_or((1005, String::new()));
+                return Err(AgentError::Closed { code, reason });
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+            Some(Ok(m)) => return Ok(m),
+        }
+    }
+}
+
+/// Bytes each way on the session.
+#[derive(Default)]
+struct Link {
+    up: u64,
+    down: u64,
+}
+
+impl Link {
+    async fn exchange(
+        &mut self,
+        ws: &mut Session,
+        request: Vec<u8>,
+    ) -> Result<Vec<u8>, AgentError> {
+        self.up += request.len() as u64;
+        ws.send(Message::binary(request)).await.map_err(ws_err)?;
+        match next(ws).await? {
+            Message::Binary(b) => {
+                self.down += b.len() as u64;
+                Ok(b.to_vec())
+            }
+            _ => Err(AgentError::Session("expected a binary reply".into())),
+        }
+    }
+}
