@@ -91,7 +91,7 @@ pub struct Postgres {
 impl Postgres {
     pub async fn start(dir: &Path) -> anyhow::Result<Postgres> {
         if let Ok(url) = std::env::var("DATABASE_URL") {
-            let name = format!("medsplit_demo_{}", std::process::id());
+            let name = format!("medsplit_run_{}", std::process::id());
             let (server, _) = url
                 .split_once('?')
                 .map(|(a, _)| a)
@@ -108,7 +108,7 @@ impl Postgres {
                 .execute(&pool)
                 .await?;
             pool.close().await;
-            eprintln!("demo: database {name} on DATABASE_URL's server");
+            eprintln!("database {name} on DATABASE_URL's server");
             return Ok(Postgres {
                 url: format!("{server}/{name}"),
                 admin_url: Some((url.clone(), name)),
@@ -194,7 +194,7 @@ impl Postgres {
             );
         }
         eprintln!(
-            "demo: private PostgreSQL on 127.0.0.1:{port} ({})",
+            "private PostgreSQL on 127.0.0.1:{port} ({})",
             bindir.display()
         );
         Ok(Postgres {

@@ -80,3 +80,71 @@ fn bench_refuses_bad_arguments_with_a_clear_message() {
         "{stderr}"
     );
 }
+
+#[test]
+fn bench_runs_through_a_real_coordinator_over_websocket() {
+    if std::env::var_os("DATABASE_URL").is_none() {
+        eprintln!("SKIPPED: DATABASE_URL not set (scripts/test provides one)");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("medsplit-bench-ws-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("out.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_medsplit-bench"))
+        .args([
+            "--synthetic-train",
+            "200",
+            "--synthetic-test",
+            "50",
+            "--epochs",
+            "2",
+        ])
+        .args([
+            "--modes",
+            "split,split-he",
+            "--transport",
+            "websocket",
+            "--json",
+        ])
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let results = report["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    for r in results {
+        assert_eq!(r["transport"], "websocket");
+        assert_eq!(r["epoch_seconds"].as_array().unwrap().len(), 2);
+        let acc = r["test_accuracy"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&acc));
+    }
+    // Encryption costs traffic: split-he moves far more bytes than plaintext split.
+    let up = |i: usize| {
+        results[i]["bytes_client_to_server_per_epoch"]
+            .as_u64()
+            .unwrap()
+    };
+    assert!(up(1) > 5 * up(0), "split {} vs split-he {}", up(0), up(1));
+    // Local training has no network to go through.
+    let output = Command::new(env!("CARGO_BIN_EXE_medsplit-bench"))
+        .args([
+            "--synthetic-train",
+            "20",
+            "--epochs",
+            "1",
+            "--modes",
+            "local",
+            "--transport",
+            "websocket",
+        ])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("needs a split mode"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

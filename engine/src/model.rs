@@ -423,3 +423,48 @@ impl ServerNet {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameters_round_trip_and_bad_ones_are_refused() {
+        for config in [ModelConfig::m1(), ModelConfig::m1_wide()] {
+            let device = Device::flex();
+            let client = config.init_client(7, &device);
+            let values = client.parameters();
+            assert_eq!(values.len(), config.client_parameter_count());
+            let back = config.client_from_parameters(&values, &device).unwrap();
+            assert_eq!(back.parameters(), values);
+            let beats = Tensor::<3>::from_data(
+                TensorData::new(vec![0.25f32; 2 * config.beat_len], [2, 1, config.beat_len]),
+                &device,
+            );
+            assert_eq!(
+                tensor_values(back.forward(beats.clone())),
+                tensor_values(client.forward(beats))
+            );
+
+            let server = config.init_server(7, &device);
+            let values = server.parameters();
+            assert_eq!(values.len(), config.server_parameter_count());
+            let back = config.server_from_parameters(&values, &device).unwrap();
+            assert_eq!(back.parameters(), values);
+
+            assert_eq!(
+                config.client_from_parameters(&values[..3], &device).err(),
+                Some(ModelError::ParameterCount {
+                    expected: config.client_parameter_count(),
+                    got: 3
+                })
+            );
+            let mut bad = values.clone();
+            bad[0] = f32::NAN;
+            assert_eq!(
+                config.server_from_parameters(&bad, &device).err(),
+                Some(ModelError::NonFiniteParameter)
+            );
+        }
+    }
+}

@@ -39,6 +39,9 @@ pub struct VisitSummary {
     pub epoch_seconds: Vec<f64>,
     pub bytes_up: u64,
     pub bytes_down: u64,
+    /// Traffic of the training epochs alone (without the test-accuracy measurement).
+    pub train_bytes_up: u64,
+    pub train_bytes_down: u64,
 }
 
 /// Runs a claimed visit to completion.
@@ -120,6 +123,7 @@ pub async fn run(
         train = totals;
     }
 
+    let (train_bytes_up, train_bytes_down) = (link.up, link.down);
     let mut test_accuracy = None;
     if a.spec.evaluates(a.round) {
         observer.evaluating(data.test.len() as u64);
@@ -191,6 +195,8 @@ pub async fn run(
         epoch_seconds,
         bytes_up: link.up,
         bytes_down: link.down,
+        train_bytes_up,
+        train_bytes_down,
     })
 }
 

@@ -52,6 +52,17 @@ struct Args {
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// `in-process`: both halves in this process, exchanging serialized messages.
+    /// `websocket`: through a real coordinator (Postgres from DATABASE_URL or a private
+    /// cluster) and an agent on loopback.
+    #[arg(long, value_enum, default_value_t = Transport::InProcess)]
+    transport: Transport,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum)]
+enum Transport {
+    InProcess,
+    Websocket,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum)]
@@ -137,6 +148,11 @@ fn try_main(args: Args) -> anyhow::Result<()> {
     );
     let mut results = Vec::new();
     for &mode in &args.modes {
+        if args.transport == Transport::Websocket {
+            let runtime = tokio::runtime::Runtime::new()?;
+            results.push(runtime.block_on(websocket::run(mode, &train, &test, &args, optimizer))?);
+            continue;
+        }
         let mut trainer: Box<dyn Trainer> = match mode {
             Mode::Local => Box::new(LocalModel::new(&config, optimizer, args.seed)?),
             Mode::Split => Box::new(InProcess::new(
@@ -281,5 +297,177 @@ fn print_table(results: &[ModeResult]) {
             r.bytes_client_to_server_per_epoch as f64 / 1e6,
             r.bytes_server_to_client_per_epoch as f64 / 1e6,
         );
+    }
+}
+
+/// The same training through a real coordinator and agent on loopback.
+mod websocket {
+    use std::time::Duration;
+
+    use anyhow::{Context, bail};
+    use base64::Engine;
+    use medsplit_agent::client::{self, Coordinator, Endpoint};
+    use medsplit_agent::config::LocalData;
+    use medsplit_agent::visit::{self, Observer};
+    use medsplit_coordinator::local::{Postgres, Rest};
+    use medsplit_coordinator::{AppState, Settings, auth};
+    use medsplit_engine::data::Dataset;
+    use medsplit_engine::model::ServerOptimizer;
+    use medsplit_engine::training::Totals;
+    use serde_json::json;
+
+    use super::{Args, Mode, ModeResult, median};
+
+    const PASSWORD: &str = "bench-password-not-for-production";
+
+    struct Progress {
+        mode: &'static str,
+        final_loss: f64,
+    }
+
+    impl Observer for Progress {
+        fn epoch_done(&mut self, epoch: u32, seconds: f64, totals: &Totals) {
+            self.final_loss = totals.mean_loss();
+            eprintln!(
+                "{:>8} epoch {epoch} (websocket): loss {:.4}, train accuracy {:.2}%, {seconds:.2} s",
+                self.mode,
+                totals.mean_loss(),
+                100.0 * totals.accuracy()
+            );
+        }
+    }
+
+    pub async fn run(
+        mode: Mode,
+        train: &Dataset,
+        test: &Dataset,
+        args: &Args,
+        optimizer: ServerOptimizer,
+    ) -> anyhow::Result<ModeResult> {
+        if mode == Mode::Local {
+            bail!(
+                "--transport websocket needs a split mode (split, split-he): local training has no network"
+            );
+        }
+        let dir = std::env::temp_dir().join(format!("medsplit-bench-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let pg = Postgres::start(&dir).await?;
+        let db = medsplit_coordinator::connect(&pg.url).await?;
+        medsplit_coordinator::create_admin(&db, "bench@medsplit.local", PASSWORD).await?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let state = AppState::new(
+            db,
+            auth::Keys::from_secret(auth::new_secret().as_bytes()),
+            Settings {
+                public_url: url.clone(),
+                ..Settings::default()
+            },
+        );
+        medsplit_coordinator::spawn_background(&state);
+        let app = medsplit_coordinator::create_app(state);
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+        let admin = Rest::new(&url)
+            .login("bench@medsplit.local", PASSWORD)
+            .await?;
+        let h = admin
+            .call("POST", "/v1/hospitals", Some(json!({ "name": "bench" })))
+            .await?;
+        for (email, role, hospital) in [
+            ("admin@bench.local", "hospital_admin", h["id"].clone()),
+            (
+                "researcher@bench.local",
+                "researcher",
+                serde_json::Value::Null,
+            ),
+        ] {
+            admin
+                .call(
+                    "POST",
+                    "/v1/users",
+                    Some(json!({ "email": email, "password": PASSWORD, "role": role, "hospital_id": hospital })),
+                )
+                .await?;
+        }
+        let hospital_admin = Rest::new(&url).login("admin@bench.local", PASSWORD).await?;
+        let researcher = Rest::new(&url)
+            .login("researcher@bench.local", PASSWORD)
+            .await?;
+        let token = hospital_admin
+            .call("POST", "/v1/enrolment-tokens", Some(json!({})))
+            .await?;
+        let endpoint = Endpoint::new(&url, None)?;
+        let key = medsplit_agent::state::new_key();
+        let public = base64::engine::general_purpose::STANDARD.encode(key.public_key().as_bytes());
+        let enrolled = client::enrol(
+            &endpoint,
+            token["token"].as_str().unwrap_or_default(),
+            "bench",
+            &public,
+        )
+        .await?;
+        let job = researcher
+            .call(
+                "POST",
+                "/v1/jobs",
+                Some(json!({
+                    "name": format!("bench {}", mode.name()),
+                    "model": if args.wide { "m1_wide" } else { "m1" },
+                    "hospitals": ["bench"],
+                    "rounds": 1,
+                    "local_epochs": args.epochs,
+                    "batch_size": args.batch_size,
+                    "seed": args.seed,
+                    "server_optimizer": optimizer,
+                    "insecure_plaintext": mode == Mode::Split,
+                })),
+            )
+            .await?;
+        let id = job["id"].as_i64().unwrap_or_default();
+        hospital_admin
+            .call(
+                "POST",
+                &format!("/v1/jobs/{id}/consent"),
+                Some(json!({ "decision": "approve" })),
+            )
+            .await?;
+        let coordinator = Coordinator::new(endpoint, enrolled.credential);
+        let assignment = coordinator
+            .claim(Duration::from_secs(10))
+            .await?
+            .context("the coordinator offered no visit")?;
+        let data = LocalData {
+            train: train.clone(),
+            test: test.clone(),
+        };
+        let mut progress = Progress {
+            mode: mode.name(),
+            final_loss: f64::NAN,
+        };
+        let summary = visit::run(&coordinator, &key, &assignment, &data, &mut progress).await?;
+        let accuracy = summary.test_accuracy.context("no test accuracy measured")?;
+        eprintln!(
+            "{:>8} test accuracy {:.2}% (websocket)",
+            mode.name(),
+            100.0 * accuracy
+        );
+        server.abort();
+        drop(pg);
+        let _ = std::fs::remove_dir_all(&dir);
+        let epochs = args.epochs as u64;
+        Ok(ModeResult {
+            mode: mode.name().into(),
+            transport: "websocket".into(),
+            batch_size: args.batch_size,
+            epochs: args.epochs,
+            seconds_per_epoch: median(&summary.epoch_seconds),
+            test_accuracy: accuracy,
+            bytes_client_to_server_per_epoch: summary.train_bytes_up / epochs,
+            bytes_server_to_client_per_epoch: summary.train_bytes_down / epochs,
+            epoch_seconds: summary.epoch_seconds,
+            final_train_loss: progress.final_loss,
+        })
     }
 }
