@@ -716,3 +716,196 @@ async fn garbled_and_oversized_frames_close_the_session_and_lose_nothing(pool: P
     let job = p.wait_job(id, Duration::from_secs(30)).await;
     assert_eq!(job["status"], "completed");
 }
+
+#[sqlx::test(migrator = "medsplit_coordinator::MIGRATOR")]
+async fn tls_end_to_end_with_a_private_ca(pool: Pool) {
+    // A private CA and a server certificate for 127.0.0.1, made with the openssl CLI.
+    let dir = std::env::temp_dir().join(format!("medsplit-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ca, cert, key) = (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    );
+    let ext = dir.join("ext.cnf");
+    std::fs::write(
+        &ext,
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .current_dir(&dir)
+            .args(args)
+            .output()
+            .expect("the openssl command-line tool is installed");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-days",
+                "1",
+                "-subj",
+                "/CN=test-ca",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+            ],
+        ]
+        .concat(),
+    );
+    openssl(
+        &[
+            &["req"][..],
+            &ec,
+            &[
+                "-subj",
+                "/CN=127.0.0.1",
+                "-keyout",
+                "key.pem",
+                "-out",
+                "leaf.csr",
+            ],
+        ]
+        .concat(),
+    );
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "leaf.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "cert.pem",
+    ]);
+    let db_url = database_url(&pool).await;
+    medsplit_coordinator::create_admin(&pool, "admin@example.org", PASSWORD)
+        .await
+        .unwrap();
+    let server = Server::start(
+        &db_url,
+        0,
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert!(
+        server.url.starts_with("https://127.0.0.1:"),
+        "{}",
+        server.url
+    );
+    // Without the CA the agent refuses the certificate.
+    let untrusted = medsplit_agent::client::Endpoint::new(&server.url, None).unwrap();
+    let err = medsplit_agent::client::enrol(&untrusted, "t", "a", "k")
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(err, medsplit_agent::AgentError::Http(_)), "{err}");
+    // With it: log in, enrol, claim and train a visit over HTTPS and WSS.
+    let http = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(&ca).unwrap()).unwrap())
+        .build()
+        .unwrap();
+    let anon = Api {
+        base: server.url.clone(),
+        http,
+        token: None,
+    };
+    let admin = anon.login("admin@example.org").await;
+    let h = admin
+        .ok("POST", "/v1/hospitals", Some(json!({ "name": "h0" })))
+        .await;
+    admin.ok("POST", "/v1/users", Some(json!({ "email": "ha@example.org", "password": PASSWORD, "role": "hospital_admin", "hospital_id": h["id"] }))).await;
+    admin
+        .ok(
+            "POST",
+            "/v1/users",
+            Some(json!({ "email": "r@example.org", "password": PASSWORD, "role": "researcher" })),
+        )
+        .await;
+    let ha = anon.login("ha@example.org").await;
+    let researcher = anon.login("r@example.org").await;
+    let token = ha.ok("POST", "/v1/enrolment-tokens", Some(json!({}))).await;
+    let endpoint = medsplit_agent::client::Endpoint::new(&server.url, Some(&ca)).unwrap();
+    let secret = medsplit_agent::state::new_key();
+    use base64::Engine;
+    let public = base64::engine::general_purpose::STANDARD.encode(secret.public_key().as_bytes());
+    let enrolled =
+        medsplit_agent::client::enrol(&endpoint, token["token"].as_str().unwrap(), "tls", &public)
+            .await
+            .unwrap();
+    let job = researcher
+        .ok("POST", "/v1/jobs", Some(spec(&["h0"], 1)))
+        .await;
+    ha.ok(
+        "POST",
+        &format!("/v1/jobs/{}/consent", job["id"]),
+        Some(json!({ "decision": "approve" })),
+    )
+    .await;
+    let c = medsplit_agent::client::Coordinator::new(endpoint, enrolled.credential);
+    let v = c.claim(Duration::from_secs(5)).await.unwrap().unwrap();
+    let data = synthetic_data(100, 1);
+    let summary =
+        medsplit_agent::visit::run(&c, &secret, &v, &data, &mut medsplit_agent::visit::Quiet)
+            .await
+            .unwrap();
+    assert!(summary.bytes_up > 0 && summary.test_accuracy.is_some());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_signing_key_file_must_be_private_and_long() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("medsplit-key-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("jwt.key");
+    std::fs::write(&path, "x".repeat(48)).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = medsplit_coordinator::auth::Keys::from_file(&path)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("can be read by other users"), "{err}");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(medsplit_coordinator::auth::Keys::from_file(&path).is_ok());
+    std::fs::write(&path, "short").unwrap();
+    let err = medsplit_coordinator::auth::Keys::from_file(&path)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("too short"), "{err}");
+    let err = medsplit_coordinator::auth::Keys::from_file(&dir.join("missing"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("missing"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
