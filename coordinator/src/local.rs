@@ -270,3 +270,71 @@ fn postgres_bindir() -> Option<PathBuf> {
     });
     dirs.pop()
 }
+
+/// As a platform admin: creates hospital `name`, a user `role` (with the hospital for a
+/// hospital admin) with email `email`, and logs that user in.
+pub async fn create_user(
+    admin: &Rest,
+    email: &str,
+    password: &str,
+    role: &str,
+    hospital_id: Option<i64>,
+) -> anyhow::Result<Rest> {
+    admin
+        .call(
+            "POST",
+            "/v1/users",
+            Some(json!({ "email": email, "password": password, "role": role, "hospital_id": hospital_id })),
+        )
+        .await?;
+    Rest::new(&admin.base).login(email, password).await
+}
+
+/// As a platform admin: creates hospital `name` and its admin `admin@{name}.local`; returns the
+/// hospital admin's session.
+pub async fn hospital_with_admin(admin: &Rest, name: &str, password: &str) -> anyhow::Result<Rest> {
+    let h = admin
+        .call("POST", "/v1/hospitals", Some(json!({ "name": name })))
+        .await?;
+    let email = format!("admin@{name}.local");
+    create_user(admin, &email, password, "hospital_admin", h["id"].as_i64()).await
+}
+
+/// A fresh enrolment token of the hospital admin's hospital.
+pub async fn enrolment_token(hospital_admin: &Rest) -> anyhow::Result<String> {
+    let t = hospital_admin
+        .call("POST", "/v1/enrolment-tokens", Some(json!({})))
+        .await?;
+    Ok(t["token"].as_str().unwrap_or_default().to_string())
+}
+
+/// Enrols an agent in this process (for benchmarks): its coordinator client and identity key.
+pub async fn enrol_in_process(
+    url: &str,
+    hospital_admin: &Rest,
+    name: &str,
+) -> anyhow::Result<(medsplit_agent::client::Coordinator, crypto_box::SecretKey)> {
+    use base64::Engine;
+    let token = enrolment_token(hospital_admin).await?;
+    let endpoint = medsplit_agent::client::Endpoint::new(url, None)?;
+    let key = medsplit_agent::state::new_key();
+    let public = base64::engine::general_purpose::STANDARD.encode(key.public_key().as_bytes());
+    let enrolled = medsplit_agent::client::enrol(&endpoint, &token, name, &public).await?;
+    Ok((
+        medsplit_agent::client::Coordinator::new(endpoint, enrolled.credential),
+        key,
+    ))
+}
+
+/// Writes a new file readable by its owner only.
+pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| path.display().to_string())?;
+    std::io::Write::write_all(&mut f, bytes)?;
+    Ok(())
+}

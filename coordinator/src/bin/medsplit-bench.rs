@@ -305,11 +305,9 @@ mod websocket {
     use std::time::Duration;
 
     use anyhow::{Context, bail};
-    use base64::Engine;
-    use medsplit_agent::client::{self, Coordinator, Endpoint};
     use medsplit_agent::config::LocalData;
     use medsplit_agent::visit::{self, Observer};
-    use medsplit_coordinator::local::{Postgres, Rest};
+    use medsplit_coordinator::local::{self, Postgres, Rest};
     use medsplit_coordinator::{AppState, Settings, auth};
     use medsplit_engine::data::Dataset;
     use medsplit_engine::model::ServerOptimizer;
@@ -372,42 +370,16 @@ mod websocket {
         let admin = Rest::new(&url)
             .login("bench@medsplit.local", PASSWORD)
             .await?;
-        let h = admin
-            .call("POST", "/v1/hospitals", Some(json!({ "name": "bench" })))
-            .await?;
-        for (email, role, hospital) in [
-            ("admin@bench.local", "hospital_admin", h["id"].clone()),
-            (
-                "researcher@bench.local",
-                "researcher",
-                serde_json::Value::Null,
-            ),
-        ] {
-            admin
-                .call(
-                    "POST",
-                    "/v1/users",
-                    Some(json!({ "email": email, "password": PASSWORD, "role": role, "hospital_id": hospital })),
-                )
-                .await?;
-        }
-        let hospital_admin = Rest::new(&url).login("admin@bench.local", PASSWORD).await?;
-        let researcher = Rest::new(&url)
-            .login("researcher@bench.local", PASSWORD)
-            .await?;
-        let token = hospital_admin
-            .call("POST", "/v1/enrolment-tokens", Some(json!({})))
-            .await?;
-        let endpoint = Endpoint::new(&url, None)?;
-        let key = medsplit_agent::state::new_key();
-        let public = base64::engine::general_purpose::STANDARD.encode(key.public_key().as_bytes());
-        let enrolled = client::enrol(
-            &endpoint,
-            token["token"].as_str().unwrap_or_default(),
-            "bench",
-            &public,
+        let hospital_admin = local::hospital_with_admin(&admin, "bench", PASSWORD).await?;
+        let researcher = local::create_user(
+            &admin,
+            "researcher@bench.local",
+            PASSWORD,
+            "researcher",
+            None,
         )
         .await?;
+        let (coordinator, key) = local::enrol_in_process(&url, &hospital_admin, "bench").await?;
         let job = researcher
             .call(
                 "POST",
@@ -433,7 +405,6 @@ mod websocket {
                 Some(json!({ "decision": "approve" })),
             )
             .await?;
-        let coordinator = Coordinator::new(endpoint, enrolled.credential);
         let assignment = coordinator
             .claim(Duration::from_secs(10))
             .await?

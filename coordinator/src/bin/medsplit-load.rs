@@ -9,12 +9,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use base64::Engine;
 use clap::Parser;
-use medsplit_agent::client::{self, Coordinator, Endpoint};
 use medsplit_agent::config::LocalData;
 use medsplit_agent::visit::{self, Observer};
-use medsplit_coordinator::local::{Postgres, Rest};
+use medsplit_coordinator::local::{self, Postgres, Rest};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -105,15 +103,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let pg = Postgres::start(&dir).await?;
     let key = dir.join("jwt.key");
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&key)?;
-        std::io::Write::write_all(&mut f, medsplit_coordinator::auth::new_secret().as_bytes())?;
-    }
+    local::write_private(&key, medsplit_coordinator::auth::new_secret().as_bytes())?;
     let status = tokio::process::Command::new(&coordinator_bin)
         .args(["create-admin", "--email", "load@medsplit.local"])
         .env("DATABASE_URL", &pg.url)
@@ -143,43 +133,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let admin = Rest::new(&url)
         .login("load@medsplit.local", PASSWORD)
         .await?;
-    admin
-        .call(
-            "POST",
-            "/v1/users",
-            Some(json!({ "email": "r@load.local", "password": PASSWORD, "role": "researcher" })),
-        )
-        .await?;
-    let researcher = Rest::new(&url).login("r@load.local", PASSWORD).await?;
+    let researcher =
+        local::create_user(&admin, "r@load.local", PASSWORD, "researcher", None).await?;
     let mut agents = Vec::new();
     for i in 0..args.agents {
         let name = format!("load-{i}");
-        let h = admin
-            .call("POST", "/v1/hospitals", Some(json!({ "name": name })))
-            .await?;
-        let email = format!("admin@{name}.local");
-        admin
-            .call(
-                "POST",
-                "/v1/users",
-                Some(json!({ "email": email, "password": PASSWORD, "role": "hospital_admin", "hospital_id": h["id"] })),
-            )
-            .await?;
-        let ha = Rest::new(&url).login(&email, PASSWORD).await?;
-        let token = ha
-            .call("POST", "/v1/enrolment-tokens", Some(json!({})))
-            .await?;
-        let endpoint = Endpoint::new(&url, None)?;
-        let secret = medsplit_agent::state::new_key();
-        let public =
-            base64::engine::general_purpose::STANDARD.encode(secret.public_key().as_bytes());
-        let enrolled = client::enrol(
-            &endpoint,
-            token["token"].as_str().unwrap_or_default(),
-            &name,
-            &public,
-        )
-        .await?;
+        let ha = local::hospital_with_admin(&admin, &name, PASSWORD).await?;
+        let (coordinator, secret) = local::enrol_in_process(&url, &ha, &name).await?;
         let job = researcher
             .call(
                 "POST",
@@ -193,7 +153,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Some(json!({ "decision": "approve" })),
         )
         .await?;
-        let coordinator = Coordinator::new(endpoint, enrolled.credential);
         let assignment = coordinator
             .claim(Duration::from_secs(10))
             .await?

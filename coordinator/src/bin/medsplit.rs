@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use medsplit_coordinator::local::{Postgres, Rest};
+use medsplit_coordinator::local::{self, Postgres, Rest};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -333,7 +333,7 @@ async fn demo(args: Demo) -> anyhow::Result<()> {
     let db_url = pg.url.clone();
 
     let key = dir.join("jwt.key");
-    write_private(&key, new_secret().as_bytes())?;
+    local::write_private(&key, new_secret().as_bytes())?;
     let status = Command::new(&coordinator_bin)
         .args(["create-admin", "--email", "admin@demo.example"])
         .env("DATABASE_URL", &db_url)
@@ -371,21 +371,8 @@ async fn demo(args: Demo) -> anyhow::Result<()> {
     let mut hospital_admins = Vec::new();
     for i in 0..args.hospitals {
         let name = format!("hospital-{}", i + 1);
-        let h = admin
-            .call("POST", "/v1/hospitals", Some(json!({ "name": name })))
-            .await?;
-        let email = format!("admin@{name}.demo.example");
-        admin
-            .call(
-                "POST",
-                "/v1/users",
-                Some(json!({ "email": email, "password": DEMO_PASSWORD, "role": "hospital_admin", "hospital_id": h["id"] })),
-            )
-            .await?;
-        let ha = Rest::new(&url).login(&email, DEMO_PASSWORD).await?;
-        let token = ha
-            .call("POST", "/v1/enrolment-tokens", Some(json!({})))
-            .await?;
+        let ha = local::hospital_with_admin(&admin, &name, DEMO_PASSWORD).await?;
+        let token = local::enrolment_token(&ha).await?;
         let state_dir = dir.join(format!("agent-{}", i + 1));
         let out = Command::new(&agent_bin)
             .args([
@@ -397,10 +384,7 @@ async fn demo(args: Demo) -> anyhow::Result<()> {
             ])
             .arg("--state-dir")
             .arg(&state_dir)
-            .env(
-                "MEDSPLIT_ENROL_TOKEN",
-                token["token"].as_str().unwrap_or_default(),
-            )
+            .env("MEDSPLIT_ENROL_TOKEN", &token)
             .output()
             .await?;
         if !out.status.success() {
@@ -428,16 +412,14 @@ async fn demo(args: Demo) -> anyhow::Result<()> {
     }
     eprintln!("demo: {} agents enrolled and running", agents.len());
 
-    admin
-        .call(
-            "POST",
-            "/v1/users",
-            Some(json!({ "email": "researcher@demo.example", "password": DEMO_PASSWORD, "role": "researcher" })),
-        )
-        .await?;
-    let researcher = Rest::new(&url)
-        .login("researcher@demo.example", DEMO_PASSWORD)
-        .await?;
+    let researcher = local::create_user(
+        &admin,
+        "researcher@demo.example",
+        DEMO_PASSWORD,
+        "researcher",
+        None,
+    )
+    .await?;
     let spec = json!({
         "name": "demo: cyclic split learning with HE",
         "hospitals": names,
@@ -530,17 +512,6 @@ fn agent_config(args: &Demo, i: usize, state_dir: &Path) -> String {
 
 fn new_secret() -> String {
     medsplit_coordinator::auth::new_secret()
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    std::io::Write::write_all(&mut f, bytes)?;
-    Ok(())
 }
 
 fn tempdir() -> anyhow::Result<PathBuf> {
