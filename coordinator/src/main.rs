@@ -149,15 +149,20 @@ async fn serve(url: &str, args: Serve) -> anyhow::Result<()> {
     println!("medsplit-coordinator listening on {scheme}://{addr}");
     tracing::info!(%addr, scheme, "listening");
     let service = app.into_make_service();
+    // Training steps are small request/response exchanges: send every frame at once.
+    let nodelay = axum_server::accept::NoDelayAcceptor::new();
     match tls {
         Some(config) => {
-            axum_server::from_tcp_rustls(listener, config)
+            let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(config).acceptor(nodelay);
+            axum_server::from_tcp(listener)
+                .acceptor(acceptor)
                 .handle(handle)
                 .serve(service)
                 .await?
         }
         None => {
             axum_server::from_tcp(listener)
+                .acceptor(nodelay)
                 .handle(handle)
                 .serve(service)
                 .await?

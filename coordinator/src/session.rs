@@ -177,19 +177,8 @@ async fn serve(
             Message::Binary(bytes) => {
                 counters.bytes_up += bytes.len() as i64;
                 let started = Instant::now();
-                let mut srv = server
-                    .take()
-                    .expect("server layer present between messages");
-                let (srv, reply) = match tokio::task::spawn_blocking(move || {
-                    let reply = srv.handle(&bytes);
-                    (srv, reply)
-                })
-                .await
-                {
-                    Ok(r) => r,
-                    Err(_) => return End::Failed,
-                };
-                server = Some(srv);
+                let srv = server.as_mut().expect("server layer present");
+                let reply = compute(|| srv.handle(&bytes));
                 counters.server_time += started.elapsed();
                 match reply {
                     Ok(reply) => {
@@ -248,6 +237,15 @@ async fn serve(
             Message::Ping(_) | Message::Pong(_) => {}
             Message::Close(_) => return End::AgentLeft,
         }
+    }
+}
+
+/// Runs CPU-bound work (the HE products take milliseconds) without stalling the other tasks of
+/// a multi-threaded runtime.
+fn compute<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::current().runtime_flavor() {
+        tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }
 

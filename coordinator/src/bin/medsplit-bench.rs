@@ -149,8 +149,20 @@ fn try_main(args: Args) -> anyhow::Result<()> {
     let mut results = Vec::new();
     for &mode in &args.modes {
         if args.transport == Transport::Websocket {
-            let runtime = tokio::runtime::Runtime::new()?;
-            results.push(runtime.block_on(websocket::run(mode, &train, &test, &args, optimizer))?);
+            // The coordinator on its own multi-threaded runtime, the agent on this thread, as
+            // two processes would run.
+            let coordinator = tokio::runtime::Runtime::new()?;
+            let agent = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            results.push(agent.block_on(websocket::run(
+                mode,
+                &train,
+                &test,
+                &args,
+                optimizer,
+                coordinator.handle(),
+            ))?);
             continue;
         }
         let mut trainer: Box<dyn Trainer> = match mode {
@@ -318,6 +330,31 @@ mod websocket {
 
     const PASSWORD: &str = "bench-password-not-for-production";
 
+    /// A coordinator on loopback over `db_url`, with the bench's admin; its base URL.
+    async fn start_coordinator(
+        db_url: String,
+    ) -> anyhow::Result<(String, tokio::task::JoinHandle<std::io::Result<()>>)> {
+        let db = medsplit_coordinator::connect(&db_url).await?;
+        medsplit_coordinator::create_admin(&db, "bench@medsplit.local", PASSWORD).await?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let state = AppState::new(
+            db,
+            auth::Keys::from_secret(auth::new_secret().as_bytes()),
+            Settings {
+                public_url: url.clone(),
+                ..Settings::default()
+            },
+        );
+        medsplit_coordinator::spawn_background(&state);
+        let app = medsplit_coordinator::create_app(state);
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        Ok((url, server))
+    }
+
     struct Progress {
         mode: &'static str,
         final_loss: f64,
@@ -341,6 +378,7 @@ mod websocket {
         test: &Dataset,
         args: &Args,
         optimizer: ServerOptimizer,
+        coordinator_runtime: &tokio::runtime::Handle,
     ) -> anyhow::Result<ModeResult> {
         if mode == Mode::Local {
             bail!(
@@ -351,22 +389,9 @@ mod websocket {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let pg = Postgres::start(&dir).await?;
-        let db = medsplit_coordinator::connect(&pg.url).await?;
-        medsplit_coordinator::create_admin(&db, "bench@medsplit.local", PASSWORD).await?;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let url = format!("http://{}", listener.local_addr()?);
-        let state = AppState::new(
-            db,
-            auth::Keys::from_secret(auth::new_secret().as_bytes()),
-            Settings {
-                public_url: url.clone(),
-                ..Settings::default()
-            },
-        );
-        medsplit_coordinator::spawn_background(&state);
-        let app = medsplit_coordinator::create_app(state);
-        let server = tokio::spawn(async move { axum::serve(listener, app).await });
-
+        let (url, server) = coordinator_runtime
+            .spawn(start_coordinator(pg.url.clone()))
+            .await??;
         let admin = Rest::new(&url)
             .login("bench@medsplit.local", PASSWORD)
             .await?;
