@@ -168,3 +168,77 @@ impl Config {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, AgentError> {
+        let config: Config = toml::from_str(text).map_err(|e| AgentError::Config(e.to_string()))?;
+        config.check()?;
+        Ok(config)
+    }
+
+    #[test]
+    fn synthetic_sources_split_into_disjoint_train_and_test_sets() {
+        let config = parse(
+            "state_dir = \"/tmp/x\"\n[[sources]]\nformat = \"synthetic\"\nsamples = 500\nseed = 1\n\
+             [split]\ntest_fraction = 0.2\nseed = 3\n",
+        )
+        .unwrap();
+        let data = config.load_data().unwrap();
+        assert_eq!((data.train.len(), data.test.len()), (400, 100));
+        let sharded = parse(
+            "state_dir = \"/tmp/x\"\n[[sources]]\nformat = \"synthetic\"\nsamples = 500\nseed = 1\n\
+             [shard]\nindex = 1\ncount = 5\n",
+        )
+        .unwrap()
+        .load_data()
+        .unwrap();
+        assert_eq!(sharded.train.len() + sharded.test.len(), 100);
+    }
+
+    #[test]
+    fn bad_configs_are_refused_with_the_reason() {
+        for (text, needle) in [
+            ("state_dir = \"/x\"\n", "no [[sources]]"),
+            (
+                "state_dir = \"/x\"\n[[sources]]\nformat = \"hdf5\"\npath = \"/d\"\n",
+                "hdf5",
+            ),
+            ("state_dir = \"/x\"\ncolour = 1\n", "colour"),
+            (
+                "state_dir = \"/x\"\n[[sources]]\nformat = \"synthetic\"\nsamples = 5\nseed = 1\n[split]\ntest_fraction = 1.5\nseed = 0\n",
+                "test_fraction",
+            ),
+            (
+                "state_dir = \"/x\"\n[[sources]]\nformat = \"synthetic\"\nsamples = 5\nseed = 1\n[shard]\nindex = 3\ncount = 3\n",
+                "shard",
+            ),
+        ] {
+            let err = parse(text).err().expect(text).to_string();
+            assert!(err.contains(needle), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn raw_wfdb_records_are_a_data_source() {
+        let dir = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../shared/data/mitdb-raw"
+        ));
+        if !dir.join("100.hea").is_file() {
+            eprintln!("skipping: ../shared/data/mitdb-raw not found");
+            return;
+        }
+        let config = parse(&format!(
+            "state_dir = \"/tmp/x\"\n[[sources]]\nformat = \"wfdb\"\npath = {:?}\nrecords = [\"100\", \"208\", \"232\"]\n",
+            dir.display().to_string()
+        ))
+        .unwrap();
+        let data = config.load_data().unwrap();
+        // 2,270 + 2,526 + 1,765 N/L/R/A/V beats in the three records.
+        assert_eq!(data.train.len() + data.test.len(), 6561);
+        assert_eq!(data.train.beat_len(), 128);
+    }
+}
