@@ -216,7 +216,7 @@ mod tests {
                 "shard",
             ),
         ] {
-            let err = parse(text).err().expect(text).to_string();
+            let err = parse(text).expect_err(text).to_string();
             assert!(err.contains(needle), "{text:?}: {err}");
         }
     }
