@@ -444,6 +444,17 @@ mod websocket {
         };
         let summary = visit::run(&coordinator, &key, &assignment, &data, &mut progress).await?;
         let accuracy = summary.test_accuracy.context("no test accuracy measured")?;
+        let metrics = researcher
+            .call("GET", &format!("/v1/jobs/{id}/metrics"), None)
+            .await?;
+        let visit = &metrics["visits"][0];
+        eprintln!(
+            "{:>8} coordinator: {:.2} s computing over {} messages in a {:.2} s visit",
+            mode.name(),
+            visit["server_seconds"].as_f64().unwrap_or(0.0),
+            visit["messages"].as_i64().unwrap_or(0),
+            visit["wall_seconds"].as_f64().unwrap_or(0.0)
+        );
         eprintln!(
             "{:>8} test accuracy {:.2}% (websocket)",
             mode.name(),
