@@ -1,0 +1,55 @@
+//! The README's first command, shortened: `medsplit demo` with real processes.
+
+use std::process::Command;
+
+#[test]
+fn the_demo_trains_a_cyclic_job_across_real_processes() {
+    if std::env::var_os("DATABASE_URL").is_none() {
+        eprintln!("SKIPPED: DATABASE_URL not set (scripts/test provides one)");
+        return;
+    }
+    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_medsplit"));
+    if !exe.with_file_name("medsplit-agent").exists() {
+        // cargo builds every binary of the workspace before running `cargo test --workspace`.
+        panic!("medsplit-agent is not built next to {}", exe.display());
+    }
+    let json = std::env::temp_dir().join(format!("medsplit-demo-test-{}.json", std::process::id()));
+    let out = Command::new(exe)
+        .args([
+            "demo",
+            "--rounds",
+            "2",
+            "--hospitals",
+            "2",
+            "--samples",
+            "300",
+            "--json",
+        ])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("round  2: test accuracy  hospital-1"),
+        "{stdout}"
+    );
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(summary["status"], "completed");
+    assert_eq!(summary["visits"], 4);
+    assert_eq!(summary["he"], true);
+    let rounds = summary["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 2);
+    for r in rounds {
+        for h in ["hospital-1", "hospital-2"] {
+            let acc = r["test_accuracy"][h].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&acc));
+        }
+    }
+    std::fs::remove_file(&json).unwrap();
+}

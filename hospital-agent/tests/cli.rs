@@ -1,0 +1,79 @@
+//! `medsplit-agent` as an operator runs it: clear errors, never a panic.
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+fn agent(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_medsplit-agent"))
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    (out.status.success(), stderr)
+}
+
+#[test]
+fn run_refuses_missing_configs_and_exposed_state() {
+    let dir = std::env::temp_dir().join(format!("medsplit-agent-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+
+    let (ok, err) = agent(&["run", "--config", dir.join("none.toml").to_str().unwrap()]);
+    assert!(!ok && err.contains("none.toml"), "{err}");
+
+    // A state directory whose key file others can read is refused before anything else.
+    let state = dir.join("state");
+    let key = medsplit_agent::state::new_key();
+    let identity = medsplit_agent::state::Identity {
+        coordinator: "http://127.0.0.1:9".into(),
+        agent_id: 1,
+        hospital_id: 1,
+        credential: "c".into(),
+    };
+    medsplit_agent::state::save(&state, &identity, &key).unwrap();
+    std::fs::set_permissions(
+        state.join("identity.key"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let config = dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = {:?}\n[[sources]]\nformat = \"synthetic\"\nsamples = 50\nseed = 1\n",
+            state.display().to_string()
+        ),
+    )
+    .unwrap();
+    let (ok, err) = agent(&["run", "--config", config.to_str().unwrap()]);
+    assert!(!ok && err.contains("can be read by other users"), "{err}");
+
+    // Enrolling again into a used state directory is refused; so is an unreachable coordinator.
+    let (ok, err) = agent(&[
+        "enrol",
+        "--coordinator",
+        "http://127.0.0.1:9",
+        "--token",
+        "t",
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains("already holds an enrolled agent"),
+        "{err}"
+    );
+    let (ok, err) = agent(&[
+        "enrol",
+        "--coordinator",
+        "http://127.0.0.1:9",
+        "--token",
+        "t",
+        "--state-dir",
+        dir.join("fresh").to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("unreachable"), "{err}");
+    let (ok, err) = agent(&["enrol", "--coordinator", "ftp://x", "--token", "t"]);
+    assert!(!ok && err.contains("not http(s)"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
