@@ -386,7 +386,6 @@ pub struct JobRow {
     pub finished_at: Option<DateTime<Utc>>,
 }
 
-#[allow(clippy::too_many_arguments)]
 pub async fn insert_job(
     e: impl PgExecutor<'_>,
     owner_id: i64,

@@ -909,3 +909,51 @@ fn the_signing_key_file_must_be_private_and_long() {
     assert!(err.contains("missing"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[sqlx::test(migrator = "medsplit_coordinator::MIGRATOR")]
+async fn an_agent_shutting_down_gives_its_visit_back_at_once(pool: Pool) {
+    let p = Platform::new(&pool, 1, &["--lease-seconds", "600"]).await;
+    let mut a = p.enrol(0).await;
+    a.data = std::sync::Arc::new(synthetic_data(2000, 0));
+    let mut s = spec(&["h0"], 1);
+    s["batch_size"] = json!(1);
+    let id = p.approved_job(s).await;
+    let running = a.spawn();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let p: Option<f64> = sqlx::query_scalar(
+            "select progress from visits where job_id = $1 and status = 'running'",
+        )
+        .bind(id)
+        .fetch_optional(&pool)
+        .await
+        .unwrap()
+        .flatten();
+        if p.is_some_and(|p| p > 0.0) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "training did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // What SIGTERM does in `medsplit-agent run`: the daemon stops and returns cleanly.
+    running.stop.send_replace(true);
+    running.task.await.unwrap().unwrap();
+    // The visit is back in the queue now, long before its 600 s lease would have expired.
+    let (status, failures, error): (String, i32, Option<String>) =
+        sqlx::query_as("select status, failures, last_error from visits where job_id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .map(|r: (String, i32, Option<String>)| r)
+            .unwrap();
+    assert_eq!((status.as_str(), failures), ("queued", 1), "{error:?}");
+    assert!(error.unwrap_or_default().contains("shutting down"));
+    let again = a.spawn();
+    let job = p.wait_job(id, Duration::from_secs(120)).await;
+    assert_eq!(job["status"], "completed");
+    again.stop.send_replace(true);
+    again.task.await.unwrap().unwrap();
+}

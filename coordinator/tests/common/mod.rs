@@ -78,13 +78,12 @@ impl Server {
                 .unwrap();
         }
         let mut child = Command::new(env!("CARGO_BIN_EXE_medsplit-coordinator"))
-            .args([
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--lease-seconds",
-                "4",
-            ])
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(if extra.contains(&"--lease-seconds") {
+                &[][..]
+            } else {
+                &["--lease-seconds", "4"][..]
+            })
             .arg("--jwt-key-file")
             .arg(&key)
             .args(extra)
