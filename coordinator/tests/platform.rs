@@ -13,6 +13,29 @@ use tokio_tungstenite::tungstenite::Message;
 
 type Pool = PgPool;
 
+/// Waits until the job's running visit has reported progress.
+async fn wait_until_training(pool: &Pool, job: i64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let p: Option<f64> = sqlx::query_scalar(
+            "select progress from visits where job_id = $1 and status = 'running'",
+        )
+        .bind(job)
+        .fetch_optional(pool)
+        .await
+        .unwrap()
+        .flatten();
+        if p.is_some_and(|p| p > 0.0) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "training did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn count(pool: &Pool, sql: &str, id: i64) -> i64 {
     sqlx::query_scalar(sql)
         .bind(id)
@@ -595,25 +618,7 @@ async fn a_killed_agent_s_visit_is_retried(pool: Pool) {
     let id = p.approved_job(s).await;
     let running = a.spawn();
     // Wait until training is under way, then kill the agent without a goodbye.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let p: Option<f64> = sqlx::query_scalar(
-            "select progress from visits where job_id = $1 and status = 'running'",
-        )
-        .bind(id)
-        .fetch_optional(&pool)
-        .await
-        .unwrap()
-        .flatten();
-        if p.is_some_and(|p| p > 0.0) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "training did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until_training(&pool, id).await;
     running.task.abort();
     let _ = running.task.await;
     // The lease (4 s) expires; a restarted agent gets the visit again as attempt 2.
@@ -919,25 +924,7 @@ async fn an_agent_shutting_down_gives_its_visit_back_at_once(pool: Pool) {
     s["batch_size"] = json!(1);
     let id = p.approved_job(s).await;
     let running = a.spawn();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let p: Option<f64> = sqlx::query_scalar(
-            "select progress from visits where job_id = $1 and status = 'running'",
-        )
-        .bind(id)
-        .fetch_optional(&pool)
-        .await
-        .unwrap()
-        .flatten();
-        if p.is_some_and(|p| p > 0.0) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "training did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until_training(&pool, id).await;
     // What SIGTERM does in `medsplit-agent run`: the daemon stops and returns cleanly.
     running.stop.send_replace(true);
     running.task.await.unwrap().unwrap();
