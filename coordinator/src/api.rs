@@ -30,6 +30,7 @@ pub fn routes(state: AppState) -> Router {
             get(|| async { ([("content-type", "application/json")], OPENAPI) }),
         )
         .route("/v1/auth/login", post(login))
+        .route("/v1/auth/session", post(web_login).delete(web_logout))
         .route("/v1/me", get(me))
         .route("/v1/hospitals", get(list_hospitals).post(create_hospital))
         .route("/v1/hospitals/{id}/disable", post(disable_hospital))
@@ -51,9 +52,20 @@ pub fn routes(state: AppState) -> Router {
         .route("/v1/jobs/{id}/consent", post(consent))
         .route("/v1/jobs/{id}/metrics", get(metrics))
         .route("/v1/jobs/{id}/events", get(events))
+        .fallback(crate::web::serve)
+        .layer(axum::middleware::map_response(nosniff))
         .layer(tower_http::limit::RequestBodyLimitLayer::new(1 << 20))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// No response is sniffed into another type than it declares.
+async fn nosniff(mut response: Response) -> Response {
+    response.headers_mut().insert(
+        axum::http::header::X_CONTENT_TYPE_OPTIONS,
+        axum::http::HeaderValue::from_static("nosniff"),
+    );
+    response
 }
 
 /// A JSON body whose errors name the offending field (axum's own rejection does not).
@@ -122,7 +134,8 @@ struct Session {
     expires_at: DateTime<Utc>,
 }
 
-async fn login(State(s): State<AppState>, Body(body): Body<Login>) -> Result<Json<Session>> {
+/// Checks an email and password; the user's id, role and hospital if they match an active user.
+async fn check_password(s: &AppState, body: &Login) -> Result<(i64, Role, Option<i64>)> {
     let creds = db::credentials(&s.db, &body.email).await?;
     // Verify against a fixed hash when the user is unknown, so timing does not tell.
     let hash = creds.as_ref().map(|c| c.password_hash.clone()).unwrap_or_else(|| {
@@ -140,20 +153,109 @@ async fn login(State(s): State<AppState>, Body(body): Body<Login>) -> Result<Jso
     if !db::user_active(&s.db, creds.id).await? {
         return Err(Error::Unauthenticated);
     }
+    Ok((creds.id, role, creds.hospital_id))
+}
+
+/// A bearer token for API clients (the `medsplit` CLI, scripts).
+async fn login(State(s): State<AppState>, Body(body): Body<Login>) -> Result<Json<Session>> {
+    let (user_id, role, hospital_id) = check_password(&s, &body).await?;
     let token = s
         .keys
-        .issue(creds.id, role, creds.hospital_id, auth::USER_TOKEN_SECONDS);
+        .issue(user_id, role, hospital_id, auth::USER_TOKEN_SECONDS);
     Ok(Json(Session {
         token,
         role,
-        user_id: creds.id,
-        hospital_id: creds.hospital_id,
+        user_id,
+        hospital_id,
         expires_at: Utc::now() + chrono::Duration::seconds(auth::USER_TOKEN_SECONDS),
     }))
 }
 
-async fn me(p: Principal) -> Json<serde_json::Value> {
-    Json(json!({ "id": p.id, "role": p.role, "hospital_id": p.hospital }))
+/// The caller as the dashboard shows it, with the CSRF token of its session.
+async fn whoami(s: &AppState, p: &Principal) -> Result<serde_json::Value> {
+    let profile = match p.role {
+        Role::Agent => None,
+        _ => db::profile(&s.db, p.id).await?,
+    };
+    Ok(json!({
+        "authenticated": true,
+        "id": p.id,
+        "role": p.role,
+        "hospital_id": p.hospital,
+        "email": profile.as_ref().map(|x| &x.email),
+        "hospital": profile.and_then(|x| x.hospital),
+        "csrf_token": p.csrf,
+    }))
+}
+
+/// Dashboard log-in: a session cookie (HttpOnly, SameSite=Strict) instead of a bearer token.
+async fn web_login(
+    State(s): State<AppState>,
+    headers: axum::http::HeaderMap,
+    Body(body): Body<Login>,
+) -> Result<Response> {
+    if !auth::same_origin(&headers) {
+        return Err(Error::Forbidden("cross-site log-in refused"));
+    }
+    let (user_id, role, hospital) = check_password(&s, &body).await?;
+    let token = auth::new_secret();
+    let expires_at = Utc::now() + chrono::Duration::seconds(auth::WEB_SESSION_SECONDS);
+    let principal = Principal {
+        id: user_id,
+        role,
+        hospital,
+        csrf: Some(auth::csrf_token(&token)),
+    };
+    let mut tx = s.db.begin().await?;
+    db::create_web_session(&mut *tx, &auth::secret_hash(&token), user_id, expires_at).await?;
+    audit(
+        &mut *tx,
+        &principal,
+        "session.create",
+        format!("user:{user_id}"),
+        json!({ "expires_at": expires_at }),
+    )
+    .await?;
+    tx.commit().await?;
+    let cookie = auth::set_cookie(Some(&token), s.settings.secure_cookies());
+    let body = whoami(&s, &principal).await?;
+    Ok(([(axum::http::header::SET_COOKIE, cookie)], Json(body)).into_response())
+}
+
+async fn web_logout(
+    State(s): State<AppState>,
+    p: Principal,
+    headers: axum::http::HeaderMap,
+) -> Result<Response> {
+    if let Some(session) = auth::session_cookie(&headers).filter(|_| p.csrf.is_some()) {
+        let mut tx = s.db.begin().await?;
+        db::delete_web_session(&mut *tx, &auth::secret_hash(session)).await?;
+        audit(
+            &mut *tx,
+            &p,
+            "session.delete",
+            format!("user:{}", p.id),
+            json!({}),
+        )
+        .await?;
+        tx.commit().await?;
+    }
+    let cookie = auth::set_cookie(None, s.settings.secure_cookies());
+    Ok((
+        [(axum::http::header::SET_COOKIE, cookie)],
+        StatusCode::NO_CONTENT,
+    )
+        .into_response())
+}
+
+/// The caller; `{"authenticated": false}` (not 401) without credentials, so that the dashboard
+/// can ask before it has logged in.
+async fn me(State(s): State<AppState>, p: Result<Principal>) -> Result<Json<serde_json::Value>> {
+    match p {
+        Ok(p) => Ok(Json(whoami(&s, &p).await?)),
+        Err(Error::Unauthenticated) => Ok(Json(json!({ "authenticated": false }))),
+        Err(e) => Err(e),
+    }
 }
 
 #[derive(Deserialize)]

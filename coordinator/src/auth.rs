@@ -6,6 +6,7 @@ use std::path::Path;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
+use axum::http::{HeaderMap, header};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -188,6 +189,8 @@ pub struct Principal {
     pub id: i64,
     pub role: Role,
     pub hospital: Option<i64>,
+    /// The CSRF token of the dashboard session the request came with (None for bearer tokens).
+    pub csrf: Option<String>,
 }
 
 impl Principal {
@@ -228,11 +231,63 @@ pub fn bearer(parts: &Parts) -> Option<&str> {
         .strip_prefix("Bearer ")
 }
 
-impl FromRequestParts<AppState> for Principal {
-    type Rejection = Error;
+/// The dashboard's session cookie: a 256-bit secret, HttpOnly, SameSite=Strict.
+pub const SESSION_COOKIE: &str = "medsplit_session";
+/// The header that carries the CSRF token on every state-changing dashboard request.
+pub const CSRF_HEADER: &str = "x-csrf-token";
+/// Lifetime of a dashboard session.
+pub const WEB_SESSION_SECONDS: i64 = 12 * 3600;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self> {
-        let token = bearer(parts).ok_or(Error::Unauthenticated)?;
+/// The CSRF token of a dashboard session. It is derived from the session's secret, so it needs
+/// no storage; a page learns it from `/v1/me`, which a cross-site page cannot read.
+pub fn csrf_token(session: &str) -> String {
+    URL_SAFE_NO_PAD.encode(Sha256::digest(format!("medsplit-csrf:{session}")))
+}
+
+/// The session cookie of a request, if any.
+pub fn session_cookie(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(name, _)| *name == SESSION_COOKIE)
+        .map(|(_, value)| value)
+}
+
+/// `Set-Cookie` for a new session (`Some(token)`) or for logging out (`None`).
+pub fn set_cookie(token: Option<&str>, secure: bool) -> String {
+    let secure = if secure { "; Secure" } else { "" };
+    match token {
+        Some(t) => format!(
+            "{SESSION_COOKIE}={t}; Path=/; HttpOnly; SameSite=Strict; Max-Age={WEB_SESSION_SECONDS}{secure}"
+        ),
+        None => format!("{SESSION_COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0{secure}"),
+    }
+}
+
+/// False when a browser says the request comes from another site: its `Origin` names a host
+/// other than the one it sent the request to.
+pub fn same_origin(headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    let origin_host = origin
+        .to_str()
+        .ok()
+        .and_then(|o| o.split_once("://"))
+        .map(|(_, rest)| rest);
+    matches!((origin_host, host), (Some(o), Some(h)) if o.eq_ignore_ascii_case(h))
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Principal {
+    async fn from_bearer(token: &str, state: &AppState) -> Result<Self> {
         let claims = state.keys.verify(token).ok_or(Error::Unauthenticated)?;
         let active = match claims.role {
             Role::Agent => db::agent_active(&state.db, claims.sub).await?,
@@ -245,6 +300,46 @@ impl FromRequestParts<AppState> for Principal {
             id: claims.sub,
             role: claims.role,
             hospital: claims.hospital,
+            csrf: None,
         })
+    }
+
+    /// A dashboard session; state-changing requests must carry its CSRF token and come from
+    /// this origin.
+    async fn from_cookie(parts: &Parts, session: &str, state: &AppState) -> Result<Self> {
+        let found = db::web_session(&state.db, &secret_hash(session))
+            .await?
+            .ok_or(Error::Unauthenticated)?;
+        let csrf = csrf_token(session);
+        if !parts.method.is_safe() {
+            let sent = parts
+                .headers
+                .get(CSRF_HEADER)
+                .map(|v| v.as_bytes())
+                .unwrap_or_default();
+            if !constant_time_eq(sent, csrf.as_bytes()) || !same_origin(&parts.headers) {
+                return Err(Error::Forbidden("missing or wrong CSRF token"));
+            }
+        }
+        Ok(Principal {
+            id: found.user_id,
+            role: Role::parse(&found.role).ok_or(Error::Internal("unknown role".into()))?,
+            hospital: found.hospital_id,
+            csrf: Some(csrf),
+        })
+    }
+}
+
+impl FromRequestParts<AppState> for Principal {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self> {
+        if let Some(token) = bearer(parts) {
+            return Self::from_bearer(token, state).await;
+        }
+        match session_cookie(&parts.headers) {
+            Some(session) => Self::from_cookie(parts, session, state).await,
+            None => Err(Error::Unauthenticated),
+        }
     }
 }

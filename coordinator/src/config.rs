@@ -1,5 +1,6 @@
 //! Settings of a running coordinator (the flags of `medsplit-coordinator serve`).
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Clone, Debug)]
@@ -17,6 +18,16 @@ pub struct Settings {
     pub max_message_bytes: usize,
     /// How long an enrolment token stays valid.
     pub enrolment_ttl: Duration,
+    /// Serve the dashboard from this directory instead of the copy built into the binary
+    /// (for working on `web/` without rebuilding).
+    pub web_dir: Option<PathBuf>,
+}
+
+impl Settings {
+    /// Session cookies are marked `Secure` when browsers reach the coordinator over HTTPS.
+    pub fn secure_cookies(&self) -> bool {
+        self.public_url.starts_with("https://")
+    }
 }
 
 impl Default for Settings {
@@ -28,6 +39,7 @@ impl Default for Settings {
             poll_interval: Duration::from_secs(5),
             max_message_bytes: 16 << 20,
             enrolment_ttl: Duration::from_secs(24 * 3600),
+            web_dir: None,
         }
     }
 }

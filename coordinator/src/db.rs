@@ -160,6 +160,85 @@ pub async fn user_active(e: impl PgExecutor<'_>, id: i64) -> sqlx::Result<bool> 
     Ok(row.unwrap_or(false))
 }
 
+/// A user's name and hospital, for the dashboard's header.
+pub struct Profile {
+    pub email: String,
+    pub hospital: Option<String>,
+}
+
+pub async fn profile(e: impl PgExecutor<'_>, id: i64) -> sqlx::Result<Option<Profile>> {
+    sqlx::query_as!(
+        Profile,
+        r#"select u.email, h.name as "hospital?"
+           from users u left join hospitals h on h.id = u.hospital_id where u.id = $1"#,
+        id
+    )
+    .fetch_optional(e)
+    .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dashboard sessions
+
+pub async fn create_web_session(
+    e: impl PgExecutor<'_>,
+    token_hash: &[u8],
+    user_id: i64,
+    expires_at: DateTime<Utc>,
+) -> sqlx::Result<()> {
+    sqlx::query!(
+        "insert into web_sessions (token_hash, user_id, expires_at) values ($1, $2, $3)",
+        token_hash,
+        user_id,
+        expires_at
+    )
+    .execute(e)
+    .await?;
+    Ok(())
+}
+
+/// The user behind an unexpired dashboard session, if that user (and its hospital) is active.
+pub struct WebSession {
+    pub user_id: i64,
+    pub role: String,
+    pub hospital_id: Option<i64>,
+    pub expires_at: DateTime<Utc>,
+}
+
+pub async fn web_session(
+    e: impl PgExecutor<'_>,
+    token_hash: &[u8],
+) -> sqlx::Result<Option<WebSession>> {
+    sqlx::query_as!(
+        WebSession,
+        r#"select u.id as user_id, u.role, u.hospital_id, s.expires_at
+           from web_sessions s
+           join users u on u.id = s.user_id
+           left join hospitals h on h.id = u.hospital_id
+           where s.token_hash = $1 and s.expires_at > now()
+             and not u.disabled and not coalesce(h.disabled, false)"#,
+        token_hash
+    )
+    .fetch_optional(e)
+    .await
+}
+
+pub async fn delete_web_session(e: impl PgExecutor<'_>, token_hash: &[u8]) -> sqlx::Result<()> {
+    sqlx::query!("delete from web_sessions where token_hash = $1", token_hash)
+        .execute(e)
+        .await?;
+    Ok(())
+}
+
+pub async fn purge_web_sessions(e: impl PgExecutor<'_>) -> sqlx::Result<u64> {
+    Ok(
+        sqlx::query!("delete from web_sessions where expires_at <= now()")
+            .execute(e)
+            .await?
+            .rows_affected(),
+    )
+}
+
 // ---------------------------------------------------------------------------------------------
 // Audit trail
 
@@ -342,6 +421,8 @@ pub struct AgentInfo {
     pub last_seen_at: Option<DateTime<Utc>>,
     pub revoked_at: Option<DateTime<Utc>>,
     pub current_visit: Option<i64>,
+    /// Seen (any authenticated request, heartbeats every few seconds) within the last 30 s.
+    pub online: bool,
 }
 
 pub async fn list_agents(e: impl PgExecutor<'_>, hospital_id: i64) -> sqlx::Result<Vec<AgentInfo>> {
@@ -349,7 +430,9 @@ pub async fn list_agents(e: impl PgExecutor<'_>, hospital_id: i64) -> sqlx::Resu
         AgentInfo,
         r#"select a.id, a.hospital_id, a.name, a.version, a.enrolled_at, a.last_seen_at, a.revoked_at,
                   (select v.id from visits v where v.agent_id = a.id and v.status = 'running' limit 1)
-                    as current_visit
+                    as current_visit,
+                  coalesce(a.revoked_at is null and a.last_seen_at > now() - interval '30 seconds', false)
+                    as "online!"
            from agents a where a.hospital_id = $1 order by a.id"#,
         hospital_id
     )

@@ -56,7 +56,9 @@ impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let status = self.status();
         let body = match &self {
-            Self::Invalid(f) => serde_json::json!({ "error": f.to_string(), "field": f.field }),
+            Self::Invalid(f) => {
+                serde_json::json!({ "error": f.to_string(), "field": f.field, "message": f.message })
+            }
             Self::Database(e) if is_unique_violation(e) => {
                 serde_json::json!({ "error": "already exists" })
             }

@@ -19,6 +19,7 @@ mod error;
 pub mod local;
 mod scheduler;
 mod session;
+mod web;
 
 pub use config::Settings;
 pub use error::Error;

@@ -64,6 +64,10 @@ struct Serve {
     /// On SIGTERM/SIGINT, seconds to let open sessions finish their visit before closing them.
     #[arg(long, env = "MEDSPLIT_DRAIN_SECONDS", default_value_t = 20)]
     drain_seconds: u64,
+    /// Serve the dashboard's files from this directory instead of the copy built into the
+    /// binary (for working on web/).
+    #[arg(long, env = "MEDSPLIT_WEB_DIR")]
+    web_dir: Option<PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -124,6 +128,7 @@ async fn serve(url: &str, args: Serve) -> anyhow::Result<()> {
             .unwrap_or_else(|| format!("{scheme}://{addr}")),
         lease: Duration::from_secs(args.lease_seconds.max(1)),
         max_message_bytes: args.max_message_bytes,
+        web_dir: args.web_dir,
         ..Settings::default()
     };
     let state = AppState::new(db, keys, settings);

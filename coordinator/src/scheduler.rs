@@ -33,10 +33,17 @@ pub async fn listen(state: AppState) {
 
 pub async fn sweep_forever(state: AppState) {
     let mut tick = tokio::time::interval(state.settings.sweep_interval);
+    let mut purged_at = tokio::time::Instant::now();
     loop {
         tick.tick().await;
         if let Err(e) = sweep(&state).await {
             tracing::warn!(error = %e, "lease sweep failed");
+        }
+        if purged_at.elapsed() >= std::time::Duration::from_secs(60) {
+            purged_at = tokio::time::Instant::now();
+            if let Err(e) = crate::db::purge_web_sessions(&state.db).await {
+                tracing::warn!(error = %e, "purging expired dashboard sessions failed");
+            }
         }
     }
 }

@@ -1,0 +1,1579 @@
+// MedSplit web dashboard: one page, plain ES2022, no dependencies.
+// Everything the API returns is put into the page as text nodes (never as HTML), and no
+// inline styles are used: the Content-Security-Policy forbids them.
+
+// ---------------------------------------------------------------------------------------------
+// DOM helpers
+
+const SVG_NS = 'http://www.w3.org/2000/svg';
+
+function setAttrs(el, attrs) {
+  for (const [key, value] of Object.entries(attrs ?? {})) {
+    if (value == null || value === false) continue;
+    if (key.startsWith('on') && typeof value === 'function') {
+      el.addEventListener(key.slice(2), value);
+    } else {
+      el.setAttribute(key, value === true ? '' : String(value));
+    }
+  }
+}
+
+function appendChildren(el, children) {
+  for (const child of children.flat(Infinity)) {
+    if (child == null || child === false) continue;
+    el.append(child instanceof Node ? child : String(child));
+  }
+}
+
+/** Creates an HTML element: `h('a', {href: '/'}, 'Home')`. */
+function h(tag, attrs, ...children) {
+  const el = document.createElement(tag);
+  setAttrs(el, attrs);
+  appendChildren(el, children);
+  return el;
+}
+
+/** Creates an SVG element. */
+function s(tag, attrs, ...children) {
+  const el = document.createElementNS(SVG_NS, tag);
+  setAttrs(el, attrs);
+  appendChildren(el, children);
+  return el;
+}
+
+const srOnly = (text) => h('span', { class: 'visually-hidden' }, text);
+
+/** A horizontally scrollable, keyboard-reachable wrapper for a wide table. */
+function tableWrap(table, label) {
+  return h('div', {
+    class: 'table-wrap', tabindex: '0', role: 'region', 'aria-label': label, 'data-focus-key': `wrap-${table.id}`,
+  }, table);
+}
+
+/** A table with a caption, column headers and rows of cells (the first one a row header if asked). */
+function dataTable({ id, caption, columns, rows, rowHeaders = false }) {
+  const first = (c) => (rowHeaders ? h('th', { scope: 'row' }, c) : h('td', {}, c));
+  return tableWrap(
+    h(
+      'table',
+      { id },
+      h('caption', {}, caption),
+      h('thead', {}, h('tr', {}, columns.map((c) => h('th', { scope: 'col' }, c)))),
+      h('tbody', {}, rows.map(([head, ...rest]) => h('tr', {}, first(head), rest.map((c) => h('td', {}, c))))),
+    ),
+    caption,
+  );
+}
+
+/**
+ * Replaces a container's content in place, keeping the focused control (matched by its
+ * data-focus-key) and the horizontal scroll of tables inside. When the focused control is gone
+ * (the row's action is done), focus goes to the table, or the container, instead of the page.
+ */
+function patch(container, ...nodes) {
+  const active = document.activeElement;
+  const focusKey = container.contains(active) ? active.dataset.focusKey : undefined;
+  const scrolls = [...container.querySelectorAll('.table-wrap')].map((w) => w.scrollLeft);
+  container.replaceChildren();
+  appendChildren(container, nodes);
+  container.querySelectorAll('.table-wrap').forEach((w, i) => {
+    if (scrolls[i]) w.scrollLeft = scrolls[i];
+  });
+  if (focusKey) {
+    const same = container.querySelector(`[data-focus-key="${CSS.escape(focusKey)}"]`);
+    const fallback = container.querySelector('.table-wrap') ?? container;
+    if (!same && !fallback.hasAttribute('tabindex')) fallback.setAttribute('tabindex', '-1');
+    (same ?? fallback).focus({ preventScroll: true });
+  }
+}
+
+const rendered = new WeakMap();
+
+/** Like patch, but only when `data` differs from what the container shows already. */
+function patchIfChanged(container, data, build) {
+  const json = JSON.stringify(data);
+  if (rendered.get(container) === json) return;
+  rendered.set(container, json);
+  patch(container, build(data));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Formatting
+
+const dateFormat = new Intl.DateTimeFormat(undefined, { dateStyle: 'medium', timeStyle: 'medium' });
+const fmtDate = (iso) => (iso ? dateFormat.format(new Date(iso)) : '—');
+const timeEl = (iso) => (iso ? h('time', { datetime: iso }, fmtDate(iso)) : '—');
+const fmtPct = (x) => (x == null ? '—' : `${(x * 100).toFixed(2)}%`);
+const fmtLoss = (x) => (x == null ? '—' : x.toFixed(4));
+const fmtMB = (bytes) => (bytes == null ? '—' : `${(bytes / 1e6).toFixed(1)} MB`);
+const fmtSecs = (x) => (x == null ? '—' : `${x.toFixed(1)} s`);
+const fmtCount = (n) => (n == null ? '—' : n.toLocaleString());
+const wholePct = (x) => `${Math.round((x ?? 0) * 100)}%`;
+
+function fmtClock(d = new Date()) {
+  return [d.getHours(), d.getMinutes(), d.getSeconds()].map((n) => String(n).padStart(2, '0')).join(':');
+}
+
+function fmtAgo(iso) {
+  const secs = Math.round((Date.now() - new Date(iso).getTime()) / 1000);
+  if (secs < 1) return 'just now';
+  if (secs < 60) return `${secs} s ago`;
+  if (secs < 3600) return `${Math.floor(secs / 60)} min ago`;
+  if (secs < 86400) return `${Math.floor(secs / 3600)} h ago`;
+  return fmtDate(iso);
+}
+
+/** A relative time ("12 s ago") with the exact time in its title. */
+const agoEl = (iso) => (iso ? h('time', { datetime: iso, title: fmtDate(iso) }, fmtAgo(iso)) : 'never');
+
+/** Compact text for a small JSON object: `name: "Alpha", round: 2`. */
+function fmtDetail(detail) {
+  if (detail == null || typeof detail !== 'object') return detail == null ? '—' : JSON.stringify(detail);
+  const entries = Object.entries(detail);
+  if (entries.length === 0) return '—';
+  return entries.map(([k, v]) => `${k}: ${JSON.stringify(v)}`).join(', ');
+}
+
+const ROLE_LABELS = { platform_admin: 'Platform admin', hospital_admin: 'Hospital admin', researcher: 'Researcher' };
+const MODEL_LABELS = { m1: 'M1 (cut 256)', m1_wide: 'M1 wide (cut 512)' };
+const OPTIMIZER_LABELS = { adam: 'Adam', sgd: 'SGD' };
+const FAILURE_LABELS = { skip: 'Skip the visit, go on', fail: 'Fail the whole job' };
+const STATUS_LABELS = {
+  pending: 'Pending', running: 'Running', completed: 'Completed', failed: 'Failed', cancelled: 'Cancelled',
+  declined: 'Declined', waiting: 'Waiting', queued: 'Queued', skipped: 'Skipped', approved: 'Approved',
+  online: 'Online', offline: 'Offline', revoked: 'Revoked', active: 'Active', disabled: 'Disabled',
+};
+const LIVE_JOB = new Set(['pending', 'running']);
+
+function badge(status, label) {
+  const key = String(status).replace(/[^a-z_]/g, '');
+  return h('span', { class: `badge badge-${key}` }, label ?? STATUS_LABELS[status] ?? status);
+}
+
+function encryptionBadge(spec) {
+  return spec.insecure_plaintext
+    ? h('span', { class: 'badge badge-plaintext' }, '⚠ Plaintext (HE off)')
+    : h('span', { class: 'badge badge-encrypted' }, 'HE on (encrypted)');
+}
+
+// ---------------------------------------------------------------------------------------------
+// API: the one place that talks to the server
+
+const session = { me: null, csrf: null };
+
+class ApiError extends Error {
+  constructor(status, body) {
+    super(body?.error ?? `request failed (${status})`);
+    this.status = status;
+    this.field = body?.field ?? null;
+    // The bare message of a field error: "must be ..." rather than "rounds: must be ...".
+    const prefix = `${this.field}: `;
+    this.detail = body?.message ?? (this.field && this.message.startsWith(prefix)
+      ? this.message.slice(prefix.length) : this.message);
+  }
+}
+
+/** Thrown after a 401: the session is gone and the login page is being shown. */
+class SessionEnded extends Error {}
+
+function setSession(me) {
+  session.me = me?.authenticated ? me : null;
+  session.csrf = session.me?.csrf_token ?? null;
+}
+
+async function request(method, path, body) {
+  const headers = { Accept: 'application/json' };
+  const init = { method, headers, credentials: 'same-origin', cache: 'no-store' };
+  if (method !== 'GET') headers['X-CSRF-Token'] = session.csrf ?? '';
+  if (body !== undefined) {
+    headers['Content-Type'] = 'application/json';
+    init.body = JSON.stringify(body);
+  }
+  try {
+    return await fetch(path, init);
+  } catch {
+    throw new ApiError(0, null);
+  }
+}
+
+async function readBody(res) {
+  const text = await res.text();
+  if (!text) return null;
+  try {
+    return JSON.parse(text);
+  } catch {
+    return { error: text };
+  }
+}
+
+/**
+ * Calls the API and returns the parsed JSON (null for 204). Throws ApiError for any other
+ * failure; a 401 ends the session (unless `quiet401`) and throws SessionEnded.
+ */
+async function api(method, path, body, { quiet401 = false } = {}) {
+  let res = await request(method, path, body);
+  if (res.status === 403 && method !== 'GET' && session.csrf && (await renewCsrf())) {
+    res = await request(method, path, body);
+  }
+  if (res.status === 401 && !quiet401) {
+    endSession();
+    throw new SessionEnded('session ended');
+  }
+  const data = res.status === 204 ? null : await readBody(res);
+  if (!res.ok) throw new ApiError(res.status, data);
+  return data;
+}
+
+/** After a 403 on a change: re-reads the CSRF token (another tab may have logged in again). */
+async function renewCsrf() {
+  const sent = session.csrf;
+  try {
+    const res = await request('GET', '/v1/me');
+    const me = res.ok ? await res.json() : null;
+    if (me?.authenticated && me.csrf_token && me.csrf_token !== sent) {
+      setSession(me);
+      return true;
+    }
+  } catch {
+    // Keep the original 403.
+  }
+  return false;
+}
+
+const GET = (path) => api('GET', path);
+const POST = (path, body) => api('POST', path, body);
+
+function errorText(e) {
+  if (e instanceof ApiError) {
+    if (e.status === 0) return 'Cannot reach the server; check your connection and try again.';
+    if (e.status >= 500) return 'Something went wrong on the server; try again.';
+    return e.message;
+  }
+  return 'Something went wrong in this page; reload it and try again.';
+}
+
+// ---------------------------------------------------------------------------------------------
+// Messages
+
+let toastTimer = 0;
+
+/** Says something in the one polite live region (also shown as a toast). */
+function announce(message, kind = 'info') {
+  const region = document.getElementById('status');
+  clearTimeout(toastTimer);
+  region.textContent = '';
+  region.className = `toast toast-${kind}`;
+  // A short delay makes screen readers announce a repeated message again.
+  setTimeout(() => { region.textContent = message; }, 50);
+  toastTimer = setTimeout(() => { region.textContent = ''; }, 8000);
+}
+
+/** Wraps an async event handler so that failures are shown, never thrown. */
+function guard(fn) {
+  return async (event) => {
+    try {
+      await fn(event);
+    } catch (e) {
+      if (!(e instanceof SessionEnded)) announce(errorText(e), 'error');
+    }
+  };
+}
+
+/** Disables a button while `fn` runs. */
+async function busy(button, fn) {
+  button.disabled = true;
+  try {
+    return await fn();
+  } finally {
+    button.disabled = false;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Router
+
+const HOMES = { platform_admin: '/admin/hospitals', hospital_admin: '/hospital', researcher: '/jobs' };
+
+const NAV = {
+  platform_admin: [['/admin/hospitals', 'Hospitals'], ['/admin/users', 'Users'], ['/admin/jobs', 'Jobs'], ['/admin/audit', 'Audit log']],
+  hospital_admin: [['/hospital', 'Agents'], ['/hospital/jobs', 'Job consent']],
+  researcher: [['/jobs', 'Jobs']],
+};
+
+const ADMIN = ['platform_admin'];
+const ROUTES = [
+  { path: /^\/login$/, page: loginPage, public: true },
+  { path: /^\/admin\/hospitals$/, page: hospitalsPage, roles: ADMIN },
+  { path: /^\/admin\/users$/, page: usersPage, roles: ADMIN },
+  { path: /^\/admin\/audit$/, page: auditPage, roles: ADMIN },
+  { path: /^\/admin\/jobs$/, page: allJobsPage, roles: ADMIN },
+  { path: /^\/hospital$/, page: agentsPage, roles: ['hospital_admin'] },
+  { path: /^\/hospital\/jobs$/, page: consentPage, roles: ['hospital_admin'] },
+  { path: /^\/jobs$/, page: jobsPage, roles: ['researcher'] },
+  { path: /^\/jobs\/new$/, page: newJobPage, roles: ['researcher'] },
+  { path: /^\/jobs\/(\d+)$/, page: jobPage },
+];
+
+let current = null; // the page shown: { active, cleanups, key }
+let flash = null; // a message for the next page (the login page shows it)
+let firstRender = true;
+
+function navigate(path, { replace = false, message = null } = {}) {
+  flash = message;
+  history[replace ? 'replaceState' : 'pushState'](null, '', path);
+  render();
+}
+
+function leavePage() {
+  if (!current) return;
+  current.active = false;
+  for (const cleanup of current.cleanups) cleanup();
+  current = null;
+}
+
+function safeNext(url) {
+  const next = url.searchParams.get('next');
+  return next && next.startsWith('/') && !next.startsWith('//') && !next.startsWith('/login') ? next : null;
+}
+
+function render() {
+  leavePage();
+  const url = new URL(location.href);
+  const path = url.pathname.length > 1 ? url.pathname.replace(/\/+$/, '') : '/';
+  const me = session.me;
+  if (path === '/') return navigate(me ? HOMES[me.role] : '/login', { replace: true, message: flash });
+  const route = ROUTES.find((r) => r.path.test(path));
+  if (route && !route.public && !me) {
+    return navigate(`/login?next=${encodeURIComponent(url.pathname + url.search)}`, { replace: true, message: flash });
+  }
+  if (route?.public && me) return navigate(safeNext(url) ?? HOMES[me.role], { replace: true });
+
+  current = { active: true, cleanups: [], key: url.pathname + url.search };
+  renderHeader(path);
+  const main = document.getElementById('main');
+  main.replaceChildren();
+  let view = route?.page ?? notFoundPage;
+  if (route?.roles && !route.roles.includes(me.role)) view = forbiddenPage;
+  const params = route ? path.match(route.path).slice(1) : [];
+  view(current, ...params, url);
+  flash = null;
+  if (!firstRender) main.querySelector('h1')?.focus();
+  firstRender = false;
+}
+
+/** Builds the page's heading and sets the document title. */
+function pageHeading(text) {
+  document.title = `${text} · MedSplit`;
+  return h('h1', { tabindex: '-1' }, text);
+}
+
+function renderHeader(path) {
+  const me = session.me;
+  const header = document.getElementById('site-header');
+  const brand = h('a', { class: 'brand', href: '/' },
+    h('img', { src: '/assets/favicon.svg', alt: '', width: '24', height: '24' }), 'MedSplit');
+  if (!me) return header.replaceChildren(brand);
+  const links = NAV[me.role] ?? [];
+  const exact = links.some(([href]) => href === path);
+  const items = links.map(([href, label]) => {
+    const inSection = !exact && path.startsWith(`${href}/`);
+    return h('li', {}, h('a', {
+      href, 'aria-current': href === path ? 'page' : null, class: inSection ? 'in-section' : null,
+    }, label));
+  });
+  header.replaceChildren(
+    brand,
+    h('nav', { 'aria-label': 'Main' }, h('ul', {}, items)),
+    h('div', { class: 'account' },
+      h('span', { class: 'who' }, h('span', { class: 'email' }, me.email),
+        me.hospital ? h('span', { class: 'hospital' }, me.hospital) : null,
+        h('span', { class: 'role' }, ROLE_LABELS[me.role] ?? me.role)),
+      h('button', { type: 'button', class: 'button-quiet', id: 'logout', onclick: guard(logout) }, 'Log out')),
+  );
+}
+
+async function logout() {
+  leavePage(); // no poll may start (and meet a 401) once the session is gone
+  try {
+    await api('DELETE', '/v1/auth/session', undefined, { quiet401: true });
+  } catch (e) {
+    if (!(e instanceof ApiError && e.status === 401)) {
+      render(); // still logged in: show the page again
+      throw e;
+    }
+  }
+  setSession(null);
+  navigate('/login');
+  announce('You have logged out.');
+}
+
+function endSession() {
+  setSession(null);
+  if (location.pathname === '/login') return;
+  navigate(`/login?next=${encodeURIComponent(location.pathname + location.search)}`, {
+    replace: true, message: 'Your session has ended; please log in again.',
+  });
+}
+
+function onLinkClick(event) {
+  if (event.defaultPrevented || event.button !== 0) return;
+  if (event.metaKey || event.ctrlKey || event.shiftKey || event.altKey) return;
+  const a = event.target.closest?.('a[href]');
+  if (!a || a.target || a.hasAttribute('download')) return;
+  const url = new URL(a.href, location.href);
+  if (url.origin !== location.origin || /^\/(v1|assets)\//.test(url.pathname)) return;
+  if (url.hash && url.pathname === location.pathname && url.search === location.search) return;
+  event.preventDefault();
+  navigate(url.pathname + url.search);
+}
+
+function onPopState() {
+  // A change of the #fragment only (the skip link) is not a new page.
+  if (current && current.key === location.pathname + location.search) return;
+  flash = null;
+  render();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Polling: one request chain at a time, stopped when the page is left
+
+function poller(page, fn, intervalMs, onError) {
+  let timer = 0;
+  let running = false;
+  let again = false;
+  let stopped = false;
+  const alive = () => !stopped && page.active;
+
+  async function tick() {
+    clearTimeout(timer);
+    if (!alive()) return;
+    if (running) {
+      again = true;
+      return;
+    }
+    running = true;
+    try {
+      if (!document.hidden) await fn();
+    } catch (e) {
+      if (!(e instanceof SessionEnded) && alive()) onError?.(e);
+    } finally {
+      running = false;
+    }
+    if (!alive()) return;
+    if (again) {
+      again = false;
+      tick();
+    } else {
+      timer = setTimeout(tick, intervalMs);
+    }
+  }
+
+  page.cleanups.push(() => clearTimeout(timer));
+  tick();
+  return {
+    refresh: tick,
+    stop() {
+      stopped = true;
+      clearTimeout(timer);
+    },
+  };
+}
+
+/** A status line for a polled view: "Live — updated 12:00:03" or the last error. */
+function liveLine(id) {
+  const el = h('p', { class: 'live-line', id });
+  return {
+    el,
+    ok(prefix = 'Live — updated') {
+      el.classList.remove('live-error');
+      el.textContent = `${prefix} ${fmtClock()}`;
+    },
+    error(e) {
+      el.classList.add('live-error');
+      el.textContent = `Could not update at ${fmtClock()}: ${errorText(e)} Retrying.`;
+    },
+  };
+}
+
+function loading() {
+  return h('p', { class: 'loading' }, 'Loading…');
+}
+
+function loadError(e) {
+  return h('p', { class: 'error-text', role: 'alert' }, errorText(e));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forms: labelled fields and error messages bound to them
+
+/** A labelled control with an optional hint below it; an error message goes right after the control. */
+function field(label, control, hint) {
+  const hintEl = hint ? h('p', { class: 'hint', id: `${control.id}-hint` }, hint) : null;
+  if (hintEl) control.setAttribute('aria-describedby', hintEl.id);
+  return h('div', { class: 'field' }, h('label', { for: control.id }, label), control, hintEl);
+}
+
+function checkField(label, control, hint) {
+  const hintEl = hint ? h('p', { class: 'hint', id: `${control.id}-hint` }, hint) : null;
+  if (hintEl) control.setAttribute('aria-describedby', hintEl.id);
+  return h('div', { class: 'field field-check' }, control, h('label', { for: control.id }, label), hintEl);
+}
+
+const input = (id, name, attrs = {}) => h('input', { id, name, type: 'text', ...attrs });
+
+function select(id, name, options, selected) {
+  return h('select', { id, name },
+    options.map(([value, label]) => h('option', { value, selected: value === selected }, label)));
+}
+
+/** Error display of one form: a form-level alert plus messages next to fields. */
+function formErrors(form) {
+  const alert = h('p', { class: 'form-error', role: 'alert', id: `${form.id}-error` });
+  form.prepend(alert);
+  const marked = [];
+  return {
+    clear() {
+      alert.textContent = '';
+      form.querySelectorAll('.field-error').forEach((el) => el.remove());
+      for (const el of marked.splice(0)) {
+        el.removeAttribute('aria-invalid');
+        const original = el.dataset.describedby;
+        if (original) el.setAttribute('aria-describedby', original);
+        else el.removeAttribute('aria-describedby');
+      }
+    },
+    /** Puts `message` next to `target` (a control or fieldset) and focuses `focus`. */
+    field(target, message, focus = target) {
+      const id = `${target.id}-error`;
+      document.getElementById(id)?.remove();
+      const msg = h('p', { class: 'field-error', id }, message);
+      if (target.tagName === 'FIELDSET') target.querySelector('legend').after(msg);
+      else target.after(msg);
+      if (!marked.includes(target)) {
+        target.dataset.describedby = target.getAttribute('aria-describedby') ?? '';
+        marked.push(target);
+      }
+      // While the field is wrong, the message alone describes it (the hint stays visible).
+      target.setAttribute('aria-invalid', 'true');
+      target.setAttribute('aria-describedby', id);
+      if (marked.length === 1) focus.focus();
+    },
+    form(message) {
+      alert.textContent = message;
+    },
+  };
+}
+
+/**
+ * Shows an API error at the field it names, else as a form alert. `locate(path)` gives a
+ * control, or `{el, focus}` when the message belongs to a group (a fieldset) and focus to one
+ * of its controls.
+ */
+function showApiError(errors, e, locate) {
+  const target = e instanceof ApiError && e.field ? locate(e.field) : null;
+  if (target) showAt(errors, target, e.detail);
+  else errors.form(errorText(e));
+}
+
+function showAt(errors, target, message) {
+  if (target instanceof Element) errors.field(target, message);
+  else errors.field(target.el, message, target.focus);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pages: login, not found
+
+function loginPage(page, url) {
+  const email = input('login-email', 'email', { type: 'email', autocomplete: 'username', required: true });
+  const password = input('login-password', 'password', { type: 'password', autocomplete: 'current-password', required: true });
+  const submit = h('button', { type: 'submit', id: 'login-submit' }, 'Log in');
+  const form = h('form', { id: 'login-form', class: 'stack', novalidate: true },
+    field('Email', email), field('Password', password), h('div', { class: 'actions' }, submit));
+  const errors = formErrors(form);
+
+  form.addEventListener('submit', guard(async (event) => {
+    event.preventDefault();
+    errors.clear();
+    if (!email.value.trim() || !password.value) {
+      errors.form('Enter your email and password.');
+      (email.value.trim() ? password : email).focus();
+      return;
+    }
+    try {
+      const me = await busy(submit, () => api('POST', '/v1/auth/session',
+        { email: email.value.trim(), password: password.value }, { quiet401: true }));
+      setSession(me);
+      navigate(safeNext(url) ?? HOMES[me.role] ?? '/', { replace: true });
+      announce(`Logged in as ${me.email}`);
+    } catch (e) {
+      if (e instanceof ApiError && e.status === 401) {
+        errors.form('Wrong email or password');
+        password.select();
+        return;
+      }
+      showApiError(errors, e, (f) => ({ email, password })[f]);
+    }
+  }));
+
+  const notice = flash ? h('p', { class: 'notice', role: 'status', id: 'login-notice' }, flash) : null;
+  document.getElementById('main').append(h('div', { class: 'login-box panel' },
+    pageHeading('Log in'), notice,
+    h('p', { class: 'lede' }, 'MedSplit trains one ECG model across hospitals; patient data never leaves them.'),
+    form));
+}
+
+function notFoundPage() {
+  document.getElementById('main').append(pageHeading('Not found'),
+    h('p', {}, 'There is no page at this address.'),
+    h('p', {}, h('a', { href: '/' }, 'Go to the home page')));
+}
+
+function forbiddenPage() {
+  document.getElementById('main').append(pageHeading('Not available'),
+    h('p', {}, 'This page is not available to your role.'),
+    h('p', {}, h('a', { href: '/' }, 'Go to your home page')));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Platform admin: hospitals, users, audit log, all jobs
+
+const HOSPITAL_NAME = /^[A-Za-z0-9._-]{1,64}$/;
+
+function hospitalsPage(page) {
+  const name = input('hospital-name', 'name', { autocomplete: 'off', maxlength: '64' });
+  const submit = h('button', { type: 'submit' }, 'Create hospital');
+  const form = h('form', { id: 'hospital-form', class: 'inline-form', novalidate: true },
+    field('Name', name, '1 to 64 characters: letters, digits, - _ .'), h('div', { class: 'actions' }, submit));
+  const errors = formErrors(form);
+  const list = h('div', { class: 'list' }, loading());
+
+  async function load() {
+    const hospitals = await GET('/v1/hospitals');
+    if (!page.active) return;
+    patch(list, hospitals.length === 0
+      ? h('p', { class: 'empty' }, 'No hospitals yet. Create the first one above.')
+      : dataTable({
+        id: 'hospitals-table', caption: 'Hospitals',
+        columns: ['Name', 'Status', 'Created', 'Actions'],
+        rows: hospitals.map((x) => [x.name, x.disabled ? badge('disabled') : badge('active'), timeEl(x.created_at),
+          x.disabled ? '—' : h('button', {
+            type: 'button', class: 'button-danger small', 'data-focus-key': `disable-${x.id}`,
+            onclick: guard(() => disableHospital(x)),
+          }, 'Disable', srOnly(` ${x.name}`))]),
+      }));
+  }
+
+  async function disableHospital(x) {
+    if (!window.confirm(`Disable hospital ${x.name}? Its users can no longer log in, its agents are refused, and new jobs cannot name it.`)) return;
+    await POST(`/v1/hospitals/${x.id}/disable`);
+    announce(`Hospital ${x.name} disabled`);
+    await load();
+  }
+
+  form.addEventListener('submit', guard(async (event) => {
+    event.preventDefault();
+    errors.clear();
+    if (!HOSPITAL_NAME.test(name.value)) return errors.field(name, '1 to 64 characters: letters, digits, - _ .');
+    try {
+      const created = await busy(submit, () => POST('/v1/hospitals', { name: name.value }));
+      form.reset();
+      announce(`Hospital ${created.name} created`);
+      await load();
+    } catch (e) {
+      if (e instanceof ApiError && e.status === 409) errors.field(name, e.message);
+      else showApiError(errors, e, (f) => (f === 'name' ? name : null));
+    }
+  }));
+
+  document.getElementById('main').append(pageHeading('Hospitals'),
+    h('section', { class: 'panel', 'aria-labelledby': 'new-hospital-heading' },
+      h('h2', { id: 'new-hospital-heading' }, 'New hospital'), form),
+    h('section', { 'aria-label': 'All hospitals' }, list));
+  load().catch((e) => e instanceof SessionEnded || patch(list, loadError(e)));
+}
+
+function usersPage(page) {
+  const email = input('user-email', 'email', { type: 'email', autocomplete: 'off' });
+  const password = input('user-password', 'password', { type: 'password', autocomplete: 'new-password' });
+  const role = select('user-role', 'role', Object.entries(ROLE_LABELS).reverse(), 'researcher');
+  const hospital = select('user-hospital', 'hospital_id', [['', 'Choose a hospital']], '');
+  const hospitalField = field('Hospital', hospital, 'Only hospital admins belong to a hospital.');
+  const submit = h('button', { type: 'submit' }, 'Create user');
+  const form = h('form', { id: 'user-form', class: 'form-grid', novalidate: true },
+    field('Email', email), field('Password', password, 'At least 12 characters.'),
+    field('Role', role), hospitalField, h('div', { class: 'actions' }, submit));
+  const errors = formErrors(form);
+  const list = h('div', { class: 'list' }, loading());
+  let hospitals = [];
+
+  const syncHospital = () => {
+    const needed = role.value === 'hospital_admin';
+    hospitalField.hidden = !needed;
+    hospital.disabled = !needed;
+  };
+  role.addEventListener('change', syncHospital);
+  syncHospital();
+
+  async function load() {
+    const [users, hs] = await Promise.all([GET('/v1/users'), GET('/v1/hospitals')]);
+    if (!page.active) return;
+    hospitals = hs;
+    const chosen = hospital.value;
+    patch(hospital, h('option', { value: '' }, 'Choose a hospital'),
+      hs.filter((x) => !x.disabled).map((x) => h('option', { value: x.id, selected: String(x.id) === chosen }, x.name)));
+    const hospitalName = (id) => hospitals.find((x) => x.id === id)?.name ?? (id == null ? '—' : `#${id}`);
+    patch(list, dataTable({
+      id: 'users-table', caption: 'Users',
+      columns: ['Email', 'Role', 'Hospital', 'Status', 'Created', 'Actions'],
+      rows: users.map((u) => [u.email + (u.id === session.me?.id ? ' (you)' : ''), ROLE_LABELS[u.role] ?? u.role,
+        hospitalName(u.hospital_id), u.disabled ? badge('disabled') : badge('active'), timeEl(u.created_at),
+        u.disabled ? '—' : h('button', {
+          type: 'button', class: 'button-danger small', 'data-focus-key': `disable-${u.id}`,
+          onclick: guard(() => disableUser(u)),
+        }, 'Disable', srOnly(` ${u.email}`))]),
+    }));
+  }
+
+  async function disableUser(u) {
+    if (!window.confirm(`Disable user ${u.email}? They can no longer log in.`)) return;
+    await POST(`/v1/users/${u.id}/disable`);
+    announce(`User ${u.email} disabled`);
+    await load();
+  }
+
+  function localErrors() {
+    const found = [];
+    const e = email.value.trim();
+    if (e.length < 3 || e.length > 254 || !e.includes('@')) found.push([email, 'must be an email address']);
+    if ([...password.value].length < 12) found.push([password, 'must be at least 12 characters']);
+    if (role.value === 'hospital_admin' && !hospital.value) found.push([hospital, 'a hospital admin needs a hospital']);
+    return found;
+  }
+
+  form.addEventListener('submit', guard(async (event) => {
+    event.preventDefault();
+    errors.clear();
+    const found = localErrors();
+    if (found.length) return found.forEach(([el, msg]) => errors.field(el, msg));
+    const body = {
+      email: email.value.trim(), password: password.value, role: role.value,
+      hospital_id: role.value === 'hospital_admin' ? Number(hospital.value) : null,
+    };
+    try {
+      const user = await busy(submit, () => POST('/v1/users', body));
+      form.reset();
+      syncHospital();
+      announce(`User ${user.email} created`);
+      await load();
+    } catch (e) {
+      if (e instanceof ApiError && e.status === 409) errors.field(email, e.message);
+      else showApiError(errors, e, (f) => ({ email, password, role, hospital_id: hospital })[f]);
+    }
+  }));
+
+  document.getElementById('main').append(pageHeading('Users'),
+    h('section', { class: 'panel', 'aria-labelledby': 'new-user-heading' },
+      h('h2', { id: 'new-user-heading' }, 'New user'), form),
+    h('section', { 'aria-label': 'All users' }, list));
+  load().catch((e) => e instanceof SessionEnded || patch(list, loadError(e)));
+}
+
+function auditPage(page) {
+  const list = h('div', { class: 'list' }, loading());
+  document.getElementById('main').append(pageHeading('Audit log'),
+    h('p', { class: 'lede' }, 'Every change to users, hospitals, agents and jobs, newest first (last 200).'), list);
+  GET('/v1/audit?limit=200').then((entries) => {
+    if (!page.active) return;
+    patch(list, entries.length === 0 ? h('p', { class: 'empty' }, 'Nothing has been audited yet.') : dataTable({
+      id: 'audit-table', caption: 'Audit log',
+      columns: ['When', 'Actor', 'Action', 'Target', 'Details'],
+      rows: entries.map((a) => [timeEl(a.at), a.actor, h('code', {}, a.action), a.target,
+        h('code', { class: 'detail' }, fmtDetail(a.detail))]),
+    }));
+  }).catch((e) => e instanceof SessionEnded || patch(list, loadError(e)));
+}
+
+function allJobsPage(page) {
+  const list = h('div', { class: 'list' }, loading());
+  const live = liveLine('jobs-live');
+  document.getElementById('main').append(pageHeading('Jobs'), live.el, list);
+  poller(page, async () => {
+    const jobs = await GET('/v1/jobs');
+    if (!page.active) return;
+    patchIfChanged(list, jobs, () => jobsTable(jobs, 'No jobs have been created yet.'));
+    live.ok('Updated');
+  }, 5000, live.error);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hospital admin: agents and enrolment, consent
+
+function agentStatus(agent) {
+  if (agent.revoked_at) return badge('revoked');
+  return agent.online ? badge('online') : badge('offline');
+}
+
+function agentsPage(page) {
+  const list = h('div', { class: 'list' }, loading());
+  const live = liveLine('agents-live');
+  const tokenPanel = h('div', { id: 'enrol-panel', hidden: true });
+  const createButton = h('button', { type: 'button', id: 'create-token' }, 'Create enrolment token');
+  let agentsPoll = null;
+
+  createButton.addEventListener('click', guard(async () => {
+    const token = await busy(createButton, () => POST('/v1/enrolment-tokens', {}));
+    if (!page.active) return;
+    showToken(tokenPanel, token);
+    announce('Enrolment token created');
+  }));
+
+  async function revoke(agent) {
+    if (!window.confirm(`Revoke agent ${agent.name}? It can no longer claim visits; a visit it is running will be retried.`)) return;
+    await POST(`/v1/agents/${agent.id}/revoke`);
+    announce(`Agent ${agent.name} revoked`);
+    agentsPoll?.refresh();
+  }
+
+  const renderAgents = (agents) => (agents.length === 0
+    ? h('p', { class: 'empty' }, 'No agents enrolled yet. Create an enrolment token and run its command on a machine at your hospital.')
+    : dataTable({
+      id: 'agents-table', caption: 'Agents',
+      columns: ['Name', 'Status', 'Version', 'Last seen', 'Current visit', 'Enrolled', 'Actions'],
+      rows: agents.map((a) => [a.name, agentStatus(a), a.version || '—', agoEl(a.last_seen_at),
+        a.current_visit == null ? '—' : `visit ${a.current_visit}`, timeEl(a.enrolled_at),
+        a.revoked_at ? '—' : h('button', {
+          type: 'button', class: 'button-danger small', 'data-focus-key': `revoke-${a.id}`,
+          onclick: guard(() => revoke(a)),
+        }, 'Revoke', srOnly(` ${a.name}`))]),
+    }));
+
+  document.getElementById('main').append(pageHeading('Agents'),
+    h('p', { class: 'lede' }, `The training daemons of ${session.me.hospital ?? 'your hospital'}. Each one enrols once with a one-time token.`),
+    h('div', { class: 'toolbar' }, createButton), tokenPanel, live.el, list);
+
+  agentsPoll = poller(page, async () => {
+    const agents = await GET('/v1/agents');
+    if (!page.active) return;
+    patch(list, renderAgents(agents)); // always: the "last seen" times move on
+    live.ok();
+  }, 3000, live.error);
+}
+
+function showToken(panel, token) {
+  const code = h('code', { id: 'enrol-command' }, token.command);
+  const pre = h('pre', { class: 'command' }, code);
+  const copyStatus = h('span', { class: 'copy-status' });
+  const copy = h('button', { type: 'button', id: 'copy-command' }, 'Copy command');
+  const say = (text) => {
+    copyStatus.textContent = text;
+    announce(text);
+  };
+  copy.addEventListener('click', async () => {
+    try {
+      await navigator.clipboard.writeText(token.command);
+      say('Command copied');
+    } catch {
+      // No clipboard access (insecure origin, or permission denied): select the text instead.
+      const range = document.createRange();
+      range.selectNodeContents(code);
+      window.getSelection().removeAllRanges();
+      window.getSelection().addRange(range);
+      say('Command selected: press Ctrl+C (⌘C on a Mac) to copy it');
+    }
+  });
+  panel.hidden = false;
+  panel.className = 'panel token-panel';
+  panel.replaceChildren(
+    h('h2', {}, 'Enrolment command'),
+    h('p', {}, h('strong', {}, 'This token is shown only once.'), ' It expires at ', timeEl(token.expires_at),
+      '. Run this command on the machine that will host the agent:'),
+    pre,
+    h('div', { class: 'actions' }, copy, copyStatus),
+  );
+}
+
+function myEntry(job) {
+  return job.hospitals.find((x) => x.hospital_id === session.me?.hospital_id);
+}
+
+function consentPage(page) {
+  const pendingBox = h('div', { class: 'cards' }, loading());
+  const othersBox = h('div', { class: 'list' }, loading());
+  const live = liveLine('consent-live');
+  let consentPoll = null;
+
+  async function decide(job, decision) {
+    if (decision === 'decline' && !window.confirm(`Decline job ${job.name}? It will not run.`)) return;
+    const updated = await POST(`/v1/jobs/${job.id}/consent`, { decision });
+    announce(decision === 'approve'
+      ? `Job ${job.name} approved${updated.status === 'running' ? '; it is running now' : ''}`
+      : `Job ${job.name} declined`);
+    consentPoll?.refresh();
+  }
+
+  const consentCard = (job) => h('section', { class: 'card', 'aria-labelledby': `job-${job.id}-title` },
+    h('h3', { id: `job-${job.id}-title` }, job.name),
+    h('p', { class: 'meta' }, 'Requested ', timeEl(job.created_at)),
+    job.spec.insecure_plaintext ? h('p', { class: 'warning' }, h('strong', {}, 'Plaintext (HE off): '),
+      'this job turns encryption off. The coordinator would see your hospital’s activations and gradients.') : null,
+    specSummary(job.spec),
+    consentList(job),
+    h('div', { class: 'actions' },
+      h('button', { type: 'button', 'data-focus-key': `approve-${job.id}`, onclick: guard(() => decide(job, 'approve')) },
+        'Approve', srOnly(` ${job.name}`)),
+      h('button', { type: 'button', class: 'button-danger', 'data-focus-key': `decline-${job.id}`, onclick: guard(() => decide(job, 'decline')) },
+        'Decline', srOnly(` ${job.name}`))));
+
+  function renderJobs(jobs) {
+    const isPending = (j) => j.status === 'pending' && myEntry(j)?.consent === 'pending';
+    const pending = jobs.filter(isPending);
+    const others = jobs.filter((j) => !isPending(j));
+    patchIfChanged(pendingBox, pending, () => (pending.length === 0
+      ? h('p', { class: 'empty' }, 'No job is waiting for your decision.')
+      : pending.map(consentCard)));
+    patchIfChanged(othersBox, others, () => (others.length === 0
+      ? h('p', { class: 'empty' }, 'No other jobs name your hospital.')
+      : dataTable({
+        id: 'hospital-jobs-table', caption: 'Other jobs naming your hospital',
+        columns: ['Job', 'Status', 'Your decision', 'Progress', 'Created'],
+        rows: others.map((j) => [h('a', { href: `/jobs/${j.id}`, 'data-focus-key': `job-${j.id}` }, j.name), badge(j.status),
+          badge(myEntry(j)?.consent ?? 'pending'), `${j.visits_done} / ${j.visits_total}`, timeEl(j.created_at)]),
+      })));
+  }
+
+  document.getElementById('main').append(pageHeading('Job consent'),
+    h('p', { class: 'lede' }, 'A job only runs once every hospital it names has approved it. Training data stays at your hospital; only encrypted activations leave it.'),
+    live.el,
+    h('section', { 'aria-labelledby': 'pending-heading' }, h('h2', { id: 'pending-heading' }, 'Awaiting your decision'), pendingBox),
+    h('section', { 'aria-labelledby': 'others-heading' }, h('h2', { id: 'others-heading' }, 'Other jobs'), othersBox));
+
+  consentPoll = poller(page, async () => {
+    const jobs = await GET('/v1/jobs');
+    if (!page.active) return;
+    renderJobs(jobs);
+    live.ok();
+  }, 5000, live.error);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Jobs: shared pieces
+
+function specSummary(spec) {
+  const opt = spec.server_optimizer ?? { kind: 'adam', lr: 0.001 };
+  const items = [
+    ['Model', MODEL_LABELS[spec.model] ?? spec.model],
+    ['Hospitals, in visit order', h('ol', { class: 'inline-list' }, spec.hospitals.map((n) => h('li', {}, n)))],
+    ['Rounds', spec.rounds],
+    ['Local epochs', spec.local_epochs],
+    ['Batch size', spec.batch_size],
+    ['Test accuracy', `every ${spec.eval_every === 1 ? 'round' : `${spec.eval_every} rounds`} and after the last`],
+    ['Seed', spec.seed],
+    ['Server optimiser', `${OPTIMIZER_LABELS[opt.kind] ?? opt.kind}, learning rate ${opt.lr}`],
+    ['Attempts per visit', spec.max_attempts],
+    ['When a visit keeps failing', FAILURE_LABELS[spec.on_failure] ?? spec.on_failure],
+    ['Encryption', encryptionBadge(spec)],
+  ];
+  return h('dl', { class: 'spec' }, items.map(([k, v]) => h('div', {}, h('dt', {}, k), h('dd', {}, v))));
+}
+
+function consentList(job) {
+  return h('ul', { class: 'consent-list', 'aria-label': 'Consent of each hospital' },
+    job.hospitals.map((x) => h('li', {}, h('span', { class: 'name' }, x.name), ' ',
+      badge(x.consent, x.consent === 'pending' ? 'Waiting for consent' : null),
+      x.decided_at ? h('span', { class: 'meta' }, ' ', timeEl(x.decided_at)) : null)));
+}
+
+function waitingFor(job) {
+  return job.hospitals.filter((x) => x.consent === 'pending').map((x) => x.name);
+}
+
+/** One line saying what a job is doing now. */
+function jobActivity(job) {
+  switch (job.status) {
+    case 'pending': {
+      const names = waitingFor(job);
+      return names.length ? `Waiting for consent of ${names.join(', ')}` : 'Starting';
+    }
+    case 'running': {
+      const c = job.current;
+      if (!c) return 'Scheduling the next visit';
+      const where = `Round ${c.round + 1} of ${job.spec.rounds} at ${c.hospital}`;
+      return c.status === 'queued' ? `${where}: waiting for an agent` : `${where}: training, ${wholePct(c.progress)}`;
+    }
+    case 'declined': {
+      const by = job.hospitals.filter((x) => x.consent === 'declined').map((x) => x.name);
+      return by.length ? `Declined by ${by.join(', ')}` : 'Declined';
+    }
+    case 'failed':
+      return job.error ? `Failed: ${job.error}` : 'Failed';
+    default: {
+      const label = STATUS_LABELS[job.status] ?? job.status;
+      return job.finished_at ? `${label} ${fmtDate(job.finished_at)}` : label;
+    }
+  }
+}
+
+function jobsTable(jobs, emptyText) {
+  if (jobs.length === 0) return h('p', { class: 'empty' }, emptyText);
+  return dataTable({
+    id: 'jobs-table', caption: 'Jobs',
+    columns: ['Name', 'Status', 'Progress', 'Now', 'Created'],
+    rows: jobs.map((j) => [h('a', { href: `/jobs/${j.id}`, 'data-focus-key': `job-${j.id}` }, j.name), badge(j.status),
+      h('span', { class: 'progress-cell' },
+        h('progress', { max: j.visits_total || 1, value: j.visits_done, 'aria-label': `${j.name}: visits done` }),
+        ` ${j.visits_done} / ${j.visits_total}`),
+      jobActivity(j), timeEl(j.created_at)]),
+  });
+}
+
+function jobsPage(page) {
+  const list = h('div', { class: 'list' }, loading());
+  const live = liveLine('jobs-live');
+  document.getElementById('main').append(
+    h('div', { class: 'page-head' }, pageHeading('Jobs'), h('a', { href: '/jobs/new', class: 'button', id: 'new-job-link' }, 'New job')),
+    live.el, list);
+  poller(page, async () => {
+    const jobs = await GET('/v1/jobs');
+    if (!page.active) return;
+    patchIfChanged(list, jobs, () => jobsTable(jobs, 'No jobs yet. Create one to start training across hospitals.'));
+    live.ok();
+  }, 5000, live.error);
+}
+
+// ---------------------------------------------------------------------------------------------
+// New job form
+
+const INT_FIELDS = [
+  // [JobSpec field, id, label, default, min, max, hint]
+  ['rounds', 'job-rounds', 'Rounds', 3, 1, 1000, 'Each round visits every hospital once, in order.'],
+  ['local_epochs', 'job-local-epochs', 'Local epochs', 1, 1, 100, 'Passes over a hospital’s training data per visit.'],
+  ['batch_size', 'job-batch-size', 'Batch size', 4, 1, 256, 'Samples per encrypted batch (1–256).'],
+  ['eval_every', 'job-eval-every', 'Evaluate every (rounds)', 1, 1, 1000, 'Test accuracy is also measured after the last round.'],
+  ['max_attempts', 'job-max-attempts', 'Attempts per visit', 3, 1, 20, 'Tries a visit gets before the failure policy applies.'],
+];
+
+/** A whole number typed in a box, or the raw text (so the server names the field). */
+function parseInteger(text) {
+  return /^\s*\d+\s*$/.test(text) ? Number(text) : text;
+}
+
+function parseDecimal(text) {
+  const n = Number(text);
+  return text.trim() !== '' && Number.isFinite(n) ? n : text;
+}
+
+function newJobPage(page) {
+  const name = input('job-name', 'name', { autocomplete: 'off', maxlength: '200' });
+  const model = select('job-model', 'model', Object.entries(MODEL_LABELS), 'm1');
+  const ints = Object.fromEntries(INT_FIELDS.map(([key, id, , def]) =>
+    [key, input(id, key, { inputmode: 'numeric', value: def, autocomplete: 'off' })]));
+  const seed = input('job-seed', 'seed', { inputmode: 'numeric', value: '0', autocomplete: 'off' });
+  const optimizer = select('job-optimizer', 'server_optimizer', [['adam', 'Adam'], ['sgd', 'SGD']], 'adam');
+  const lr = input('job-lr', 'server_optimizer.lr', { inputmode: 'decimal', value: '0.001', autocomplete: 'off' });
+  const onFailure = select('job-on-failure', 'on_failure', Object.entries(FAILURE_LABELS), 'skip');
+  const insecure = h('input', { type: 'checkbox', id: 'job-insecure', name: 'insecure_plaintext' });
+  const insecureWarning = h('p', { class: 'warning', id: 'job-insecure-warning', hidden: true },
+    'Activations and gradients will travel unencrypted: the coordinator could see them. Use this only with synthetic data.');
+  insecure.addEventListener('change', () => { insecureWarning.hidden = !insecure.checked; });
+  const picker = hospitalPicker();
+  const submit = h('button', { type: 'submit', id: 'job-submit' }, 'Submit job');
+  const intField = ([key, , label, , , , hint]) => field(label, ints[key], hint);
+
+  const form = h('form', { id: 'job-form', class: 'job-form', novalidate: true },
+    h('fieldset', { class: 'group' }, h('legend', {}, 'Job'),
+      h('div', { class: 'form-grid' }, field('Name', name), field('Model', model))),
+    picker.el,
+    h('fieldset', { class: 'group' }, h('legend', {}, 'Training'),
+      h('div', { class: 'form-grid' }, INT_FIELDS.slice(0, 4).map(intField),
+        field('Seed', seed, 'Seeds the initial weights and the data order.'),
+        field('Server optimiser', optimizer), field('Server learning rate', lr, 'Greater than 0, at most 1.'))),
+    h('fieldset', { class: 'group' }, h('legend', {}, 'Failures and security'),
+      h('div', { class: 'form-grid' }, intField(INT_FIELDS[4]), field('When a visit keeps failing', onFailure)),
+      checkField('Turn off encryption (insecure plaintext, for debugging only)', insecure), insecureWarning),
+    h('div', { class: 'actions' }, submit));
+  const errors = formErrors(form);
+
+  const spec = () => ({
+    name: name.value,
+    model: model.value,
+    hospitals: picker.order(),
+    ...Object.fromEntries(INT_FIELDS.map(([key]) => [key, parseInteger(ints[key].value)])),
+    seed: parseInteger(seed.value),
+    server_optimizer: { kind: optimizer.value, lr: parseDecimal(lr.value) },
+    on_failure: onFailure.value,
+    insecure_plaintext: insecure.checked,
+  });
+
+  // Where a field path of the API points in this form.
+  const locate = (path) => {
+    if (path === 'hospitals' || path.startsWith('hospitals[')) {
+      const i = Number(path.match(/\[(\d+)\]/)?.[1]);
+      return { el: picker.fieldset, focus: picker.focusTarget(Number.isNaN(i) ? null : i) };
+    }
+    const controls = { name, model, seed, on_failure: onFailure, insecure_plaintext: insecure, ...ints,
+      'server_optimizer.lr': lr, 'server_optimizer.kind': optimizer, server_optimizer: optimizer };
+    return controls[path] ?? null;
+  };
+
+  form.addEventListener('submit', guard(async (event) => {
+    event.preventDefault();
+    errors.clear();
+    const body = spec();
+    const found = validateSpec(body);
+    if (found.length) {
+      for (const [path, message] of found) showAt(errors, locate(path), message);
+      return;
+    }
+    try {
+      const job = await busy(submit, () => POST('/v1/jobs', body));
+      announce(`Job ${job.name} created; waiting for the hospitals’ consent`);
+      navigate(`/jobs/${job.id}`);
+    } catch (e) {
+      if (!(e instanceof SessionEnded)) showApiError(errors, e, locate);
+    }
+  }));
+
+  document.getElementById('main').append(pageHeading('New job'),
+    h('p', { class: 'lede' }, 'The job waits until every hospital you choose has approved it, then visits them in the order below, round after round.'),
+    form);
+
+  GET('/v1/hospitals').then((hospitals) => {
+    if (page.active) picker.setHospitals(hospitals.filter((x) => !x.disabled));
+  }).catch((e) => e instanceof SessionEnded || errors.form(`Could not load the hospitals: ${errorText(e)}`));
+}
+
+/**
+ * The same checks as JobSpec::validate on the server, with the same messages, for the fields
+ * that parsed; what did not parse is left for the server to name.
+ */
+function validateSpec(spec) {
+  const found = [];
+  const bytes = new TextEncoder().encode(spec.name).length;
+  if (spec.name.trim() === '' || bytes > 200) found.push(['name', 'must be 1 to 200 characters']);
+  if (spec.hospitals.length === 0 || spec.hospitals.length > 64) found.push(['hospitals', 'must name 1 to 64 hospitals']);
+  for (const [key, , , , lo, hi] of INT_FIELDS) {
+    const v = spec[key];
+    if (typeof v === 'number' && v <= 0xffffffff && (v < lo || v > hi)) {
+      found.push([key, `must be between ${lo} and ${hi}, got ${v}`]);
+    }
+  }
+  const rate = spec.server_optimizer.lr;
+  if (typeof rate === 'number' && !(rate > 0 && rate <= 1)) {
+    found.push(['server_optimizer.lr', `must be in (0, 1], got ${rate}`]);
+  }
+  return found;
+}
+
+/** The hospitals of a job: a checkbox each, and the chosen ones in visit order. */
+function hospitalPicker() {
+  let hospitals = [];
+  let order = []; // names, in visit order
+  const choices = h('div', { class: 'choices' }, loading());
+  const orderList = h('ol', { id: 'job-hospital-order', class: 'order-list', 'aria-labelledby': 'visit-order-heading' });
+  const orderBox = h('div', { class: 'order' }, h('h2', { id: 'visit-order-heading', class: 'order-title' }, 'Visit order'), orderList);
+  const fieldset = h('fieldset', { id: 'job-hospitals', class: 'group' },
+    h('legend', {}, 'Hospitals'),
+    h('p', { class: 'hint' }, 'Choose the hospitals to train with. Every round visits them in the order shown.'),
+    h('div', { class: 'picker' }, choices, orderBox));
+
+  const checkboxId = (x) => `job-hospital-${x.id}`;
+
+  function move(index, delta) {
+    const to = index + delta;
+    if (to < 0 || to >= order.length) return;
+    [order[index], order[to]] = [order[to], order[index]];
+    renderOrder();
+    announce(`${order[to]} moved to position ${to + 1} of ${order.length}`);
+  }
+
+  function moveButton(nameAt, i, delta) {
+    const edge = delta < 0 ? i === 0 : i === order.length - 1;
+    const label = delta < 0 ? 'Move up' : 'Move down';
+    return h('button', {
+      type: 'button', class: 'small button-quiet', 'aria-disabled': edge ? 'true' : null,
+      'data-focus-key': `${delta < 0 ? 'up' : 'down'}-${nameAt}`,
+      onclick: () => { if (!edge) move(i, delta); },
+    }, h('span', { 'aria-hidden': 'true' }, delta < 0 ? '↑ ' : '↓ '), label, srOnly(` ${nameAt}`));
+  }
+
+  function renderOrder() {
+    patch(orderList, order.length === 0
+      ? h('li', { class: 'empty' }, 'No hospital chosen yet.')
+      : order.map((n, i) => h('li', {}, h('span', { class: 'name' }, n),
+        h('span', { class: 'buttons' }, moveButton(n, i, -1), moveButton(n, i, 1)))));
+  }
+
+  function toggle(x, checked) {
+    order = checked ? [...order.filter((n) => n !== x.name), x.name] : order.filter((n) => n !== x.name);
+    renderOrder();
+  }
+
+  renderOrder();
+  return {
+    el: fieldset,
+    fieldset,
+    order: () => [...order],
+    setHospitals(list) {
+      hospitals = list;
+      order = order.filter((n) => list.some((x) => x.name === n));
+      patch(choices, list.length === 0
+        ? h('p', { class: 'empty' }, 'No active hospitals exist yet; a platform admin must create them first.')
+        : list.map((x) => {
+          const box = h('input', { type: 'checkbox', id: checkboxId(x), name: 'hospitals', value: x.name, checked: order.includes(x.name) });
+          box.addEventListener('change', () => toggle(x, box.checked));
+          return h('div', { class: 'field-check' }, box, h('label', { for: box.id }, x.name));
+        }));
+      renderOrder();
+    },
+    /** The checkbox to focus for an error about the i-th hospital of the order (or the first). */
+    focusTarget(i) {
+      const n = i == null ? null : order[i];
+      const x = hospitals.find((y) => y.name === n) ?? hospitals[0];
+      return (x && document.getElementById(checkboxId(x))) ?? fieldset;
+    },
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Job detail
+
+function jobPage(page, id) {
+  const main = document.getElementById('main');
+  const title = pageHeading('Job');
+  const statusBox = h('span', { class: 'status-box' });
+  const actions = h('div', { class: 'head-actions' });
+  const live = liveLine('job-live');
+  const activity = h('div', { class: 'activity' }, loading());
+  const summary = h('div');
+  const timeline = h('div');
+  const plots = h('div', { class: 'plots' });
+  const traffic = h('div');
+  const eventsBox = h('div');
+  const section = (headingId, heading, ...body) => h('section', { class: 'panel', 'aria-labelledby': headingId },
+    h('h2', { id: headingId }, heading), ...body);
+  const events = [];
+  let job = null;
+  let metrics = null;
+  let jobPoll = null;
+
+  // The charts are drawn at a different size on phones: redraw them when the width crosses over.
+  const narrow = window.matchMedia(NARROW);
+  const redraw = () => {
+    [plots, traffic].forEach((el) => rendered.delete(el));
+    if (job) renderJob();
+  };
+  narrow.addEventListener('change', redraw);
+  page.cleanups.push(() => narrow.removeEventListener('change', redraw));
+
+  async function cancel() {
+    if (!window.confirm(`Cancel job ${job.name}? Visits in progress stop, and a cancelled job cannot be resumed.`)) return;
+    job = await POST(`/v1/jobs/${id}/cancel`);
+    announce(`Job ${job.name} cancelled`);
+    jobPoll?.refresh();
+  }
+
+  function renderJob() {
+    title.textContent = job.name;
+    document.title = `${job.name} · MedSplit`;
+    patchIfChanged(statusBox, [job.status, job.spec.insecure_plaintext],
+      () => [h('span', { class: 'job-status', id: 'job-status' }, badge(job.status)),
+        job.spec.insecure_plaintext ? encryptionBadge(job.spec) : null]);
+    const canCancel = LIVE_JOB.has(job.status)
+      && (job.owner_id === session.me.id || session.me.role === 'platform_admin');
+    patchIfChanged(actions, canCancel, () => (canCancel ? h('button', {
+      type: 'button', class: 'button-danger', id: 'cancel-job', 'data-focus-key': 'cancel', onclick: guard(cancel),
+    }, 'Cancel job') : null));
+    const visit = metrics.visits.find((v) => v.id === job.current?.visit_id) ?? null;
+    patchIfChanged(activity, [job, visit], () => activityView(job, visit));
+    patchIfChanged(summary, job.spec, () => specSummary(job.spec));
+    patchIfChanged(timeline, [job.hospitals, metrics.visits], () => timelineView(job, metrics.visits));
+    patchIfChanged(plots, [job.spec.rounds, metrics.rounds], () => plotsView(job, metrics.rounds));
+    patchIfChanged(traffic, metrics.visits, () => trafficView(metrics.visits));
+    patchIfChanged(eventsBox, events.length && events[events.length - 1].id, () => eventsView(events));
+  }
+
+  async function load() {
+    const after = events.length ? events[events.length - 1].id : 0;
+    const [j, m, fresh] = await Promise.all([
+      GET(`/v1/jobs/${id}`), GET(`/v1/jobs/${id}/metrics`), GET(`/v1/jobs/${id}/events?after=${after}`),
+    ]);
+    if (!page.active) return;
+    const wasLive = job && LIVE_JOB.has(job.status);
+    job = j;
+    metrics = m;
+    events.push(...fresh);
+    renderJob();
+    if (LIVE_JOB.has(job.status)) {
+      live.ok();
+      return;
+    }
+    jobPoll?.stop();
+    live.ok(`Job ${job.status}; updates stopped at`);
+    if (wasLive) announce(`Job ${job.name} ${STATUS_LABELS[job.status]?.toLowerCase() ?? job.status}`);
+  }
+
+  main.append(
+    h('div', { class: 'page-head' }, h('div', { class: 'title-row' }, title, statusBox), actions),
+    live.el, activity,
+    section('timeline-heading', 'Rounds and visits', timeline),
+    section('plots-heading', 'Training curves', plots),
+    section('traffic-heading', 'Encrypted traffic and time per visit', traffic),
+    section('spec-heading', 'Job specification', summary),
+    section('events-heading', 'Recent events', eventsBox),
+  );
+
+  jobPoll = poller(page, async () => {
+    try {
+      await load();
+    } catch (e) {
+      if (e instanceof ApiError && e.status === 404 && !job) {
+        jobPoll.stop();
+        patch(main, pageHeading('Job not found'), h('p', {}, 'There is no job with this number that you may see.'),
+          h('p', {}, h('a', { href: '/' }, 'Go to the home page')));
+        main.querySelector('h1').focus();
+        return;
+      }
+      throw e;
+    }
+  }, 2000, live.error);
+}
+
+function activityView(job, visit) {
+  const nodes = [h('p', { class: 'activity-text' }, job.status === 'failed' ? 'The job failed.' : jobActivity(job))];
+  const c = job.current;
+  if (job.status === 'running' && c) {
+    if (c.status === 'running') {
+      nodes.push(h('progress', { max: '1', value: c.progress ?? 0, 'aria-label': `Progress of the visit at ${c.hospital}` }));
+    }
+    if (visit?.failures > 0) {
+      nodes.push(h('p', { class: 'warning' }, `Attempt ${visit.attempt + (c.status === 'queued' ? 1 : 0)} of ${job.spec.max_attempts}`,
+        visit.last_error ? `; last error: ${visit.last_error}` : ''));
+    }
+  }
+  if (job.status === 'pending') nodes.push(consentList(job));
+  if (job.status === 'failed' && job.error) nodes.push(h('p', { class: 'error-text', id: 'job-error' }, job.error));
+  nodes.push(h('p', { class: 'meta' },
+    `Visits done: ${job.visits_done} of ${job.visits_total}. Created `, timeEl(job.created_at),
+    job.started_at ? ['; started ', timeEl(job.started_at)] : null,
+    job.finished_at ? ['; ended ', timeEl(job.finished_at)] : null, '.'));
+  return nodes;
+}
+
+function visitCell(v) {
+  if (!v) return '—';
+  return h('div', { class: 'visit-cell' },
+    badge(v.status),
+    v.status === 'running'
+      ? h('progress', { max: '1', value: v.progress ?? 0, 'aria-label': `${v.hospital}, round ${v.round + 1}: progress` })
+      : null,
+    v.status === 'running' ? h('span', { class: 'meta' }, ` ${wholePct(v.progress)}`) : null,
+    v.test_accuracy != null ? h('span', { class: 'acc' }, `Test ${fmtPct(v.test_accuracy)}`) : null,
+    v.failures > 0 ? h('span', { class: 'meta' }, `${v.failures} failed attempt${v.failures > 1 ? 's' : ''}`) : null);
+}
+
+function timelineView(job, visits) {
+  if (visits.length === 0) {
+    return h('p', { class: 'empty' }, job.status === 'pending'
+      ? 'No visits yet: they are scheduled when every hospital has approved the job.'
+      : 'This job has no visits.');
+  }
+  const hospitals = [...job.hospitals].sort((a, b) => a.position - b.position);
+  const rounds = [...new Set(visits.map((v) => v.round))].sort((a, b) => a - b);
+  return dataTable({
+    id: 'timeline-table', caption: 'One row per round, one column per hospital, in visit order', rowHeaders: true,
+    columns: ['Round', ...hospitals.map((x) => x.name)],
+    rows: rounds.map((r) => [`Round ${r + 1}`,
+      ...hospitals.map((x) => visitCell(visits.find((v) => v.round === r && v.position === x.position)))]),
+  });
+}
+
+function trafficView(visits) {
+  const shown = visits.filter((v) => v.started_at || v.status === 'skipped');
+  if (shown.length === 0) return h('p', { class: 'empty' }, 'No visit has started yet.');
+  const sum = (key) => shown.reduce((acc, v) => acc + (v[key] ?? 0), 0);
+  const table = dataTable({
+    id: 'visits-table', caption: 'Per visit: ciphertext bytes to and from the coordinator, messages and time',
+    columns: ['Round', 'Hospital', 'Attempt', 'Status', 'Up', 'Down', 'Messages', 'Coordinator compute',
+      'Wall time', 'Train loss', 'Train accuracy', 'Test accuracy'],
+    rows: shown.map((v) => [`${v.round + 1}`, v.hospital, v.attempt, badge(v.status), fmtMB(v.bytes_up),
+      fmtMB(v.bytes_down), fmtCount(v.messages), fmtSecs(v.server_seconds), fmtSecs(v.wall_seconds),
+      fmtLoss(v.train_loss), fmtPct(v.train_accuracy), fmtPct(v.test_accuracy)]),
+  });
+  table.querySelector('table').append(h('tfoot', {}, h('tr', {},
+    h('th', { scope: 'row', colspan: '4' }, 'Total'), h('td', {}, fmtMB(sum('bytes_up'))), h('td', {}, fmtMB(sum('bytes_down'))),
+    h('td', {}, fmtCount(sum('messages'))), h('td', {}, fmtSecs(sum('server_seconds'))), h('td', {}, fmtSecs(sum('wall_seconds'))),
+    h('td', { colspan: '3' }))));
+  return [table, trafficBars(shown)];
+}
+
+function eventsView(events) {
+  if (events.length === 0) return h('p', { class: 'empty' }, 'No events yet.');
+  return h('ol', { class: 'events', id: 'job-events' }, events.slice(-30).reverse().map((e) =>
+    h('li', {}, timeEl(e.at), ' ', h('code', {}, e.kind), ' ', h('span', { class: 'meta' }, fmtDetail(e.detail)))));
+}
+
+// ---------------------------------------------------------------------------------------------
+// SVG plots, drawn here
+
+/** Drawing size in SVG units: narrower on phones, so that the text stays readable when scaled. */
+const NARROW = '(max-width: 640px)';
+const narrowScreen = () => window.matchMedia(NARROW).matches;
+const plotBox = () => ({ w: narrowScreen() ? 380 : 560, h: 280, left: 60, right: 14, top: 14, bottom: 44 });
+const SERIES_CLASSES = 8; // .series-0 … .series-7 in app.css: colour, dash and marker fill differ
+
+/** Rounded tick values covering [lo, hi]. */
+function niceTicks(lo, hi, count = 4) {
+  const raw = (hi - lo) / count || 1;
+  const mag = 10 ** Math.floor(Math.log10(raw));
+  const step = [1, 2, 2.5, 5, 10].map((m) => m * mag).find((st) => st >= raw) ?? raw;
+  const ticks = [];
+  for (let t = Math.floor(lo / step) * step; ticks.length < count + 3; t += step) {
+    ticks.push(Number(t.toPrecision(12)));
+    if (t >= hi - step / 1e6) break;
+  }
+  return ticks;
+}
+
+/**
+ * A line plot: `series` is [{name, cls, points: [{round, value}]}]; x is the 1-based round.
+ * Every point is a <circle class="point" data-series data-round>.
+ */
+function linePlot({ id, title, yLabel, rounds, series, yRange, format, tickFormat = format }) {
+  const { w, h: ht, left, right, top, bottom } = plotBox();
+  const values = series.flatMap((sr) => sr.points.map((p) => p.value));
+  const yTicks = niceTicks(...(yRange?.(values) ?? [0, Math.max(...values, 0) * 1.05 || 1]));
+  const [yBottom, yTop] = [yTicks[0], yTicks[yTicks.length - 1]];
+  const xMax = Math.max(rounds, ...series.flatMap((sr) => sr.points.map((p) => p.round)), 1);
+  const x = (r) => left + ((r - 0.5) / xMax) * (w - left - right);
+  const y = (v) => top + (1 - (v - yBottom) / (yTop - yBottom)) * (ht - top - bottom);
+  const xStep = Math.ceil(xMax / (w / 50));
+  const xTicks = Array.from({ length: xMax }, (_, i) => i + 1).filter((r) => (r - 1) % xStep === 0 || r === xMax);
+
+  const axes = s('g', { class: 'axes', 'aria-hidden': 'true' },
+    yTicks.map((t) => s('g', {},
+      s('line', { class: 'grid', x1: left, x2: w - right, y1: y(t), y2: y(t) }),
+      s('text', { x: left - 8, y: y(t), 'text-anchor': 'end', 'dominant-baseline': 'middle' }, tickFormat(t)))),
+    xTicks.map((r) => s('text', { x: x(r), y: ht - bottom + 18, 'text-anchor': 'middle' }, String(r))),
+    s('line', { class: 'axis', x1: left, x2: w - right, y1: ht - bottom, y2: ht - bottom }),
+    s('line', { class: 'axis', x1: left, x2: left, y1: top, y2: ht - bottom }),
+    s('text', { class: 'axis-title', x: (left + w - right) / 2, y: ht - 6, 'text-anchor': 'middle' }, 'Round'),
+    s('text', { class: 'axis-title', transform: `translate(14 ${(top + ht - bottom) / 2}) rotate(-90)`, 'text-anchor': 'middle' }, yLabel));
+
+  const lines = series.map((sr) => s('g', { class: `series ${sr.cls}` },
+    sr.points.length > 1
+      ? s('polyline', { class: 'line', points: sr.points.map((p) => `${x(p.round)},${y(p.value)}`).join(' ') })
+      : null,
+    sr.points.map((p) => s('circle', {
+      class: 'point', 'data-series': sr.name, 'data-round': p.round, cx: x(p.round), cy: y(p.value), r: 4,
+    }, s('title', {}, `${sr.name}, round ${p.round}: ${format(p.value)}`)))));
+
+  const empty = values.length === 0
+    ? s('text', { class: 'empty-plot', x: (left + w - right) / 2, y: (top + ht - bottom) / 2, 'text-anchor': 'middle' }, 'No completed visits yet')
+    : null;
+
+  const svg = s('svg', {
+    id, class: 'plot', viewBox: `0 0 ${w} ${ht}`, width: '100%', role: 'img', 'aria-label': plotSummary(title, series, format),
+  }, axes, lines, empty);
+
+  return h('figure', { class: 'plot-figure' },
+    h('figcaption', {}, title), svg, legend(series), plotTable(title, series, format));
+}
+
+function plotSummary(title, series, format) {
+  const withData = series.filter((sr) => sr.points.length);
+  if (withData.length === 0) return `${title}: no completed visits yet.`;
+  const last = withData.map((sr) => {
+    const p = sr.points[sr.points.length - 1];
+    return `${sr.name} ${format(p.value)} in round ${p.round}`;
+  });
+  return `${title}, ${withData.length} series. Latest values: ${last.join('; ')}. The table below lists every value.`;
+}
+
+function legend(series) {
+  return h('ul', { class: 'legend', 'aria-hidden': 'true' }, series.map((sr) => h('li', {},
+    s('svg', { class: `swatch series ${sr.cls}`, viewBox: '0 0 36 12', width: '36', height: '12' },
+      s('line', { class: 'line', x1: 2, x2: 34, y1: 6, y2: 6 }), s('circle', { class: 'marker', cx: 18, cy: 6, r: 4 })),
+    sr.name)));
+}
+
+/** The plot's numbers as a table for screen readers. */
+function plotTable(title, series, format) {
+  const rounds = [...new Set(series.flatMap((sr) => sr.points.map((p) => p.round)))].sort((a, b) => a - b);
+  return h('div', { class: 'visually-hidden' }, h('table', {},
+    h('caption', {}, title),
+    h('thead', {}, h('tr', {}, h('th', { scope: 'col' }, 'Round'), series.map((sr) => h('th', { scope: 'col' }, sr.name)))),
+    h('tbody', {}, rounds.map((r) => h('tr', {}, h('th', { scope: 'row' }, String(r)),
+      series.map((sr) => h('td', {}, format(sr.points.find((p) => p.round === r)?.value))))))));
+}
+
+/** Accuracy axis: up to 100%, from 0 or (when every value is high) a little below the lowest. */
+function accuracyRange(values) {
+  const low = Math.min(...values);
+  return [values.length === 0 || low < 0.3 ? 0 : Math.floor((low - 0.05) * 10) / 10, 1];
+}
+
+function plotsView(job, rounds) {
+  const names = [...job.hospitals].sort((a, b) => a.position - b.position).map((x) => x.name);
+  const seriesOf = (key) => names.map((name, i) => ({
+    name, cls: `series-${i % SERIES_CLASSES}`,
+    points: rounds.flatMap((r) => {
+      const value = r.hospitals.find((x) => x.hospital === name)?.[key];
+      return value == null ? [] : [{ round: r.round + 1, value }];
+    }),
+  }));
+  const mean = {
+    name: 'mean', cls: 'series-mean',
+    points: rounds.filter((r) => r.mean_test_accuracy != null).map((r) => ({ round: r.round + 1, value: r.mean_test_accuracy })),
+  };
+  return [
+    linePlot({ id: 'plot-loss', title: 'Training loss per round', yLabel: 'Training loss', rounds: job.spec.rounds,
+      series: seriesOf('train_loss'), format: fmtLoss, tickFormat: (t) => String(Number(t.toFixed(3))) }),
+    linePlot({ id: 'plot-accuracy', title: 'Test accuracy per round', yLabel: 'Test accuracy', rounds: job.spec.rounds,
+      series: [...seriesOf('test_accuracy'), mean], yRange: accuracyRange, format: fmtPct,
+      tickFormat: (t) => `${Number((t * 100).toFixed(1))}%` }),
+  ];
+}
+
+/** A small bar chart of megabytes (up + down) per visit. */
+function trafficBars(visits) {
+  const short = (name) => (name.length > 14 ? `${name.slice(0, 13)}…` : name);
+  const data = visits.filter((v) => v.bytes_up != null || v.bytes_down != null).slice(-40)
+    .map((v) => ({ label: `R${v.round + 1} ${short(v.hospital)}`, mb: ((v.bytes_up ?? 0) + (v.bytes_down ?? 0)) / 1e6 }));
+  if (data.length === 0) return null;
+  const rowH = 22;
+  const [w, labelW] = narrowScreen() ? [380, 120] : [640, 160];
+  const max = Math.max(...data.map((d) => d.mb), 0.1);
+  return h('figure', { class: 'plot-figure bars' },
+    h('figcaption', {}, `Megabytes exchanged per visit (up + down)${data.length === 40 ? ', latest 40 visits' : ''}`),
+    s('svg', {
+      id: 'plot-traffic', class: 'plot', viewBox: `0 0 ${w} ${data.length * rowH + 8}`, width: '100%', role: 'img',
+      'aria-label': `Megabytes per visit: ${data.map((d) => `${d.label} ${d.mb.toFixed(1)} MB`).join('; ')}`,
+    }, data.map((d, i) => s('g', {},
+      s('text', { x: labelW - 8, y: i * rowH + 15, 'text-anchor': 'end' }, d.label),
+      s('rect', { class: 'bar', x: labelW, y: i * rowH + 4, height: rowH - 8, width: Math.max(1, (d.mb / max) * (w - labelW - 90)) }),
+      s('text', { x: labelW + (d.mb / max) * (w - labelW - 90) + 6, y: i * rowH + 15 }, `${d.mb.toFixed(1)} MB`)))));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Start-up
+
+async function start() {
+  document.addEventListener('click', onLinkClick);
+  window.addEventListener('popstate', onPopState);
+  try {
+    setSession(await api('GET', '/v1/me', undefined, { quiet401: true }));
+  } catch (e) {
+    if (!(e instanceof ApiError && e.status === 401)) return startupError(e);
+    setSession(null);
+  }
+  render();
+}
+
+function startupError(e) {
+  document.title = 'Unavailable · MedSplit';
+  const retry = h('button', { type: 'button', onclick: () => { firstRender = true; start(); } }, 'Try again');
+  document.getElementById('main').replaceChildren(h('h1', { tabindex: '-1' }, 'MedSplit is unavailable'),
+    h('p', { class: 'error-text', role: 'alert' }, errorText(e)), h('p', {}, retry));
+}
+
+start();

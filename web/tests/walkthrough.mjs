@@ -1,0 +1,322 @@
+// The dashboard walk-through in a real browser (Debian's Chromium driven by playwright-core),
+// against a real coordinator process and Postgres, with a real `medsplit-agent` process.
+//
+// Run by coordinator/tests/browser.rs, which starts the coordinator on a fresh database, creates
+// the platform admin and passes everything through the environment:
+//   MEDSPLIT_URL, ADMIN_EMAIL, ADMIN_PASSWORD, AGENT_BIN, WORK_DIR, SCREENSHOT_DIR, CHROMIUM
+//
+// Any page error, console error, 5xx response or accessibility violation (axe-core, WCAG 2.1 A
+// and AA, on every page that is photographed) fails the run.
+
+import { spawn } from 'node:child_process';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { chromium } from 'playwright-core';
+
+const env = (name, fallback) => {
+  const value = process.env[name] ?? fallback;
+  if (value === undefined) throw new Error(`${name} is not set`);
+  return value;
+};
+const BASE = env('MEDSPLIT_URL');
+const ADMIN = { email: env('ADMIN_EMAIL'), password: env('ADMIN_PASSWORD') };
+const AGENT_BIN = env('AGENT_BIN');
+const WORK = env('WORK_DIR');
+const SHOTS = env('SCREENSHOT_DIR');
+const CHROMIUM = env('CHROMIUM', '/usr/bin/chromium');
+const PASSWORD = 'a long enough password 42';
+const HOSPITAL = 'st-olav';
+const HOSPITAL_ADMIN = 'ward@st-olav.example';
+const RESEARCHER = 'ada@research.example';
+const ROUNDS = 3;
+
+const problems = [];
+const children = [];
+
+function step(message) {
+  console.log(`[walkthrough] ${message}`);
+}
+
+function check(condition, message) {
+  if (!condition) throw new Error(`check failed: ${message}`);
+}
+
+/** A page whose errors fail the run. */
+async function openPage(browser, who, viewport = { width: 1280, height: 800 }) {
+  const context = await browser.newContext({ viewport, baseURL: BASE });
+  const page = await context.newPage();
+  page.on('pageerror', (e) => problems.push(`${who}: page error: ${e.message}`));
+  page.on('console', (m) => {
+    if (m.type() === 'error') problems.push(`${who}: console error: ${m.text()}`);
+  });
+  page.on('response', (r) => {
+    if (r.status() >= 500) problems.push(`${who}: ${r.status()} from ${r.url()}`);
+  });
+  page.on('dialog', (d) => d.accept());
+  page.setDefaultTimeout(20_000);
+  return page;
+}
+
+const AXE = readFileSync(new URL('./node_modules/axe-core/axe.min.js', import.meta.url), 'utf8');
+
+/** Records the page's WCAG 2.1 A/AA violations as problems. */
+async function accessibility(page, name) {
+  // Evaluated through the DevTools protocol, which the page's CSP does not govern.
+  await page.evaluate(`${AXE}\n;undefined`);
+  const violations = await page.evaluate(async () => {
+    const result = await window.axe.run(document, {
+      runOnly: { type: 'tag', values: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa'] },
+    });
+    return result.violations.map((v) => `${v.id} (${v.nodes.length}): ${v.help}`);
+  });
+  for (const v of violations) problems.push(`${name}: accessibility: ${v}`);
+}
+
+async function shot(page, name) {
+  await accessibility(page, name);
+  // Toasts come and go; they are emptied (hidden) so that they do not cover the page.
+  await page.evaluate(() => document.querySelectorAll('.toast').forEach((t) => t.replaceChildren()));
+  await page.screenshot({ path: join(SHOTS, `${name}.png`), fullPage: true });
+}
+
+async function login(page, email, password, home) {
+  await page.goto('/');
+  await page.waitForURL('**/login**');
+  await page.getByLabel('Email').fill(email);
+  await page.getByLabel('Password').fill(password);
+  await page.getByRole('button', { name: 'Log in' }).click();
+  await page.waitForURL(`**${home}`);
+}
+
+function run(args, name) {
+  const child = spawn(AGENT_BIN, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  const log = [];
+  child.stdout.on('data', (d) => log.push(d.toString()));
+  child.stderr.on('data', (d) => log.push(d.toString()));
+  child.log = log;
+  child.name = name;
+  children.push(child);
+  return child;
+}
+
+function exited(child) {
+  return new Promise((resolve) => {
+    if (child.exitCode !== null) resolve(child.exitCode);
+    else child.on('exit', (code) => resolve(code));
+  });
+}
+
+async function until(what, poll, timeoutMs = 60_000) {
+  const end = Date.now() + timeoutMs;
+  for (;;) {
+    const value = await poll();
+    if (value) return value;
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 200));
+  }
+}
+
+async function main() {
+  mkdirSync(SHOTS, { recursive: true });
+  const browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    headless: true,
+    args: [
+      '--no-sandbox',
+      '--disable-gpu',
+      '--disable-background-networking',
+      '--disable-component-update',
+      '--disable-sync',
+      '--no-first-run',
+    ],
+  });
+  try {
+    await walkthrough(browser);
+  } finally {
+    await browser.close();
+  }
+}
+
+async function walkthrough(browser) {
+  // --- Platform admin: a hospital, its admin, a researcher.
+  step('platform admin logs in');
+  const admin = await openPage(browser, 'platform admin');
+  await admin.goto('/');
+  await admin.waitForURL('**/login**');
+  await shot(admin, 'login');
+  await login(admin, ADMIN.email, ADMIN.password, '/admin/hospitals');
+
+  step('creates a hospital');
+  await admin.getByLabel('Name').fill('not a valid name!');
+  await admin.getByRole('button', { name: 'Create hospital' }).click();
+  await admin.locator('.field-error').first().waitFor();
+  await admin.getByLabel('Name').fill(HOSPITAL);
+  await admin.getByRole('button', { name: 'Create hospital' }).click();
+  await admin.getByRole('cell', { name: HOSPITAL, exact: true }).waitFor();
+  await shot(admin, 'admin-hospitals');
+
+  step('creates a hospital admin and a researcher');
+  await admin.getByRole('link', { name: 'Users' }).click();
+  await admin.waitForURL('**/admin/users');
+  const newUser = async (email, role, hospital) => {
+    await admin.getByLabel('Email').fill(email);
+    await admin.getByLabel('Password').fill(PASSWORD);
+    await admin.getByLabel('Role').selectOption(role);
+    if (hospital) await admin.getByLabel('Hospital').selectOption({ label: hospital });
+    await admin.getByRole('button', { name: 'Create user' }).click();
+    await admin.getByRole('cell', { name: email, exact: true }).waitFor();
+  };
+  await newUser(HOSPITAL_ADMIN, 'hospital_admin', HOSPITAL);
+  await newUser(RESEARCHER, 'researcher', null);
+  await shot(admin, 'admin-users');
+
+  // --- Hospital admin: enrol a real agent through the dashboard.
+  step('hospital admin logs in and creates an enrolment token');
+  const ward = await openPage(browser, 'hospital admin');
+  await login(ward, HOSPITAL_ADMIN, PASSWORD, '/hospital');
+  await ward.getByText('No agents enrolled yet', { exact: false }).waitFor();
+  await ward.getByRole('button', { name: 'Create enrolment token' }).click();
+  const command = (await ward.locator('#enrol-command').textContent()).trim();
+  check(
+    command.startsWith(`medsplit-agent enrol --coordinator ${BASE} --token `),
+    `enrol command shown: ${command}`,
+  );
+  await shot(ward, 'hospital-enrolment-token');
+
+  step('a medsplit-agent process redeems it');
+  const stateDir = join(WORK, 'agent-state');
+  const args = command.split(/\s+/).slice(1);
+  const enrol = run([...args, '--state-dir', stateDir, '--name', 'ward-7'], 'enrol');
+  const enrolled = await exited(enrol);
+  check(enrolled === 0, `medsplit-agent enrol exited ${enrolled}: ${enrol.log.join('')}`);
+  const config = join(WORK, 'agent.toml');
+  writeFileSync(
+    config,
+    `state_dir = "${stateDir}"\n\n[[sources]]\nformat = "synthetic"\nsamples = 4000\nseed = 7\n\n` +
+      `[split]\ntest_fraction = 0.2\nseed = 1\n`,
+  );
+  const agent = run(['run', '--config', config], 'agent');
+
+  step('the agent shows as online');
+  await ward.reload();
+  const agentRow = ward.getByRole('row').filter({ hasText: 'ward-7' });
+  await agentRow.getByText('Online', { exact: true }).waitFor({ timeout: 30_000 });
+  check((await agentRow.textContent()).includes('0.'), 'agent version shown');
+  await shot(ward, 'hospital-agents');
+
+  // --- Researcher: a job from the form, validated like the API.
+  step('researcher submits a job from the form');
+  const researcher = await openPage(browser, 'researcher');
+  // By keyboard alone: the first Tab stop skips to the content; the form submits on Enter.
+  await researcher.goto('/login');
+  await researcher.keyboard.press('Tab');
+  const first = await researcher.evaluate(() => document.activeElement.textContent.trim());
+  check(first === 'Skip to content', `first Tab stop is the skip link, not ${first}`);
+  await researcher.getByLabel('Email').focus();
+  await researcher.keyboard.type(RESEARCHER);
+  await researcher.keyboard.press('Tab');
+  await researcher.keyboard.type(PASSWORD);
+  await researcher.keyboard.press('Enter');
+  await researcher.waitForURL('**/jobs');
+  await researcher.getByRole('link', { name: 'New job' }).click();
+  await researcher.waitForURL('**/jobs/new');
+  await researcher.locator('#job-name').fill('Arrhythmia M1, cyclic');
+  await researcher.getByRole('checkbox', { name: HOSPITAL }).check();
+  // Three passes per visit, so that each visit lasts a few of the page's 2-second updates.
+  await researcher.locator('#job-local-epochs').fill('3');
+  await researcher.locator('#job-rounds').fill('0');
+  await researcher.getByRole('button', { name: 'Submit job' }).click();
+  const roundsError = researcher.locator('#job-rounds[aria-invalid="true"]');
+  await roundsError.waitFor();
+  const described = await roundsError.getAttribute('aria-describedby');
+  const message = await researcher.locator(`[id="${described}"]`).textContent();
+  check(message.includes('between 1 and 1000'), `rounds error next to the field: ${message}`);
+  await shot(researcher, 'researcher-job-form');
+  await researcher.locator('#job-rounds').fill(String(ROUNDS));
+  await researcher.getByRole('button', { name: 'Submit job' }).click();
+  await researcher.waitForURL(/\/jobs\/\d+$/);
+  const jobUrl = researcher.url();
+  await researcher.getByText('pending', { exact: false }).first().waitFor();
+
+  // --- Hospital admin approves it.
+  step('hospital admin approves the job');
+  await ward.getByRole('link', { name: 'Consent' }).click();
+  await ward.waitForURL('**/hospital/jobs');
+  const pending = ward.getByRole('region', { name: 'Arrhythmia M1, cyclic' });
+  await shot(ward, 'hospital-consent');
+  await pending.getByRole('button', { name: 'Approve' }).click();
+  await ward.getByText('approved', { exact: false }).first().waitFor();
+
+  // --- Researcher watches the plots gain points until the job finishes.
+  step('researcher watches the job');
+  const points = researcher.locator('svg#plot-accuracy circle.point');
+  const lossPoints = researcher.locator('svg#plot-loss circle.point');
+  const seen = new Set();
+  await until(
+    'the job to complete',
+    async () => {
+      seen.add(await points.count());
+      const status = await researcher.locator('.job-status').first().textContent();
+      return /completed/i.test(status);
+    },
+    240_000,
+  );
+  // The last poll of the page may land after the status flip; wait for the final figures.
+  await until('all rounds plotted', async () => (await points.count()) >= ROUNDS);
+  seen.add(await points.count());
+  const counts = [...seen].sort((a, b) => a - b);
+  step(`accuracy points seen while running: ${counts.join(', ')}`);
+  check(counts.length >= 3, `the plot gained points one round at a time (${counts})`);
+  check((await lossPoints.count()) >= ROUNDS, 'a training-loss point per round');
+  await shot(researcher, 'researcher-job-detail');
+
+  const phone = await openPage(browser, 'researcher (phone)', { width: 390, height: 844 });
+  await login(phone, RESEARCHER, PASSWORD, '/jobs');
+  await phone.goto(jobUrl);
+  await phone.locator('svg#plot-accuracy circle.point').first().waitFor();
+  await shot(phone, 'researcher-job-detail-phone');
+  await researcher.goto('/jobs');
+  await researcher.getByRole('link', { name: 'Arrhythmia M1, cyclic' }).waitFor();
+  await shot(researcher, 'researcher-jobs');
+
+  // --- Hospital admin revokes the agent; the page shows it.
+  step('hospital admin revokes the agent');
+  await ward.getByRole('link', { name: 'Agents' }).click();
+  await ward.waitForURL('**/hospital');
+  await agentRow.getByRole('button', { name: /Revoke/ }).click();
+  await agentRow.getByText('Revoked', { exact: true }).waitFor();
+  await shot(ward, 'hospital-agents-revoked');
+
+  // --- The audit trail has it all; logging out ends the session.
+  step('platform admin reads the audit trail');
+  await admin.getByRole('link', { name: 'Audit' }).click();
+  await admin.waitForURL('**/admin/audit');
+  await admin.getByRole('cell', { name: 'agent.revoke' }).waitFor();
+  await shot(admin, 'admin-audit');
+
+  step('logging out ends the session');
+  await researcher.getByRole('button', { name: 'Log out' }).click();
+  await researcher.waitForURL('**/login**');
+  const me = await researcher.evaluate(async () => (await fetch('/v1/me')).json());
+  check(me.authenticated === false, 'no session after logging out');
+  await researcher.goto(jobUrl);
+  await researcher.waitForURL('**/login**');
+
+  agent.kill('SIGTERM');
+  await exited(agent);
+}
+
+try {
+  await main();
+  if (problems.length) throw new Error(`errors in the browser:\n  ${problems.join('\n  ')}`);
+  step('passed');
+} catch (e) {
+  for (const c of children) {
+    if (c.log.length) console.error(`--- ${c.name} output ---\n${c.log.join('').slice(-4000)}`);
+  }
+  if (problems.length) console.error(`browser problems:\n  ${problems.join('\n  ')}`);
+  console.error(e.stack ?? String(e));
+  process.exitCode = 1;
+} finally {
+  for (const c of children) if (c.exitCode === null) c.kill('SIGKILL');
+}
