@@ -60,6 +60,31 @@ async fn the_dashboard_is_served_from_the_binary(pool: PgPool) {
     assert_eq!(post.status(), 405);
 }
 
+/// The job form checks the API's ranges before it submits (a 4xx would be a console error in
+/// the browser), so its table must be the API's.
+#[test]
+fn the_job_form_checks_the_same_ranges_as_the_api() {
+    let js = include_str!("../../web/app.js");
+    let table = js
+        .split("const INT_FIELDS = [")
+        .nth(1)
+        .and_then(|rest| rest.split("];").next())
+        .expect("INT_FIELDS in app.js");
+    let mut found = Vec::new();
+    for line in table.lines().map(str::trim).filter(|l| l.starts_with("['")) {
+        // ['rounds', 'job-rounds', 'Rounds', 3, 1, 1000, 'hint'],
+        let cells: Vec<&str> = line.split(", ").collect();
+        let name = cells[0].trim_start_matches("['").trim_end_matches('\'');
+        let number = |i: usize| cells[i].parse::<u32>().unwrap_or_else(|_| panic!("{line}"));
+        found.push((name.to_string(), number(4), number(5)));
+    }
+    let expected: Vec<_> = medsplit_engine::api::JobSpec::RANGES
+        .iter()
+        .map(|&(f, lo, hi)| (f.to_string(), lo, hi))
+        .collect();
+    assert_eq!(found, expected);
+}
+
 /// The cookie of a `Set-Cookie` header, and its attributes.
 fn session_cookie(resp: &reqwest::Response) -> (String, String) {
     let set = resp.headers()[SET_COOKIE].to_str().unwrap().to_string();

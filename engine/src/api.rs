@@ -99,6 +99,16 @@ impl FieldError {
 }
 
 impl JobSpec {
+    /// The whole-number fields and their allowed ranges (inclusive). The dashboard's job form
+    /// checks the same ranges (`web/app.js`, `INT_FIELDS`; a test compares them).
+    pub const RANGES: [(&'static str, u32, u32); 5] = [
+        ("rounds", 1, 1000),
+        ("local_epochs", 1, 100),
+        ("batch_size", 1, 256),
+        ("eval_every", 1, 1000),
+        ("max_attempts", 1, 20),
+    ];
+
     /// Checks every field's range; the first problem found is returned.
     pub fn validate(&self) -> Result<(), FieldError> {
         if self.name.trim().is_empty() || self.name.len() > 200 {
@@ -115,14 +125,14 @@ impl JobSpec {
                 ));
             }
         }
-        let ranges = [
-            ("rounds", self.rounds, 1, 1000),
-            ("local_epochs", self.local_epochs, 1, 100),
-            ("batch_size", self.batch_size, 1, 256),
-            ("eval_every", self.eval_every, 1, 1000),
-            ("max_attempts", self.max_attempts, 1, 20),
+        let values = [
+            self.rounds,
+            self.local_epochs,
+            self.batch_size,
+            self.eval_every,
+            self.max_attempts,
         ];
-        for (field, value, lo, hi) in ranges {
+        for ((field, lo, hi), value) in Self::RANGES.into_iter().zip(values) {
             if !(lo..=hi).contains(&value) {
                 return Err(FieldError::new(
                     field,

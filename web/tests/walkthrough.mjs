@@ -261,13 +261,16 @@ async function walkthrough(browser) {
     },
     240_000,
   );
-  // The last poll of the page may land after the status flip; wait for the final figures.
-  await until('all rounds plotted', async () => (await points.count()) >= ROUNDS);
+  // The last poll of the page may land after the status flip; wait for the final figures:
+  // per round, the hospital's test accuracy and the mean, and the hospital's training loss.
+  await until(
+    'all rounds plotted',
+    async () => (await points.count()) === 2 * ROUNDS && (await lossPoints.count()) === ROUNDS,
+  );
   seen.add(await points.count());
   const counts = [...seen].sort((a, b) => a - b);
   step(`accuracy points seen while running: ${counts.join(', ')}`);
   check(counts.length >= 3, `the plot gained points one round at a time (${counts})`);
-  check((await lossPoints.count()) >= ROUNDS, 'a training-loss point per round');
   await shot(researcher, 'researcher-job-detail');
 
   const phone = await openPage(browser, 'researcher (phone)', { width: 390, height: 844 });
@@ -278,6 +281,16 @@ async function walkthrough(browser) {
   await researcher.goto('/jobs');
   await researcher.getByRole('link', { name: 'Arrhythmia M1, cyclic' }).waitFor();
   await shot(researcher, 'researcher-jobs');
+
+  step('researcher cancels a second job before it starts');
+  await researcher.goto('/jobs/new');
+  await researcher.locator('#job-name').fill('Cancelled before consent');
+  await researcher.getByRole('checkbox', { name: HOSPITAL }).check();
+  await researcher.getByRole('button', { name: 'Submit job' }).click();
+  await researcher.waitForURL(/\/jobs\/\d+$/);
+  await researcher.getByRole('button', { name: 'Cancel job' }).click();
+  await until('the job to show as cancelled', async () =>
+    /cancelled/i.test(await researcher.locator('.job-status').first().textContent()));
 
   // --- Hospital admin revokes the agent; the page shows it.
   step('hospital admin revokes the agent');
