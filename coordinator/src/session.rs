@@ -187,6 +187,14 @@ async fn serve(
                         if socket.send(Message::Binary(reply.into())).await.is_err() {
                             return End::AgentLeft;
                         }
+                        // The layer's update and weight transforms run while the agent computes.
+                        let started = Instant::now();
+                        let prepared = compute(|| srv.prepare());
+                        counters.server_time += started.elapsed();
+                        if let Err(e) = prepared {
+                            tracing::error!(visit = visit.id, error = %e, "server layer failed");
+                            return End::Failed;
+                        }
                     }
                     Err(e) => return End::Bad(format!("bad message: {e}")),
                 }
@@ -216,7 +224,7 @@ async fn serve(
                     }
                 }
                 Ok(AgentFrame::Complete(report)) => {
-                    let server = server.as_ref().expect("server layer present");
+                    let server = server.as_mut().expect("server layer present");
                     return match complete(s, visit, server, report, &counters).await {
                         Ok(true) => {
                             let frame = serde_json::to_string(&CoordinatorFrame::Completed)
@@ -301,12 +309,16 @@ fn check_report(r: &VisitReport, recipients: &[(i64, Vec<u8>)]) -> Result<Vec<(i
 async fn complete(
     s: &AppState,
     visit: &Visit,
-    server: &ServerSession,
+    server: &mut ServerSession,
     report: VisitReport,
     c: &Counters,
 ) -> Result<bool> {
     let recipients = db::recipients(&s.db, visit.job_id).await?;
     let sealed = check_report(&report, &recipients)?;
+    let parameters = server
+        .model()
+        .map_err(|e| Error::Internal(format!("job {}: server layer: {e}", visit.job_id)))?
+        .parameters();
     let outcome = db::VisitOutcome {
         train_loss: report.train_loss,
         train_accuracy: report.train_accuracy,
@@ -324,7 +336,7 @@ async fn complete(
     else {
         return Ok(false);
     };
-    db::store_checkpoint(&mut *tx, job_id, &encode_f32(&server.model().parameters())).await?;
+    db::store_checkpoint(&mut *tx, job_id, &encode_f32(&parameters)).await?;
     for (recipient, bytes) in sealed {
         db::store_sealed(&mut *tx, visit.id, recipient, visit.agent_id, &bytes).await?;
     }

@@ -369,6 +369,15 @@ pub struct ClientKey {
     buffers: ComputationBuffers,
     /// Seeds of the masks and the encryption noise: ChaCha12 keyed from the OS entropy.
     randomness: ChaCha12Rng,
+    /// Pads made ahead of time by [`ClientKey::prepare`], each used by one encryption.
+    pads: Vec<Pad>,
+}
+
+/// The part of an encryption that does not depend on the message: a fresh mask seed and
+/// `mask·s + e`. As secret as the key (body − pad is the message); used once, never sent.
+struct Pad {
+    seed: u128,
+    body: Vec<u64>,
 }
 
 impl fmt::Debug for ClientKey {
@@ -413,26 +422,48 @@ impl ClientKey {
             fft,
             buffers,
             randomness: ChaCha12Rng::from_seed(entropy),
+            pads: Vec::new(),
         }
     }
 
-    /// Encrypts one plaintext polynomial as a seeded ciphertext. The body is computed exactly:
-    /// `round₄₆(mask·s + m + e)` with the product mask·s taken modulo 2^64 by an NTT.
-    pub fn encrypt(&mut self, plaintext: &[u64]) -> UploadCiphertext {
-        assert_eq!(plaintext.len(), POLYNOMIAL_SIZE, "plaintext length");
+    /// Makes pads until `count` are ready: the message-independent part of the next `count`
+    /// encryptions (mask expansion, the mask·s product, the noise: ~80 % of an encryption), so
+    /// that it can run while the server computes. Optional: [`ClientKey::encrypt`] makes its
+    /// own pad when none is ready.
+    pub fn prepare(&mut self, count: usize) {
+        while self.pads.len() < count {
+            let pad = self.pad();
+            self.pads.push(pad);
+        }
+    }
+
+    fn pad(&mut self) -> Pad {
         let seed = (self.randomness.next_u64() as u128) << 64 | self.randomness.next_u64() as u128;
         let mask = expand_mask(seed);
         let mut body = vec![0u64; POLYNOMIAL_SIZE];
         self.ntt
             .negacyclic_polymul(&mut body, &mask, self.key.as_ref());
         let bound_log2 = noise_bound_log2();
-        for (b, &m) in body.iter_mut().zip(plaintext) {
-            let noise = t_uniform(&mut self.randomness, bound_log2);
-            *b = b.wrapping_add(m).wrapping_add(noise);
+        for b in &mut body {
+            *b = b.wrapping_add(t_uniform(&mut self.randomness, bound_log2));
         }
+        Pad { seed, body }
+    }
+
+    /// Encrypts one plaintext polynomial as a seeded ciphertext. The body is computed exactly:
+    /// `round₄₆(mask·s + m + e)` with the product mask·s taken modulo 2^64 by an NTT.
+    pub fn encrypt(&mut self, plaintext: &[u64]) -> UploadCiphertext {
+        assert_eq!(plaintext.len(), POLYNOMIAL_SIZE, "plaintext length");
+        let Pad { seed, body } = match self.pads.pop() {
+            Some(pad) => pad,
+            None => self.pad(),
+        };
         let switched: Vec<u64> = body
             .iter()
-            .map(|&b| modulus_switch(b, CiphertextModulusLog(UPLOAD_LOG_MODULUS)))
+            .zip(plaintext)
+            .map(|(&b, &m)| {
+                modulus_switch(b.wrapping_add(m), CiphertextModulusLog(UPLOAD_LOG_MODULUS))
+            })
             .collect();
         let packed = PackedIntegers::pack(&switched, CiphertextModulusLog(UPLOAD_LOG_MODULUS));
         UploadCiphertext {
@@ -614,6 +645,14 @@ impl ServerHe {
             .map(|&b| to_fixed(b as f64, ACTIVATION_SCALE_LOG + WEIGHT_SCALE_LOG))
             .collect::<Result<_, _>>()?;
         self.transforms.iter_mut().for_each(|t| *t = None);
+        Ok(())
+    }
+
+    /// Transforms the weights for chunks of `n` samples now rather than at the next product
+    /// (after a weight update, while the client computes).
+    pub fn prepare(&mut self, n: usize) -> Result<(), HeError> {
+        self.packing.check_chunk(n)?;
+        self.ensure_transforms(n);
         Ok(())
     }
 
@@ -849,9 +888,12 @@ mod tests {
         let logits = packing.decode_logits(&phases, n).unwrap();
         let logit_err = max_error(&logits, &reference_logits(&a, &w, &bias, cut, classes));
 
+        // The gradient uploads use pads made ahead of time (the forward upload made its own).
+        key.prepare(packing.groups(n));
         let uploads: Vec<_> = (0..packing.groups(n))
             .map(|grp| key.encrypt(&packing.encode_gradients(&g, n, grp).unwrap()))
             .collect();
+        assert!(key.pads.is_empty(), "every prepared pad is used once");
         let out = server.backward(&uploads, n).unwrap();
         let phase = key
             .decrypt(&out, packing.backward_output_bodies(n))
@@ -901,7 +943,11 @@ mod tests {
         let mut server = ServerHe::new(packing);
         server.set_weights(&w, &[0.0; 5]).unwrap();
         let mut errors = Vec::new();
-        for _ in 0..20 {
+        for i in 0..20 {
+            // Half the uploads with a pad made ahead of time: both paths carry the same noise.
+            if i % 2 == 0 {
+                key.prepare(1);
+            }
             let upload = key.encrypt(&packing.encode_activations(&vec![0.0; n * cut], n).unwrap());
             for (g, ct) in server.forward(&upload, n).unwrap().iter().enumerate() {
                 let phase = key

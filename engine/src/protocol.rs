@@ -4,6 +4,11 @@
 //! the client computes softmax + loss with its labels and sends `Backward`, the server answers
 //! `InputGradients` and updates its layer, the client backpropagates and updates its layers.
 //! An evaluation step is `Forward { train: false }` → `Logits`. Neither side does I/O.
+//!
+//! Each side has a `prepare` method for the work that does not depend on the other side's next
+//! message (the server's optimiser step and weight transforms, the client's encryption pads).
+//! Over a network each side calls it after sending, so that it overlaps the other side's
+//! computation; in one process [`InProcess`] runs it in turn. It never changes results.
 
 use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Tensor, TensorData};
@@ -430,6 +435,35 @@ impl ClientSession {
         })
     }
 
+    /// Work for the next message that does not depend on the server's answer: in `split-he`,
+    /// the encryption pads ([`ClientKey::prepare`]) of the uploads that message will carry (the
+    /// backward uploads while the logits are awaited, the next forward upload of a batch of the
+    /// same size while the input gradients are). A networked client calls it after sending each
+    /// message, so that it runs while the server computes; skipping it changes nothing but
+    /// timing.
+    pub fn prepare(&mut self) {
+        let Some((key, packing)) = &mut self.he else {
+            return;
+        };
+        let uploads = match &self.state {
+            ClientState::Idle => 0,
+            ClientState::AwaitLogits {
+                activations, train, ..
+            } => {
+                let batch = activations.dims()[0];
+                if *train {
+                    packing.chunks(batch).map(|n| packing.groups(n)).sum()
+                } else {
+                    packing.chunks(batch).count()
+                }
+            }
+            ClientState::AwaitInputGradients { activations, .. } => {
+                packing.chunks(activations.dims()[0]).count()
+            }
+        };
+        key.prepare(uploads);
+    }
+
     /// The client half, for sealing and hand-off.
     pub fn model(&self) -> &ClientNet {
         &self.model
@@ -445,6 +479,8 @@ enum ServerState {
     AwaitEncryptedBackward {
         batch: usize,
     },
+    /// A weight update failed (weights outside the fixed-point range); nothing more is served.
+    Failed,
 }
 
 /// The coordinator's half: its layer and optimiser; in `split-he` it only ever holds ciphertexts
@@ -457,6 +493,10 @@ pub struct ServerSession {
     device: Device,
     he: Option<(ServerHe, Packing)>,
     state: ServerState,
+    /// The gradient of the last backward message, applied by [`ServerSession::prepare`].
+    pending: Option<GradientsParams>,
+    /// Chunk sizes of the last forward message, whose weight transforms `prepare` makes.
+    chunks: Vec<usize>,
     #[cfg(test)]
     last_gradients: Vec<f32>,
 }
@@ -511,13 +551,18 @@ impl ServerSession {
             device,
             he,
             state: ServerState::Idle,
+            pending: None,
+            chunks: Vec::new(),
             #[cfg(test)]
             last_gradients: Vec::new(),
         })
     }
 
-    /// Handles one client message and returns the reply.
+    /// Handles one client message and returns the reply. Work left by the previous message
+    /// that [`ServerSession::prepare`] has not done yet is done first.
     pub fn handle(&mut self, bytes: &[u8]) -> Result<Vec<u8>, ProtocolError> {
+        self.prepare()?;
+        self.not_failed()?;
         let reply = match (ClientMessage::decode(bytes)?, &self.state) {
             (
                 ClientMessage::Forward {
@@ -569,9 +614,11 @@ impl ServerSession {
                 let chunks: Vec<usize> = packing.chunks(batch).collect();
                 expect("activation ciphertexts", chunks.len(), uploads.len())?;
                 let mut outputs = Vec::new();
-                for (upload, n) in uploads.iter().zip(chunks) {
+                for (upload, &n) in uploads.iter().zip(&chunks) {
                     outputs.extend(he.forward(upload, n)?);
                 }
+                self.chunks = chunks;
+                self.chunks.dedup();
                 if train {
                     self.state = ServerState::AwaitEncryptedBackward { batch };
                 }
@@ -643,18 +690,49 @@ impl ServerSession {
         {
             self.last_gradients = self.model.gradient_values(&params);
         }
-        self.model = self.optimizer.step(self.lr, self.model.clone(), params);
-        if let Some((he, _)) = &mut self.he {
-            let (w, b) = self.model.weights();
-            he.set_weights(&w, &b)?;
-        }
+        self.pending = Some(params);
         self.state = ServerState::Idle;
         Ok(reply)
     }
 
-    /// The server layer, for checkpoints.
-    pub fn model(&self) -> &ServerNet {
-        &self.model
+    /// Work that need not hold up the reply just produced: after a backward message, the
+    /// optimiser step of the layer and, in `split-he`, the Fourier transforms of the new weights
+    /// for the chunk sizes of the last batch. A networked server calls it after sending each
+    /// reply, so that it runs while the client computes; [`ServerSession::handle`] and
+    /// [`ServerSession::model`] call it too, so skipping it changes nothing but timing.
+    pub fn prepare(&mut self) -> Result<(), ProtocolError> {
+        if let Some(params) = self.pending.take() {
+            self.model = self.optimizer.step(self.lr, self.model.clone(), params);
+            if let Some((he, _)) = &mut self.he {
+                let (w, b) = self.model.weights();
+                if let Err(e) = he.set_weights(&w, &b) {
+                    self.state = ServerState::Failed;
+                    return Err(e.into());
+                }
+            }
+        }
+        if let (Some((he, _)), false) = (&mut self.he, matches!(self.state, ServerState::Failed)) {
+            for &n in &self.chunks {
+                he.prepare(n)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The server layer with every update applied, for checkpoints.
+    pub fn model(&mut self) -> Result<&ServerNet, ProtocolError> {
+        self.prepare()?;
+        self.not_failed()?;
+        Ok(&self.model)
+    }
+
+    fn not_failed(&self) -> Result<(), ProtocolError> {
+        if matches!(self.state, ServerState::Failed) {
+            return Err(ProtocolError::Unexpected(
+                "the server layer failed to update; the session cannot continue",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -781,7 +859,11 @@ impl InProcess {
 
     fn exchange(&mut self, request: Vec<u8>) -> Result<ClientEvent, ProtocolError> {
         self.traffic.client_to_server += request.len() as u64;
+        // Over a network the client prepares while the server computes and the server while the
+        // client computes; here the same work runs in turn.
+        self.client.prepare();
         let reply = self.server.handle(&request)?;
+        self.server.prepare()?;
         self.traffic.server_to_client += reply.len() as u64;
         self.traffic.messages += 2;
         self.client.on_message(&reply)
@@ -883,8 +965,8 @@ mod tests {
         // magnifies the HE noise on near-zero gradients, so compare the updates in L2.
         let (w0, _) = config.init_server(5, &Device::flex()).weights();
         let (lw, _) = local.server.weights();
-        let (sw, _) = split.server.model().weights();
-        let (hw, _) = he.server.model().weights();
+        let (sw, _) = split.server.model().unwrap().weights();
+        let (hw, _) = he.server.model().unwrap().weights();
         let distance =
             |a: &[f32], b: &[f32]| norm(&a.iter().zip(b).map(|(x, y)| x - y).collect::<Vec<_>>());
         let moved = distance(&lw, &w0);
@@ -993,6 +1075,71 @@ mod tests {
             fresh.start(&[], &[], true),
             Err(ProtocolError::BatchSize(0))
         ));
+    }
+
+    #[test]
+    fn preparing_ahead_changes_nothing_but_timing() {
+        // Two plaintext servers fed the same messages, one prepared after every reply (as the
+        // coordinator does) and one never: identical replies and identical layers.
+        let config = ModelConfig::m1();
+        let data = synthetic(16, 5);
+        let mut client = ClientSession::new(&config, Privacy::Plaintext, 2).unwrap();
+        let optimizer = ServerOptimizer::default();
+        let mut prepared = ServerSession::new(&config, Privacy::Plaintext, optimizer, 2).unwrap();
+        let mut lazy = ServerSession::new(&config, Privacy::Plaintext, optimizer, 2).unwrap();
+        for batch in [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]] {
+            let (beats, labels) = gather(&data, &batch);
+            let mut out = client.start(&beats, &labels, true).unwrap();
+            loop {
+                client.prepare();
+                let reply = prepared.handle(&out).unwrap();
+                prepared.prepare().unwrap();
+                assert_eq!(reply, lazy.handle(&out).unwrap());
+                match client.on_message(&reply).unwrap() {
+                    ClientEvent::Send(next) => out = next,
+                    _ => break,
+                }
+            }
+        }
+        assert_eq!(
+            prepared.model().unwrap().parameters(),
+            lazy.model().unwrap().parameters()
+        );
+    }
+
+    #[test]
+    fn a_gradient_that_breaks_the_fixed_point_range_ends_the_session() {
+        // SGD with lr 1 and a finite but enormous gradient puts the weights outside the packing
+        // range: the update fails once, cleanly, and the session serves nothing more.
+        let config = ModelConfig::m1();
+        let data = synthetic(4, 6);
+        let (beats, labels) = gather(&data, &[0, 1, 2, 3]);
+        let sgd = ServerOptimizer::Sgd { lr: 1.0 };
+        let mut he = InProcess::new(&config, Privacy::Encrypted, sgd, 3).unwrap();
+        let forward = he.client.start(&beats, &labels, true).unwrap();
+        let logits = he.server.handle(&forward).unwrap();
+        let ClientEvent::Send(backward) = he.client.on_message(&logits).unwrap() else {
+            panic!("a training step continues with a backward message");
+        };
+        let mut huge = ClientMessage::decode(&backward).unwrap();
+        let ClientMessage::Backward(Gradients::Encrypted { weight_grad, .. }) = &mut huge else {
+            panic!("an encrypted backward message");
+        };
+        weight_grad.iter_mut().for_each(|g| *g = 1e30);
+        he.server.handle(&huge.encode()).unwrap();
+        assert!(matches!(
+            he.server.prepare(),
+            Err(ProtocolError::He(HeError::OutOfRange { .. }))
+        ));
+        assert!(matches!(
+            he.server.handle(&forward),
+            Err(ProtocolError::Unexpected(_))
+        ));
+        assert!(he.server.prepare().is_ok(), "the failure is reported once");
+        assert!(
+            he.server.model().is_err(),
+            "no checkpoint of a failed layer"
+        );
     }
 
     #[test]

@@ -94,7 +94,7 @@ pub async fn run(
             let (beats, labels) = gather(&data.train, batch);
             let mut out = client.start(&beats, &labels, true)?;
             let stats = loop {
-                let reply = link.exchange(&mut ws, out).await?;
+                let reply = link.exchange(&mut ws, &mut client, out).await?;
                 match client.on_message(&reply)? {
                     ClientEvent::Send(next) => out = next,
                     ClientEvent::Trained(stats) => break stats,
@@ -132,7 +132,7 @@ pub async fn run(
         for batch in indices.chunks(batch_size.max(16)) {
             let (beats, labels) = gather(&data.test, batch);
             let out = client.start(&beats, &[], false)?;
-            let reply = link.exchange(&mut ws, out).await?;
+            let reply = link.exchange(&mut ws, &mut client, out).await?;
             let ClientEvent::Evaluated(predicted) = client.on_message(&reply)? else {
                 return Err(AgentError::Session(
                     "unexpected reply to an evaluation".into(),
@@ -244,13 +244,16 @@ struct Link {
 }
 
 impl Link {
+    /// Sends `request` and waits for the reply, preparing the client's next message meanwhile.
     async fn exchange(
         &mut self,
         ws: &mut Session,
+        client: &mut ClientSession,
         request: Vec<u8>,
     ) -> Result<Vec<u8>, AgentError> {
         self.up += request.len() as u64;
         ws.send(Message::binary(request)).await.map_err(ws_err)?;
+        client.prepare();
         match next(ws).await? {
             Message::Binary(b) => {
                 self.down += b.len() as u64;
