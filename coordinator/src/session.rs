@@ -188,8 +188,10 @@ async fn serve(
                             return End::AgentLeft;
                         }
                         // The layer's update and weight transforms run while the agent computes.
+                        // Their cost is fixed by the model (~0.1 ms), not by the message, so they
+                        // run inline rather than through `compute`'s hand-off of the worker.
                         let started = Instant::now();
-                        let prepared = compute(|| srv.prepare());
+                        let prepared = srv.prepare();
                         counters.server_time += started.elapsed();
                         if let Err(e) = prepared {
                             tracing::error!(visit = visit.id, error = %e, "server layer failed");

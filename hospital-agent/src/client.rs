@@ -15,6 +15,9 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::AgentError;
 
+/// How often an agent heartbeats: well inside the coordinator's lease (30 s by default).
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
+
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
@@ -231,6 +234,21 @@ impl Coordinator {
             Err(AgentError::Status { status: 409, .. }) => Ok(false),
             Err(e) => Err(e),
         }
+    }
+
+    /// Keeps the lease of `visit` (id, attempt) with a heartbeat every [`HEARTBEAT_INTERVAL`]
+    /// until the returned task is aborted, for tools that drive a visit themselves (the
+    /// benchmark, the load generator); the daemon's own loop also watches for fencing.
+    pub fn keep_lease(self: &Arc<Self>, visit: (i64, i32)) -> tokio::task::JoinHandle<()> {
+        let coordinator = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(HEARTBEAT_INTERVAL).await;
+                if let Err(e) = coordinator.heartbeat(Some(visit)).await {
+                    tracing::warn!(error = %e, "heartbeat failed");
+                }
+            }
+        })
     }
 
     /// Gives a visit back (it will be retried).

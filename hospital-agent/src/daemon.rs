@@ -11,7 +11,7 @@ use rand::Rng;
 use tokio::sync::watch;
 
 use crate::AgentError;
-use crate::client::Coordinator;
+use crate::client::{Coordinator, HEARTBEAT_INTERVAL};
 use crate::config::LocalData;
 use crate::state::AgentState;
 use crate::visit::{self, Observer, VisitSummary};
@@ -131,7 +131,7 @@ async fn heartbeats(
     current: watch::Receiver<Option<(i64, i32)>>,
     fenced: watch::Sender<Option<i64>>,
 ) {
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
     loop {
         tick.tick().await;
         let visit = *current.borrow();

@@ -61,7 +61,12 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log_format);
-    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    // One thread: the agent trains one visit at a time, and its session's socket, wake-ups and
+    // computation stay on the same CPU (see `visit::REPLY_SPIN`).
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     match runtime.block_on(try_main(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -2,7 +2,8 @@
 //! set through the coordinator's encrypted server layer, measure test accuracy through the same
 //! path, seal the weights to the agents that may train next, and report.
 
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -236,11 +237,47 @@ async fn next(ws: &mut Session) -> Result<Message, AgentError> {
     }
 }
 
-/// Bytes each way on the session.
+/// How long the agent polls for a reply before parking its thread, while replies have been
+/// arriving that fast.
+///
+/// A coordinator on the same machine or LAN answers within a fraction of a millisecond. Parking
+/// the thread for each reply puts its CPU to sleep and has the kernel (on a VM, the hypervisor)
+/// wake it again, which costs tens of microseconds per message and far more on a busy host: on
+/// the 2-vCPU benchmark machine it was a quarter of split-he's time through the coordinator
+/// (docs/benchmarks.md). So while the typical reply time (a moving average) is within this
+/// budget the agent polls the socket for up to this long before parking; over a WAN replies take
+/// longer and it parks at once. The price is the agent's core staying busy while it waits.
+pub const REPLY_SPIN: Duration = Duration::from_millis(2);
+
+static SPIN: AtomicBool = AtomicBool::new(true);
+
+/// Turns polling for replies ([`REPLY_SPIN`]) on or off for this process: off where many agents
+/// share a few cores (the load generator), where polling would take CPU from the others.
+pub fn poll_for_replies(enabled: bool) {
+    SPIN.store(enabled, Ordering::Relaxed);
+}
+
+/// [`next`], polling the socket until `deadline` before parking: each round lets the runtime
+/// check its sockets without sleeping (`yield_now`), so a reply is picked up as it lands.
+async fn next_polling(ws: &mut Session, deadline: Instant) -> Result<Message, AgentError> {
+    loop {
+        if let Some(reply) = futures_util::FutureExt::now_or_never(next(ws)) {
+            return reply;
+        }
+        if Instant::now() >= deadline {
+            return next(ws).await;
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Bytes each way on the session, and how long replies take.
 #[derive(Default)]
 struct Link {
     up: u64,
     down: u64,
+    /// Moving average of the time from sending a message to its reply (None before the first).
+    typical_reply: Option<Duration>,
 }
 
 impl Link {
@@ -253,8 +290,18 @@ impl Link {
     ) -> Result<Vec<u8>, AgentError> {
         self.up += request.len() as u64;
         ws.send(Message::binary(request)).await.map_err(ws_err)?;
+        let sent = Instant::now();
         client.prepare();
-        match next(ws).await? {
+        let spin =
+            SPIN.load(Ordering::Relaxed) && self.typical_reply.is_some_and(|t| t <= REPLY_SPIN);
+        let reply = if spin {
+            next_polling(ws, sent + REPLY_SPIN).await
+        } else {
+            next(ws).await
+        };
+        let took = sent.elapsed();
+        self.typical_reply = Some(self.typical_reply.map_or(took, |t| (t * 7 + took) / 8));
+        match reply? {
             Message::Binary(b) => {
                 self.down += b.len() as u64;
                 Ok(b.to_vec())

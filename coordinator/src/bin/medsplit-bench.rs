@@ -314,6 +314,7 @@ fn print_table(results: &[ModeResult]) {
 
 /// The same training through a real coordinator and agent on loopback.
 mod websocket {
+    use std::sync::Arc;
     use std::time::Duration;
 
     use anyhow::{Context, bail};
@@ -442,7 +443,12 @@ mod websocket {
             mode: mode.name(),
             final_loss: f64::NAN,
         };
-        let summary = visit::run(&coordinator, &key, &assignment, &data, &mut progress).await?;
+        // Keep the lease while training, as the agent daemon does.
+        let coordinator = Arc::new(coordinator);
+        let beat = coordinator.keep_lease((assignment.visit_id, assignment.attempt));
+        let summary = visit::run(&coordinator, &key, &assignment, &data, &mut progress).await;
+        beat.abort();
+        let summary = summary?;
         let accuracy = summary.test_accuracy.context("no test accuracy measured")?;
         let metrics = researcher
             .call("GET", &format!("/v1/jobs/{id}/metrics"), None)

@@ -79,6 +79,9 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    // Many agents share this machine's cores here; an agent polling for its replies would take
+    // CPU from the others and from the coordinator.
+    visit::poll_for_replies(false);
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     match rt.block_on(run(args)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -179,16 +182,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let steps = steps.clone();
         let coordinator = Arc::new(coordinator);
         // Keep the lease while training, as the agent daemon does.
-        let beat = {
-            let c = coordinator.clone();
-            let visit = Some((assignment.visit_id, assignment.attempt));
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(Duration::from_secs(5)).await;
-                    let _ = c.heartbeat(visit).await;
-                }
-            })
-        };
+        let beat = coordinator.keep_lease((assignment.visit_id, assignment.attempt));
         tasks.push(tokio::spawn(async move {
             let mut observer = Steps {
                 last: Instant::now(),
