@@ -32,7 +32,13 @@ enum Command {
     Enrol {
         #[arg(long)]
         coordinator: String,
-        #[arg(long, env = "MEDSPLIT_ENROL_TOKEN", hide_env_values = true)]
+        /// The token as shown once by the dashboard (base64url: it may begin with `-`).
+        #[arg(
+            long,
+            env = "MEDSPLIT_ENROL_TOKEN",
+            hide_env_values = true,
+            allow_hyphen_values = true
+        )]
         token: String,
         #[arg(
             long,
