@@ -11,11 +11,11 @@ use std::time::Duration;
 use axum::Router;
 use tokio::sync::{Notify, watch};
 
-mod api;
 pub mod auth;
 pub mod config;
 pub mod db;
 mod error;
+mod http;
 pub mod local;
 mod scheduler;
 mod session;
@@ -112,7 +112,7 @@ impl Sessions {
 
 /// The router: REST API, training sessions, OpenAPI document.
 pub fn create_app(state: AppState) -> Router {
-    api::routes(state)
+    http::routes(state)
 }
 
 /// Background work: wakes claimers on Postgres notifications, and re-queues visits whose lease
@@ -164,7 +164,7 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
 /// Creates a platform admin; returns the user id.
 pub async fn create_admin(db: &db::Db, email: &str, password: &str) -> Result<i64, Error> {
-    api::check_new_user(email, password)?;
+    http::check_new_user(email, password)?;
     let hash = auth::hash_password(password)?;
     let mut tx = db.begin().await?;
     let user = db::create_user(&mut *tx, email, &hash, "platform_admin", None).await?;

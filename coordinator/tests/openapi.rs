@@ -2,9 +2,19 @@
 
 use std::collections::BTreeSet;
 
-/// `(METHOD, path)` pairs registered in `src/api.rs` (`.route("path", get(..).post(..))`).
+/// `(METHOD, path)` pairs registered in the routers of `src/http/`
+/// (`.route("path", get(..).post(..))` inside `Router::new()` chains).
 fn router_routes() -> BTreeSet<(String, String)> {
-    let source = include_str!("../src/api.rs");
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/http");
+    let mut routers = String::new();
+    for entry in std::fs::read_dir(dir).expect("src/http") {
+        let source = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        // Each router chain runs from `Router::new()` to the end of its function.
+        for chain in source.split("Router::new()").skip(1) {
+            routers.push_str(chain.split("\n}\n").next().unwrap());
+        }
+    }
+    let source = routers;
     let mut out = BTreeSet::new();
     for chunk in source.split(".route(").skip(1) {
         let Some(rest) = chunk.trim_start().strip_prefix('"') else {

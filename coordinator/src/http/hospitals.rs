@@ -1,0 +1,86 @@
+//! Hospitals: created and disabled by platform admins.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{Body, audit, check_name, conflict};
+use crate::auth::{Principal, Role};
+use crate::error::{Error, Result};
+use crate::{AppState, db};
+
+pub(super) fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/hospitals", get(list_hospitals).post(create_hospital))
+        .route("/v1/hospitals/{id}/disable", post(disable_hospital))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewHospital {
+    name: String,
+}
+
+async fn create_hospital(
+    State(s): State<AppState>,
+    p: Principal,
+    Body(body): Body<NewHospital>,
+) -> Result<(StatusCode, Json<db::Hospital>)> {
+    p.require(Role::PlatformAdmin)?;
+    check_name("name", &body.name)?;
+    let mut tx = s.db.begin().await?;
+    let h = db::create_hospital(&mut *tx, &body.name)
+        .await
+        .map_err(|e| conflict(e, "a hospital with this name exists"))?;
+    audit(
+        &mut *tx,
+        &p,
+        "hospital.create",
+        format!("hospital:{}", h.id),
+        json!({ "name": h.name }),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok((StatusCode::CREATED, Json(h)))
+}
+
+async fn list_hospitals(
+    State(s): State<AppState>,
+    _p: Principal,
+) -> Result<Json<Vec<db::Hospital>>> {
+    Ok(Json(db::list_hospitals(&s.db).await?))
+}
+
+async fn disable_hospital(
+    State(s): State<AppState>,
+    p: Principal,
+    Path(id): Path<i64>,
+) -> Result<StatusCode> {
+    p.require(Role::PlatformAdmin)?;
+    let mut tx = s.db.begin().await?;
+    if !db::set_hospital_disabled(&mut *tx, id, true).await? {
+        return Err(Error::NotFound("hospital"));
+    }
+    audit(
+        &mut *tx,
+        &p,
+        "hospital.disable",
+        format!("hospital:{id}"),
+        json!({}),
+    )
+    .await?;
+    let agents: Vec<i64> = db::list_agents(&mut *tx, id)
+        .await?
+        .iter()
+        .map(|a| a.id)
+        .collect();
+    tx.commit().await?;
+    s.sessions
+        .stop_where(medsplit_engine::api::close::REVOKED, |_, o| {
+            agents.contains(&o.agent_id)
+        });
+    Ok(StatusCode::NO_CONTENT)
+}

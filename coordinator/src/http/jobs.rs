@@ -1,0 +1,374 @@
+//! Jobs: created by researchers, consented to by each named hospital, watched by all of them.
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use medsplit_engine::api::{FieldError, JobSpec};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::{Body, audit};
+use crate::auth::{Principal, Role};
+use crate::error::{Error, Result};
+use crate::{AppState, db};
+
+pub(super) fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/jobs", get(list_jobs).post(create_job))
+        .route("/v1/jobs/{id}", get(get_job))
+        .route("/v1/jobs/{id}/cancel", post(cancel_job))
+        .route("/v1/jobs/{id}/consent", post(consent))
+        .route("/v1/jobs/{id}/metrics", get(metrics))
+        .route("/v1/jobs/{id}/events", get(events))
+}
+
+#[derive(Serialize)]
+pub struct JobView {
+    id: i64,
+    name: String,
+    status: String,
+    owner_id: i64,
+    spec: JobSpec,
+    hospitals: Vec<db::JobHospital>,
+    visits_done: usize,
+    visits_total: usize,
+    current: Option<Current>,
+    error: Option<String>,
+    created_at: DateTime<Utc>,
+    started_at: Option<DateTime<Utc>>,
+    finished_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Serialize)]
+struct Current {
+    visit_id: i64,
+    round: i32,
+    hospital: String,
+    status: String,
+    progress: f64,
+}
+
+async fn job_view(e: &db::Db, job: db::JobRow) -> Result<JobView> {
+    let hospitals = db::job_hospitals(e, job.id).await?;
+    let visits = db::visits(e, job.id).await?;
+    let done = visits
+        .iter()
+        .filter(|v| matches!(v.status.as_str(), "completed" | "skipped"))
+        .count();
+    let current = visits
+        .iter()
+        .find(|v| matches!(v.status.as_str(), "queued" | "running"))
+        .map(|v| Current {
+            visit_id: v.id,
+            round: v.round,
+            hospital: hospitals
+                .iter()
+                .find(|h| h.hospital_id == v.hospital_id)
+                .map(|h| h.name.clone())
+                .unwrap_or_default(),
+            status: v.status.clone(),
+            progress: v.progress.unwrap_or(0.0),
+        });
+    Ok(JobView {
+        id: job.id,
+        name: job.name,
+        status: job.status,
+        owner_id: job.owner_id,
+        visits_total: (job.spec.rounds as usize) * hospitals.len(),
+        spec: job.spec.0,
+        hospitals,
+        visits_done: done,
+        current,
+        error: job.error,
+        created_at: job.created_at,
+        started_at: job.started_at,
+        finished_at: job.finished_at,
+    })
+}
+
+/// Loads a job the caller may see: its owner, a platform admin, or an admin of a hospital it
+/// names.
+async fn visible_job(s: &AppState, p: &Principal, id: i64) -> Result<db::JobRow> {
+    let job = db::job(&s.db, id).await?.ok_or(Error::NotFound("job"))?;
+    let allowed = match p.role {
+        Role::PlatformAdmin => true,
+        Role::Researcher => job.owner_id == p.id,
+        Role::HospitalAdmin => db::job_hospitals(&s.db, id)
+            .await?
+            .iter()
+            .any(|h| Some(h.hospital_id) == p.hospital),
+        Role::Agent => false,
+    };
+    if !allowed {
+        return Err(Error::NotFound("job"));
+    }
+    Ok(job)
+}
+
+async fn create_job(
+    State(s): State<AppState>,
+    p: Principal,
+    Body(spec): Body<JobSpec>,
+) -> Result<(StatusCode, Json<JobView>)> {
+    p.require(Role::Researcher)?;
+    spec.validate()?;
+    let found = db::hospitals_by_name(&s.db, &spec.hospitals).await?;
+    let mut ids = Vec::new();
+    for (i, name) in spec.hospitals.iter().enumerate() {
+        let id = found
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, id)| *id)
+            .ok_or_else(|| {
+                FieldError::new(
+                    format!("hospitals[{i}]"),
+                    format!("no hospital named {name:?}"),
+                )
+            })?;
+        ids.push(id);
+    }
+    let on_failure = match spec.on_failure {
+        medsplit_engine::api::FailurePolicy::Skip => "skip",
+        medsplit_engine::api::FailurePolicy::Fail => "fail",
+    };
+    let mut tx = s.db.begin().await?;
+    let id = db::insert_job(&mut *tx, p.id, &spec, on_failure).await?;
+    for (position, hospital) in ids.into_iter().enumerate() {
+        db::insert_job_hospital(&mut *tx, id, position as i32, hospital).await?;
+    }
+    db::job_event(
+        &mut *tx,
+        id,
+        "job.created",
+        json!({ "awaiting_consent": spec.hospitals }),
+    )
+    .await?;
+    audit(
+        &mut *tx,
+        &p,
+        "job.create",
+        format!("job:{id}"),
+        json!({ "name": spec.name }),
+    )
+    .await?;
+    tx.commit().await?;
+    let job = db::job(&s.db, id).await?.ok_or(Error::NotFound("job"))?;
+    Ok((StatusCode::CREATED, Json(job_view(&s.db, job).await?)))
+}
+
+async fn list_jobs(State(s): State<AppState>, p: Principal) -> Result<Json<Vec<JobView>>> {
+    let jobs = match p.role {
+        Role::PlatformAdmin => db::list_jobs(&s.db, None).await?,
+        Role::Researcher => db::list_jobs(&s.db, Some(p.id)).await?,
+        Role::HospitalAdmin => db::jobs_for_hospital(&s.db, p.hospital()?).await?,
+        Role::Agent => return Err(Error::Forbidden("agents claim visits instead")),
+    };
+    let mut out = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        out.push(job_view(&s.db, job).await?);
+    }
+    Ok(Json(out))
+}
+
+async fn get_job(
+    State(s): State<AppState>,
+    p: Principal,
+    Path(id): Path<i64>,
+) -> Result<Json<JobView>> {
+    let job = visible_job(&s, &p, id).await?;
+    Ok(Json(job_view(&s.db, job).await?))
+}
+
+async fn cancel_job(
+    State(s): State<AppState>,
+    p: Principal,
+    Path(id): Path<i64>,
+) -> Result<Json<JobView>> {
+    let job = visible_job(&s, &p, id).await?;
+    if !(p.role == Role::PlatformAdmin || (p.role == Role::Researcher && job.owner_id == p.id)) {
+        return Err(Error::Forbidden(
+            "only the job's owner or a platform admin can cancel it",
+        ));
+    }
+    let mut tx = s.db.begin().await?;
+    if !db::end_job(&mut tx, id, "cancelled", None).await? {
+        return Err(Error::Conflict(format!(
+            "the job is already {}",
+            job.status
+        )));
+    }
+    db::job_event(&mut *tx, id, "job.cancelled", json!({ "by": p.actor() })).await?;
+    audit(&mut *tx, &p, "job.cancel", format!("job:{id}"), json!({})).await?;
+    tx.commit().await?;
+    s.sessions
+        .stop_where(medsplit_engine::api::close::FENCED, |_, o| o.job_id == id);
+    let job = db::job(&s.db, id).await?.ok_or(Error::NotFound("job"))?;
+    Ok(Json(job_view(&s.db, job).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Decision {
+    Approve,
+    Decline,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Consent {
+    decision: Decision,
+}
+
+async fn consent(
+    State(s): State<AppState>,
+    p: Principal,
+    Path(id): Path<i64>,
+    Body(body): Body<Consent>,
+) -> Result<Json<JobView>> {
+    p.require(Role::HospitalAdmin)?;
+    let hospital = p.hospital()?;
+    visible_job(&s, &p, id).await?;
+    let decision = match body.decision {
+        Decision::Approve => "approved",
+        Decision::Decline => "declined",
+    };
+    let mut tx = s.db.begin().await?;
+    if !db::set_consent(&mut *tx, id, hospital, decision, p.id).await? {
+        return Err(Error::Conflict(
+            "the job is not awaiting this hospital's decision".into(),
+        ));
+    }
+    audit(
+        &mut *tx,
+        &p,
+        &format!("job.{decision}"),
+        format!("job:{id}"),
+        json!({ "hospital_id": hospital }),
+    )
+    .await?;
+    db::job_event(
+        &mut *tx,
+        id,
+        &format!("consent.{decision}"),
+        json!({ "hospital_id": hospital }),
+    )
+    .await?;
+    if decision == "declined" {
+        db::decline_job(&mut *tx, id).await?;
+        db::job_event(
+            &mut *tx,
+            id,
+            "job.declined",
+            json!({ "hospital_id": hospital }),
+        )
+        .await?;
+    } else if db::start_job_if_approved(&mut tx, id).await? {
+        db::job_event(&mut *tx, id, "job.started", json!({})).await?;
+    }
+    tx.commit().await?;
+    s.work.notify_waiters();
+    let job = db::job(&s.db, id).await?.ok_or(Error::NotFound("job"))?;
+    Ok(Json(job_view(&s.db, job).await?))
+}
+
+#[derive(Serialize)]
+struct Metrics {
+    visits: Vec<VisitMetrics>,
+    /// Test accuracy per round and hospital, as each hospital's agent measured it on its own
+    /// held-out data after its visit.
+    rounds: Vec<RoundMetrics>,
+}
+
+#[derive(Serialize)]
+struct VisitMetrics {
+    #[serde(flatten)]
+    visit: db::Visit,
+    hospital: String,
+}
+
+#[derive(Serialize)]
+struct RoundMetrics {
+    round: i32,
+    hospitals: Vec<HospitalRound>,
+    mean_test_accuracy: Option<f64>,
+}
+
+#[derive(Serialize)]
+struct HospitalRound {
+    hospital: String,
+    status: String,
+    train_loss: Option<f64>,
+    train_accuracy: Option<f64>,
+    test_accuracy: Option<f64>,
+}
+
+async fn metrics(
+    State(s): State<AppState>,
+    p: Principal,
+    Path(id): Path<i64>,
+) -> Result<Json<Metrics>> {
+    visible_job(&s, &p, id).await?;
+    let hospitals = db::job_hospitals(&s.db, id).await?;
+    let name = |h: i64| {
+        hospitals
+            .iter()
+            .find(|x| x.hospital_id == h)
+            .map(|x| x.name.clone())
+            .unwrap_or_default()
+    };
+    let visits = db::visits(&s.db, id).await?;
+    let mut rounds: Vec<RoundMetrics> = Vec::new();
+    for v in &visits {
+        if rounds.last().is_none_or(|r| r.round != v.round) {
+            rounds.push(RoundMetrics {
+                round: v.round,
+                hospitals: Vec::new(),
+                mean_test_accuracy: None,
+            });
+        }
+        rounds
+            .last_mut()
+            .expect("pushed")
+            .hospitals
+            .push(HospitalRound {
+                hospital: name(v.hospital_id),
+                status: v.status.clone(),
+                train_loss: v.train_loss,
+                train_accuracy: v.train_accuracy,
+                test_accuracy: v.test_accuracy,
+            });
+    }
+    for r in &mut rounds {
+        let accs: Vec<f64> = r.hospitals.iter().filter_map(|h| h.test_accuracy).collect();
+        if !accs.is_empty() {
+            r.mean_test_accuracy = Some(accs.iter().sum::<f64>() / accs.len() as f64);
+        }
+    }
+    let visits = visits
+        .into_iter()
+        .map(|v| VisitMetrics {
+            hospital: name(v.hospital_id),
+            visit: v,
+        })
+        .collect();
+    Ok(Json(Metrics { visits, rounds }))
+}
+
+#[derive(Deserialize)]
+struct After {
+    after: Option<i64>,
+}
+
+async fn events(
+    State(s): State<AppState>,
+    p: Principal,
+    Path(id): Path<i64>,
+    Query(q): Query<After>,
+) -> Result<Json<Vec<db::JobEvent>>> {
+    visible_job(&s, &p, id).await?;
+    Ok(Json(
+        db::job_events(&s.db, id, q.after.unwrap_or(0), 500).await?,
+    ))
+}

@@ -1,0 +1,148 @@
+//! Visits as agents work them: claim (long poll), heartbeat, release, and the training session.
+
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use medsplit_engine::api::{Handoff, Recipient, VisitAssignment};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::Body;
+use crate::auth::{Principal, Role};
+use crate::error::{Error, Result};
+use crate::{AppState, db, session};
+
+pub(super) fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/agent/claim", post(claim))
+        .route("/v1/agent/heartbeat", post(heartbeat))
+        .route("/v1/visits/{id}/release", post(release))
+        .route("/v1/visits/{id}/session", get(session::upgrade))
+}
+
+#[derive(Deserialize)]
+struct Wait {
+    /// Seconds to wait for work (long poll), at most 60.
+    wait: Option<u64>,
+}
+
+async fn claim(State(s): State<AppState>, p: Principal, Query(q): Query<Wait>) -> Result<Response> {
+    p.require(Role::Agent)?;
+    let hospital = p.hospital()?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(q.wait.unwrap_or(0).min(60));
+    loop {
+        let notified = s.work.notified();
+        if let Some(assignment) = try_claim(&s, p.id, hospital).await? {
+            return Ok(Json(assignment).into_response());
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return Ok(StatusCode::NO_CONTENT.into_response());
+        }
+        let wait = (deadline - now).min(s.settings.poll_interval);
+        let _ = tokio::time::timeout(wait, notified).await;
+    }
+}
+
+async fn try_claim(s: &AppState, agent: i64, hospital: i64) -> Result<Option<VisitAssignment>> {
+    if *s.sessions.draining.borrow() {
+        return Ok(None);
+    }
+    let lease = s.settings.lease.as_secs_f64();
+    let mut tx = s.db.begin().await?;
+    let Some(c) = db::claim_visit(&mut *tx, agent, hospital, lease).await? else {
+        return Ok(None);
+    };
+    let handoff = db::handoff(&mut *tx, c.job_id, c.seq, agent).await?;
+    let recipients = db::recipients(&mut *tx, c.job_id).await?;
+    db::job_event(
+        &mut *tx,
+        c.job_id,
+        "visit.started",
+        json!({ "visit_id": c.visit_id, "round": c.round, "position": c.position,
+                "attempt": c.attempt, "agent_id": agent }),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Some(VisitAssignment {
+        visit_id: c.visit_id,
+        attempt: c.attempt,
+        job_id: c.job_id,
+        round: c.round as u32,
+        position: c.position as u32,
+        spec: c.spec.0,
+        handoff: handoff.map(|h| Handoff {
+            from_visit_id: h.visit_id,
+            sender_agent_id: h.sender_agent_id,
+            sender_public_key: B64.encode(h.sender_public_key),
+            sealed: B64.encode(h.sealed),
+        }),
+        recipients: recipients
+            .into_iter()
+            .map(|(agent_id, key)| Recipient {
+                agent_id,
+                public_key: B64.encode(key),
+            })
+            .collect(),
+        lease_seconds: s.settings.lease.as_secs() as u32,
+    }))
+}
+
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    pub version: Option<String>,
+    pub visit_id: Option<i64>,
+    pub attempt: Option<i32>,
+}
+
+async fn heartbeat(
+    State(s): State<AppState>,
+    p: Principal,
+    Body(body): Body<Heartbeat>,
+) -> Result<StatusCode> {
+    p.require(Role::Agent)?;
+    if let Some(v) = body.version.as_deref().filter(|v| v.len() <= 64) {
+        db::set_agent_version(&s.db, p.id, v).await?;
+    }
+    if let (Some(visit), Some(attempt)) = (body.visit_id, body.attempt)
+        && !db::heartbeat(&s.db, visit, attempt, p.id, s.settings.lease.as_secs_f64()).await?
+    {
+        return Err(Error::Conflict(
+            "this attempt no longer holds the visit".into(),
+        ));
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Release {
+    pub attempt: i32,
+    pub reason: String,
+}
+
+async fn release(
+    State(s): State<AppState>,
+    p: Principal,
+    Path(id): Path<i64>,
+    Body(body): Body<Release>,
+) -> Result<StatusCode> {
+    p.require(Role::Agent)?;
+    let reason: String = body.reason.chars().take(500).collect();
+    if !db::release_visit(&s.db, id, body.attempt, p.id, &reason).await? {
+        return Err(Error::Conflict(
+            "this attempt no longer holds the visit".into(),
+        ));
+    }
+    s.sessions
+        .stop_where(medsplit_engine::api::close::FENCED, |v, _| v == id);
+    crate::scheduler::sweep(&s).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
