@@ -7,6 +7,7 @@
 pub mod api;
 pub mod data;
 pub mod he;
+pub mod metrics;
 pub mod model;
 pub mod protocol;
 pub mod training;

@@ -14,6 +14,7 @@ use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::he::{ClientKey, HeError, Packing, ServerHe};
+use crate::metrics::MetricsError;
 use crate::model::{
     self, CLIENT_LR, ClientNet, ModelConfig, ModelError, ServerNet, ServerOptimizer, tensor_values,
 };
@@ -54,6 +55,14 @@ pub enum ProtocolError {
     },
     #[error("non-finite value in {0}")]
     NotFinite(&'static str),
+    #[error("predicted class {class} at row {row} is not below {classes}")]
+    Prediction {
+        row: usize,
+        class: usize,
+        classes: usize,
+    },
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
 }
 
 fn expect(what: &'static str, expected: usize, got: usize) -> Result<(), ProtocolError> {
@@ -996,7 +1005,9 @@ mod tests {
             let order = epoch_order(train.len(), 3, epoch);
             train_epoch(&mut he, &train, &order, 8, &mut |_, _| {}).unwrap();
         }
-        let accuracy = evaluate(&mut he, &test, 8).unwrap();
+        let accuracy = evaluate(&mut he, &test, 8, &crate::wfdb::CLASS_SYMBOLS)
+            .unwrap()
+            .accuracy();
         eprintln!("split-he synthetic test accuracy after 2 epochs: {accuracy:.3}");
         assert!(accuracy >= 0.8, "accuracy {accuracy}");
         assert!(he.traffic().client_to_server > 0 && he.traffic().server_to_client > 0);

@@ -4,6 +4,7 @@ use rand::{SeedableRng, seq::SliceRandom};
 use rand_chacha::ChaCha8Rng;
 
 use crate::data::Dataset;
+use crate::metrics::Confusion;
 use crate::protocol::{BatchStats, ProtocolError, Trainer};
 
 /// The order in which epoch `epoch` visits the training set: a seeded shuffle, identical for every
@@ -72,22 +73,49 @@ pub fn train_epoch(
     Ok(totals)
 }
 
-/// Accuracy on `data`, predicted `batch_size` samples at a time.
+/// The confusion matrix of `trainer`'s predictions on `data`, predicted `batch_size` samples at
+/// a time; `classes` names the classes, one per class of `data`.
 pub fn evaluate(
     trainer: &mut dyn Trainer,
     data: &Dataset,
     batch_size: usize,
-) -> Result<f64, ProtocolError> {
+    classes: &[&str],
+) -> Result<Confusion, ProtocolError> {
+    if classes.len() != data.num_classes() {
+        return Err(ProtocolError::Shape {
+            what: "class names",
+            expected: data.num_classes(),
+            got: classes.len(),
+        });
+    }
+    let mut confusion = Confusion::new(classes.iter().copied())?;
     let indices: Vec<usize> = (0..data.len()).collect();
-    let mut correct = 0;
-    for batch in indices.chunks(batch_size.max(1)) {
+    for (b, batch) in indices.chunks(batch_size.max(1)).enumerate() {
         let (beats, labels) = gather(data, batch);
         let predicted = trainer.predict(&beats)?;
-        correct += predicted
-            .iter()
-            .zip(&labels)
-            .filter(|(p, l)| **p == **l as usize)
-            .count();
+        expect_len("predictions", labels.len(), predicted.len())?;
+        for (i, (&p, &l)) in predicted.iter().zip(&labels).enumerate() {
+            if p >= classes.len() {
+                return Err(ProtocolError::Prediction {
+                    row: b * batch_size.max(1) + i,
+                    class: p,
+                    classes: classes.len(),
+                });
+            }
+            confusion.add(usize::from(l), p);
+        }
     }
-    Ok(correct as f64 / data.len().max(1) as f64)
+    Ok(confusion)
+}
+
+fn expect_len(what: &'static str, expected: usize, got: usize) -> Result<(), ProtocolError> {
+    if expected == got {
+        Ok(())
+    } else {
+        Err(ProtocolError::Shape {
+            what,
+            expected,
+            got,
+        })
+    }
 }

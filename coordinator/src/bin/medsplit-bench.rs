@@ -11,6 +11,7 @@ use medsplit_engine::data::{self, Dataset};
 use medsplit_engine::model::{ModelConfig, ServerOptimizer};
 use medsplit_engine::protocol::{InProcess, LocalModel, Privacy, Trainer};
 use medsplit_engine::training::{epoch_order, evaluate, train_epoch};
+use medsplit_engine::wfdb::CLASS_SYMBOLS;
 use serde::Serialize;
 
 #[derive(Parser, Debug)]
@@ -264,8 +265,9 @@ fn run_mode(
         );
     }
     let traffic_before_eval = trainer.traffic();
-    let accuracy =
-        evaluate(trainer, test, 64).with_context(|| format!("{} evaluation", mode.name()))?;
+    let accuracy = evaluate(trainer, test, 64, &CLASS_SYMBOLS)
+        .with_context(|| format!("{} evaluation", mode.name()))?
+        .accuracy();
     eprintln!("{:>8} test accuracy {:.2}%", mode.name(), 100.0 * accuracy);
     let epochs = args.epochs as u64;
     Ok(ModeResult {
