@@ -251,8 +251,13 @@ impl Coordinator {
         })
     }
 
-    /// Gives a visit back (it will be retried).
+    /// Gives a visit back (it will be retried). The coordinator refuses control characters in
+    /// any text, so those of the reason (line breaks of an error chain) become spaces.
     pub async fn release(&self, visit: i64, attempt: i32, reason: &str) -> Result<(), AgentError> {
+        let reason: String = reason
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
         let body = serde_json::json!({ "attempt": attempt, "reason": reason });
         match self
             .post(&format!("/v1/visits/{visit}/release"), &body)

@@ -17,6 +17,7 @@ mod auth;
 mod enrolment;
 mod hospitals;
 mod jobs;
+mod text;
 mod users;
 mod visits;
 
@@ -70,7 +71,12 @@ impl<T: serde::de::DeserializeOwned> axum::extract::FromRequest<AppState> for Bo
     }
 }
 
+/// Parses a JSON body strictly (one value, nothing after it), refuses control and formatting
+/// characters in every string ([`text`]), then reads it as `T`; errors name the field.
 pub fn parse_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    let value: serde_json::Value = serde_json::from_slice(bytes)
+        .map_err(|e| Error::BadRequest(format!("invalid JSON body: {e}")))?;
+    text::check_json(&value)?;
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let mut field = e.path().to_string();
