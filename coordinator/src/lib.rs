@@ -16,7 +16,6 @@ pub mod config;
 pub mod db;
 mod error;
 mod http;
-pub mod local;
 mod scheduler;
 mod session;
 mod web;

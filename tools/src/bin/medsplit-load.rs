@@ -12,7 +12,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use medsplit_agent::config::LocalData;
 use medsplit_agent::visit::{self, Observer};
-use medsplit_coordinator::local::{self, Postgres, Rest};
+use medsplit_tools::local::{self, Postgres, Rest};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 

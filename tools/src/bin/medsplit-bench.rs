@@ -322,11 +322,11 @@ mod websocket {
     use anyhow::{Context, bail};
     use medsplit_agent::config::LocalData;
     use medsplit_agent::visit::{self, Observer};
-    use medsplit_coordinator::local::{self, Postgres, Rest};
     use medsplit_coordinator::{AppState, Settings, auth};
     use medsplit_engine::data::Dataset;
     use medsplit_engine::model::ServerOptimizer;
     use medsplit_engine::training::Totals;
+    use medsplit_tools::local::{self, Postgres, Rest};
     use serde_json::json;
 
     use super::{Args, Mode, ModeResult, median};
