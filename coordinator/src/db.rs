@@ -741,6 +741,15 @@ pub struct Visit {
     pub server_seconds: Option<f64>,
     pub wall_seconds: Option<f64>,
     pub last_error: Option<String>,
+    /// Class names of the test confusion matrix.
+    #[serde(skip)]
+    pub test_classes: Option<Vec<String>>,
+    /// The test confusion matrix, row-major (rows: true class).
+    #[serde(skip)]
+    pub test_confusion: Option<Vec<i64>>,
+    /// `patient` or `beat`: the kind of split the test set came from.
+    #[serde(skip)]
+    pub test_evaluation: Option<String>,
 }
 
 pub async fn visits(e: impl PgExecutor<'_>, job_id: i64) -> sqlx::Result<Vec<Visit>> {
@@ -749,7 +758,8 @@ pub async fn visits(e: impl PgExecutor<'_>, job_id: i64) -> sqlx::Result<Vec<Vis
         "select id, job_id, seq, round, position, hospital_id, status, attempt, failures, agent_id,
                 lease_expires_at, started_at, finished_at, progress, train_loss, train_accuracy,
                 train_samples, test_accuracy, test_samples, bytes_up, bytes_down, messages,
-                server_seconds, wall_seconds, last_error
+                server_seconds, wall_seconds, last_error, test_classes, test_confusion,
+                test_evaluation
          from visits where job_id = $1 order by seq",
         job_id
     )
@@ -763,7 +773,8 @@ pub async fn visit(e: impl PgExecutor<'_>, id: i64) -> sqlx::Result<Option<Visit
         "select id, job_id, seq, round, position, hospital_id, status, attempt, failures, agent_id,
                 lease_expires_at, started_at, finished_at, progress, train_loss, train_accuracy,
                 train_samples, test_accuracy, test_samples, bytes_up, bytes_down, messages,
-                server_seconds, wall_seconds, last_error
+                server_seconds, wall_seconds, last_error, test_classes, test_confusion,
+                test_evaluation
          from visits where id = $1",
         id
     )
@@ -982,6 +993,8 @@ pub struct VisitOutcome {
     pub train_samples: i64,
     pub test_accuracy: Option<f64>,
     pub test_samples: i64,
+    /// The test set's class names, confusion matrix (row-major) and kind of split.
+    pub test: Option<(Vec<String>, Vec<i64>, &'static str)>,
     pub bytes_up: i64,
     pub bytes_down: i64,
     pub messages: i64,
@@ -1002,6 +1015,7 @@ pub async fn complete_visit(
                 progress = 1, train_loss = $4, train_accuracy = $5, train_samples = $6,
                 test_accuracy = $7, test_samples = $8, bytes_up = $9, bytes_down = $10,
                 messages = $11, server_seconds = $12,
+                test_classes = $13, test_confusion = $14, test_evaluation = $15,
                 wall_seconds = extract(epoch from now() - started_at)::float8
          where id = $1 and attempt = $2 and agent_id = $3 and status = 'running'
            and lease_expires_at > now()
@@ -1017,7 +1031,10 @@ pub async fn complete_visit(
         m.bytes_up,
         m.bytes_down,
         m.messages,
-        m.server_seconds
+        m.server_seconds,
+        m.test.as_ref().map(|t| t.0.as_slice()),
+        m.test.as_ref().map(|t| t.1.as_slice()),
+        m.test.as_ref().map(|t| t.2),
     )
     .fetch_optional(&mut *tx)
     .await?;

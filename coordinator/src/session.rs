@@ -11,13 +11,15 @@ use axum::extract::{Path, Query, State};
 use axum::response::Response;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use medsplit_engine::api::{AgentFrame, CoordinatorFrame, VisitReport, close};
+use medsplit_engine::api::{AgentFrame, CoordinatorFrame, FieldError, VisitReport, close};
+use medsplit_engine::metrics::{Confusion, EvalKind};
 use medsplit_engine::protocol::{Privacy, ServerSession};
 use serde::Deserialize;
 use serde_json::json;
 
 use crate::auth::{Principal, Role};
 use crate::error::{Error, Result};
+use crate::http::text;
 use crate::{AppState, db};
 
 #[derive(Deserialize)]
@@ -30,6 +32,10 @@ struct Visit {
     attempt: i32,
     agent_id: i64,
     job_id: i64,
+    /// Classes of the job's model.
+    classes: usize,
+    /// Whether this visit's round measures the test set.
+    evaluates: bool,
 }
 
 /// `GET /v1/visits/{id}/session?attempt=N`: only the agent holding this attempt of the visit,
@@ -78,6 +84,8 @@ pub async fn upgrade(
         attempt: q.attempt,
         agent_id: p.id,
         job_id: job.id,
+        classes: config.classes,
+        evaluates: u32::try_from(visit.round).is_ok_and(|r| spec.evaluates(r)),
     };
     let limit = s.settings.max_message_bytes;
     Ok(ws
@@ -259,8 +267,13 @@ fn compute<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
-fn check_report(r: &VisitReport, recipients: &[(i64, Vec<u8>)]) -> Result<Vec<(i64, Vec<u8>)>> {
-    use medsplit_engine::api::FieldError;
+/// What a checked report records.
+struct Checked {
+    sealed: Vec<(i64, Vec<u8>)>,
+    test: Option<(EvalKind, Confusion)>,
+}
+
+fn check_report(r: &VisitReport, visit: &Visit, recipients: &[(i64, Vec<u8>)]) -> Result<Checked> {
     let unit = |field: &str, v: f64| {
         if (0.0..=1.0).contains(&v) {
             Ok(())
@@ -275,6 +288,7 @@ fn check_report(r: &VisitReport, recipients: &[(i64, Vec<u8>)]) -> Result<Vec<(i
     if !r.train_loss.is_finite() || r.train_loss < 0.0 {
         return Err(FieldError::new("train_loss", "must be finite and non-negative").into());
     }
+    let test = check_test(r, visit)?;
     let mut out = Vec::new();
     for (i, copy) in r.sealed.iter().enumerate() {
         if !recipients
@@ -304,7 +318,77 @@ fn check_report(r: &VisitReport, recipients: &[(i64, Vec<u8>)]) -> Result<Vec<(i
             FieldError::new("sealed", "the weights must be sealed to at least one agent").into(),
         );
     }
-    Ok(out)
+    Ok(Checked { sealed: out, test })
+}
+
+/// The test measurement: present exactly when the round measures the test set, one row and
+/// column per class of the job's model, counts that sum to `test_samples`, and the accuracy
+/// they give.
+fn check_test(r: &VisitReport, visit: &Visit) -> Result<Option<(EvalKind, Confusion)>> {
+    let Some(t) = &r.test_evaluation else {
+        if visit.evaluates {
+            return Err(FieldError::new(
+                "test_evaluation",
+                "this round measures the test set: the confusion matrix is missing",
+            )
+            .into());
+        }
+        if r.test_accuracy.is_some() {
+            return Err(FieldError::new("test_accuracy", "must come with test_evaluation").into());
+        }
+        return Ok(None);
+    };
+    if !visit.evaluates {
+        return Err(FieldError::new(
+            "test_evaluation",
+            "this round does not measure the test set",
+        )
+        .into());
+    }
+    for (i, name) in t.classes.iter().enumerate() {
+        text::check(&format!("test_evaluation.classes[{i}]"), name)?;
+    }
+    let confusion = t
+        .confusion()
+        .map_err(|e| FieldError::new("test_evaluation", e.to_string()))?;
+    if confusion.classes().len() != visit.classes {
+        return Err(FieldError::new(
+            "test_evaluation.classes",
+            format!(
+                "the job's model has {} classes, got {}",
+                visit.classes,
+                confusion.classes().len()
+            ),
+        )
+        .into());
+    }
+    let total = confusion.total();
+    if total == 0 || i64::try_from(total).is_err() {
+        return Err(FieldError::new(
+            "test_evaluation.confusion",
+            format!("must count 1 to {} beats, got {total}", i64::MAX),
+        )
+        .into());
+    }
+    if total != r.test_samples {
+        return Err(FieldError::new(
+            "test_evaluation.confusion",
+            format!(
+                "counts sum to {total}, but test_samples is {}",
+                r.test_samples
+            ),
+        )
+        .into());
+    }
+    let accuracy = confusion.accuracy();
+    if r.test_accuracy.is_none_or(|a| (a - accuracy).abs() > 1e-9) {
+        return Err(FieldError::new(
+            "test_accuracy",
+            format!("must be the confusion matrix's accuracy, {accuracy}"),
+        )
+        .into());
+    }
+    Ok(Some((t.kind, confusion)))
 }
 
 /// Records the visit; false when this attempt was fenced off meanwhile.
@@ -316,7 +400,7 @@ async fn complete(
     c: &Counters,
 ) -> Result<bool> {
     let recipients = db::recipients(&s.db, visit.job_id).await?;
-    let sealed = check_report(&report, &recipients)?;
+    let Checked { sealed, test } = check_report(&report, visit, &recipients)?;
     let parameters = server
         .model()
         .map_err(|e| Error::Internal(format!("job {}: server layer: {e}", visit.job_id)))?
@@ -325,8 +409,12 @@ async fn complete(
         train_loss: report.train_loss,
         train_accuracy: report.train_accuracy,
         train_samples: report.train_samples as i64,
-        test_accuracy: report.test_accuracy,
-        test_samples: report.test_samples as i64,
+        test_accuracy: test.as_ref().map(|(_, c)| c.accuracy()),
+        test_samples: test.as_ref().map_or(0, |(_, c)| c.total() as i64),
+        test: test.as_ref().map(|(kind, c)| {
+            let counts = c.rows().into_iter().flatten().map(|v| v as i64).collect();
+            (c.classes().to_vec(), counts, kind.as_str())
+        }),
         bytes_up: c.bytes_up,
         bytes_down: c.bytes_down,
         messages: c.messages,
@@ -349,7 +437,9 @@ async fn complete(
         json!({
             "visit_id": visit.id, "seq": seq,
             "train_loss": report.train_loss, "train_accuracy": report.train_accuracy,
-            "test_accuracy": report.test_accuracy,
+            "test_accuracy": test.as_ref().map(|(_, c)| c.accuracy()),
+            "test_majority_rate": test.as_ref().map(|(_, c)| c.majority_rate()),
+            "test_evaluation": test.as_ref().map(|(kind, _)| kind.as_str()),
             "bytes_up": c.bytes_up, "bytes_down": c.bytes_down,
         }),
     )

@@ -82,6 +82,7 @@ async fn three_agents_train_a_cyclic_encrypted_job(pool: Pool) {
             "encrypted traffic was counted"
         );
     }
+    check_test_metrics(&pool, id, &m).await;
     // Each visit's weights were sealed to every agent; the server layer was checkpointed.
     assert_eq!(count(&pool, "select count(*) from sealed_weights s join visits v on v.id = s.visit_id where v.job_id = $1", id).await, 18);
     assert_eq!(
@@ -129,6 +130,104 @@ async fn three_agents_train_a_cyclic_encrypted_job(pool: Pool) {
     for r in running {
         r.stop.send_replace(true);
         r.task.await.unwrap().unwrap();
+    }
+}
+
+/// Each visit's stored confusion matrix counts its test set, and REST derives the clinical
+/// figures from it: per visit, and pooled over each round's hospitals.
+async fn check_test_metrics(pool: &Pool, job: i64, m: &serde_json::Value) {
+    let stored: Vec<(i64, i64, i64, i32, String)> = sqlx::query_as(
+        "select id, test_samples, (select sum(c)::bigint from unnest(test_confusion) c),
+                cardinality(test_classes), test_evaluation
+         from visits where job_id = $1 order by seq",
+    )
+    .bind(job)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert_eq!(stored.len(), m["visits"].as_array().unwrap().len());
+    for (id, samples, sum, classes, kind) in &stored {
+        assert!(*samples > 0, "visit {id} measured its test set");
+        assert_eq!(
+            sum, samples,
+            "visit {id}: the confusion counts the test set"
+        );
+        assert_eq!(*classes, 5);
+        assert_eq!(kind, "beat", "the agents' split is by beat");
+    }
+    let unit = |v: &serde_json::Value| {
+        let x = v.as_f64().unwrap_or(-1.0);
+        assert!((0.0..=1.0).contains(&x), "{v}");
+        x
+    };
+    for v in m["visits"].as_array().unwrap() {
+        let e = &v["test_evaluation"];
+        assert_eq!(e["kind"], "beat");
+        let classes: Vec<&str> = e["classes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_str().unwrap())
+            .collect();
+        assert_eq!(classes, ["N", "L", "R", "A", "V"]);
+        let rows: Vec<Vec<u64>> = serde_json::from_value(e["confusion"].clone()).unwrap();
+        let total: u64 = rows.iter().flatten().sum();
+        let diagonal: u64 = (0..5).map(|i| rows[i][i]).sum();
+        assert_eq!(Some(total), v["test_samples"].as_u64());
+        let accuracy = diagonal as f64 / total as f64;
+        assert!((unit(&e["accuracy"]) - accuracy).abs() < 1e-12, "{e}");
+        assert!((unit(&v["test_accuracy"]) - accuracy).abs() < 1e-12);
+        let support: Vec<u64> = rows.iter().map(|r| r.iter().sum()).collect();
+        let majority = *support.iter().max().unwrap() as f64 / total as f64;
+        assert!((unit(&e["majority_rate"]) - majority).abs() < 1e-12, "{e}");
+        let mut se_sum = 0.0;
+        for (c, name) in classes.iter().enumerate() {
+            let k = &e["per_class"][name];
+            assert_eq!(k["support"].as_u64(), Some(support[c]), "{e}");
+            let se = diagonal_share(rows[c][c], support[c]);
+            let predicted: u64 = rows.iter().map(|r| r[c]).sum();
+            assert!((unit(&k["se"]) - se).abs() < 1e-12, "{name}: {k}");
+            assert!((unit(&k["ppv"]) - diagonal_share(rows[c][c], predicted)).abs() < 1e-12);
+            unit(&k["f1"]);
+            se_sum += se;
+        }
+        let present = support.iter().filter(|&&n| n > 0).count() as f64;
+        assert!((unit(&e["balanced_accuracy"]) - se_sum / present).abs() < 1e-12);
+        unit(&e["macro_f1"]);
+    }
+    for r in m["rounds"].as_array().unwrap() {
+        let round = r["round"].as_i64().unwrap();
+        let of_round: Vec<&serde_json::Value> = m["visits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|v| v["round"].as_i64() == Some(round))
+            .collect();
+        let mut pooled = vec![vec![0u64; 5]; 5];
+        for v in &of_round {
+            let rows: Vec<Vec<u64>> =
+                serde_json::from_value(v["test_evaluation"]["confusion"].clone()).unwrap();
+            for (p, r) in pooled.iter_mut().flatten().zip(rows.iter().flatten()) {
+                *p += r;
+            }
+        }
+        let got = &r["pooled_test_evaluation"];
+        assert_eq!(got["confusion"], json!(pooled), "round {round}");
+        assert_eq!(got["kind"], "beat");
+        for (h, v) in r["hospitals"].as_array().unwrap().iter().zip(&of_round) {
+            assert_eq!(
+                h["test_majority_rate"],
+                v["test_evaluation"]["majority_rate"]
+            );
+        }
+    }
+}
+
+fn diagonal_share(hits: u64, of: u64) -> f64 {
+    if of == 0 {
+        0.0
+    } else {
+        hits as f64 / of as f64
     }
 }
 
@@ -720,6 +819,149 @@ async fn garbled_and_oversized_frames_close_the_session_and_lose_nothing(pool: P
     assert!(summary.test_accuracy.is_some());
     let job = p.wait_job(id, Duration::from_secs(30)).await;
     assert_eq!(job["status"], "completed");
+}
+
+#[sqlx::test(migrator = "medsplit_coordinator::MIGRATOR")]
+async fn a_malformed_test_confusion_closes_the_session_with_its_reason(pool: Pool) {
+    let p = Platform::new(&pool, 1, &[]).await;
+    let a = p.enrol(0).await;
+    let c = a.coordinator();
+    let id = p.approved_job(spec(&["h0"], 1)).await;
+    let v = c.claim(Duration::from_secs(5)).await.unwrap().unwrap();
+    let classes = json!(["N", "L", "R", "A", "V"]);
+    let good = json!([
+        [2, 0, 0, 0, 0],
+        [0, 2, 0, 0, 0],
+        [0, 0, 2, 0, 0],
+        [0, 0, 0, 2, 0],
+        [0, 0, 0, 0, 1]
+    ]);
+    let report = |test_accuracy: serde_json::Value, test_samples: u64, test: serde_json::Value| {
+        json!({
+            "type": "complete",
+            "train_loss": 0.5, "train_accuracy": 0.5, "train_samples": 8,
+            "test_accuracy": test_accuracy, "test_samples": test_samples,
+            "test_evaluation": test,
+            "sealed": [{ "recipient_agent_id": v.recipients[0].agent_id, "sealed": "AAAA" }],
+        })
+    };
+    let cases = [
+        // Counts that do not sum to test_samples.
+        (
+            report(
+                json!(1.0),
+                10,
+                json!({ "kind": "beat", "classes": classes, "confusion": good }),
+            ),
+            "test_evaluation.confusion: counts sum to 9, but test_samples is 10",
+        ),
+        // Not square.
+        (
+            report(
+                json!(1.0),
+                9,
+                json!({ "kind": "beat", "classes": classes, "confusion": [[9, 0, 0, 0, 0]] }),
+            ),
+            "test_evaluation: the confusion matrix has 1 rows for 5 classes",
+        ),
+        // Fewer classes than the job's model.
+        (
+            report(
+                json!(1.0),
+                2,
+                json!({ "kind": "beat", "classes": ["N", "V"], "confusion": [[1, 0], [0, 1]] }),
+            ),
+            "test_evaluation.classes: the job's model has 5 classes, got 2",
+        ),
+        // An accuracy the counts do not give.
+        (
+            report(
+                json!(0.5),
+                9,
+                json!({ "kind": "beat", "classes": classes, "confusion": good }),
+            ),
+            "test_accuracy: must be the confusion matrix's accuracy, 1",
+        ),
+        // Nothing counted.
+        (
+            report(
+                json!(0.0),
+                0,
+                json!({ "kind": "beat", "classes": classes, "confusion": vec![vec![0; 5]; 5] }),
+            ),
+            "test_evaluation.confusion: must count 1 to",
+        ),
+        // A class name that would rewrite a terminal.
+        (
+            report(
+                json!(1.0),
+                9,
+                json!({ "kind": "beat", "classes": ["N", "L", "R", "\u{1b}[2J", "V"], "confusion": good }),
+            ),
+            "test_evaluation.classes[3]: must not contain control",
+        ),
+        // The round measures the test set, but the report has no counts.
+        (
+            report(json!(null), 0, json!(null)),
+            "test_evaluation: this round measures the test set",
+        ),
+        // An unknown kind of split.
+        (
+            report(
+                json!(1.0),
+                9,
+                json!({ "kind": "record", "classes": classes, "confusion": good }),
+            ),
+            "bad control frame",
+        ),
+    ];
+    for (frame, reason) in cases {
+        let mut ws = c.session(v.visit_id, v.attempt).await.unwrap();
+        ws.send(Message::text(frame.to_string())).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .unwrap();
+        match got {
+            Some(Ok(Message::Close(Some(f)))) => {
+                assert_eq!(u16::from(f.code), 4400, "{f:?}");
+                assert!(
+                    f.reason.contains(reason),
+                    "{reason:?} not in {:?}",
+                    f.reason
+                );
+            }
+            other => panic!("expected close 4400 ({reason}), got {other:?}"),
+        }
+    }
+    // Nothing was recorded; the visit still belongs to this attempt and trains normally.
+    let stored: Option<Vec<i64>> =
+        sqlx::query_scalar("select test_confusion from visits where id = $1")
+            .bind(v.visit_id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(stored, None);
+    let summary = medsplit_agent::visit::run(
+        &c,
+        &a.state.secret_key,
+        &v,
+        &a.data,
+        &mut medsplit_agent::visit::Quiet,
+    )
+    .await
+    .unwrap();
+    let job = p.wait_job(id, Duration::from_secs(30)).await;
+    assert_eq!(job["status"], "completed");
+    let m = p
+        .researcher
+        .ok("GET", &format!("/v1/jobs/{id}/metrics"), None)
+        .await;
+    let test = summary.test.expect("the visit measured its test set");
+    assert_eq!(
+        m["visits"][0]["test_evaluation"]["confusion"],
+        json!(test.rows())
+    );
+    check_test_metrics(&pool, id, &m).await;
 }
 
 #[sqlx::test(migrator = "medsplit_coordinator::MIGRATOR")]

@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::metrics::{Confusion, EvalKind, MetricsError};
 use crate::model::{ModelConfig, ServerOptimizer};
 
 /// The model a job trains.
@@ -225,7 +226,36 @@ pub struct VisitReport {
     pub train_samples: u64,
     pub test_accuracy: Option<f64>,
     pub test_samples: u64,
+    /// The counts behind `test_accuracy`: present exactly when it is.
+    #[serde(default)]
+    pub test_evaluation: Option<TestEvaluation>,
     pub sealed: Vec<SealedCopy>,
+}
+
+/// A test-set measurement as counts: the confusion matrix of the hospital's held-out beats.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TestEvaluation {
+    /// Which kind of split the test set came from.
+    pub kind: EvalKind,
+    /// Class names, in the order of the matrix's rows and columns.
+    pub classes: Vec<String>,
+    /// Beats by true class (rows) and predicted class (columns); they sum to `test_samples`.
+    pub confusion: Vec<Vec<u64>>,
+}
+
+impl TestEvaluation {
+    pub fn new(kind: EvalKind, confusion: &Confusion) -> Self {
+        Self {
+            kind,
+            classes: confusion.classes().to_vec(),
+            confusion: confusion.rows(),
+        }
+    }
+
+    /// The matrix, checked: square, one row per class, valid class names.
+    pub fn confusion(&self) -> Result<Confusion, MetricsError> {
+        Confusion::from_counts(self.classes.clone(), &self.confusion)
+    }
 }
 
 /// Text frames the coordinator sends during a training session.

@@ -25,6 +25,7 @@
 use std::path::{Path, PathBuf};
 
 use medsplit_engine::data::{self, Dataset, SYNTHETIC_BEAT_LEN, SYNTHETIC_CLASSES};
+use medsplit_engine::metrics::EvalKind;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use serde::Deserialize;
@@ -91,6 +92,14 @@ pub struct Shard {
 pub struct LocalData {
     pub train: Dataset,
     pub test: Dataset,
+}
+
+impl LocalData {
+    /// Which kind of split made the test set: beats drawn at random from every source, so
+    /// the same patients are on both sides.
+    pub fn evaluation(&self) -> EvalKind {
+        EvalKind::Beat
+    }
 }
 
 impl Config {

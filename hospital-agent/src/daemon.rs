@@ -157,6 +157,9 @@ fn log_summary(a: &VisitAssignment, s: &VisitSummary) {
         train_loss = s.train.mean_loss(),
         train_accuracy = s.train.accuracy(),
         test_accuracy = s.test_accuracy,
+        test_majority_rate = s.test.as_ref().map(|c| c.majority_rate()),
+        test_macro_f1 = s.test.as_ref().map(|c| c.macro_f1()),
+        test_balanced_accuracy = s.test.as_ref().map(|c| c.balanced_accuracy()),
         bytes_up = s.bytes_up,
         bytes_down = s.bytes_down,
         "visit completed"

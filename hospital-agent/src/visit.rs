@@ -1,6 +1,6 @@
 //! One visit: open the handed-over weights, train `local_epochs` passes over the local training
-//! set through the coordinator's encrypted server layer, measure test accuracy through the same
-//! path, seal the weights to the agents that may train next, and report.
+//! set through the coordinator's encrypted server layer, measure the test set's confusion matrix
+//! through the same path, seal the weights to the agents that may train next, and report.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -10,10 +10,12 @@ use base64::engine::general_purpose::STANDARD as B64;
 use crypto_box::SecretKey;
 use futures_util::{SinkExt, StreamExt};
 use medsplit_engine::api::{
-    AgentFrame, CoordinatorFrame, SealedCopy, VisitAssignment, VisitReport,
+    AgentFrame, CoordinatorFrame, SealedCopy, TestEvaluation, VisitAssignment, VisitReport,
 };
+use medsplit_engine::metrics::Confusion;
 use medsplit_engine::protocol::{ClientEvent, ClientSession, Privacy};
 use medsplit_engine::training::{Totals, epoch_order, gather};
+use medsplit_engine::wfdb::CLASS_SYMBOLS;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::client::{Coordinator, Session};
@@ -37,6 +39,8 @@ impl Observer for Quiet {}
 pub struct VisitSummary {
     pub train: Totals,
     pub test_accuracy: Option<f64>,
+    /// The test set's confusion matrix, when the visit measured it.
+    pub test: Option<Confusion>,
     pub epoch_seconds: Vec<f64>,
     pub bytes_up: u64,
     pub bytes_down: u64,
@@ -125,11 +129,12 @@ pub async fn run(
     }
 
     let (train_bytes_up, train_bytes_down) = (link.up, link.down);
-    let mut test_accuracy = None;
+    let mut test = None;
     if a.spec.evaluates(a.round) {
         observer.evaluating(data.test.len() as u64);
+        let mut confusion = Confusion::new(CLASS_SYMBOLS)
+            .map_err(|e| AgentError::Session(format!("class names: {e}")))?;
         let indices: Vec<usize> = (0..data.test.len()).collect();
-        let mut correct = 0usize;
         for batch in indices.chunks(batch_size.max(16)) {
             let (beats, labels) = gather(&data.test, batch);
             let out = client.start(&beats, &[], false)?;
@@ -139,13 +144,18 @@ pub async fn run(
                     "unexpected reply to an evaluation".into(),
                 ));
             };
-            correct += predicted
-                .iter()
-                .zip(&labels)
-                .filter(|(p, l)| **p == **l as usize)
-                .count();
+            if predicted.len() != labels.len()
+                || predicted.iter().any(|&p| p >= CLASS_SYMBOLS.len())
+            {
+                return Err(AgentError::Session(
+                    "the evaluation's predictions do not fit the batch".into(),
+                ));
+            }
+            for (&p, &l) in predicted.iter().zip(&labels) {
+                confusion.add(usize::from(l), p);
+            }
         }
-        test_accuracy = Some(correct as f64 / data.test.len().max(1) as f64);
+        test = Some(confusion);
     }
 
     let parameters = client.model().parameters();
@@ -167,12 +177,11 @@ pub async fn run(
         train_loss: train.mean_loss(),
         train_accuracy: train.accuracy(),
         train_samples: train.samples as u64,
-        test_accuracy,
-        test_samples: if test_accuracy.is_some() {
-            data.test.len() as u64
-        } else {
-            0
-        },
+        test_accuracy: test.as_ref().map(Confusion::accuracy),
+        test_samples: test.as_ref().map_or(0, Confusion::total),
+        test_evaluation: test
+            .as_ref()
+            .map(|c| TestEvaluation::new(data.evaluation(), c)),
         sealed,
     };
     send_text(&mut ws, &AgentFrame::Complete(report)).await?;
@@ -192,7 +201,8 @@ pub async fn run(
     let _ = ws.close(None).await;
     Ok(VisitSummary {
         train,
-        test_accuracy,
+        test_accuracy: test.as_ref().map(Confusion::accuracy),
+        test,
         epoch_seconds,
         bytes_up: link.up,
         bytes_down: link.down,

@@ -4,3 +4,4 @@
 //! start the platform's processes on this machine ([`local`]).
 
 pub mod local;
+pub mod report;

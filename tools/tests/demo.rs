@@ -34,10 +34,23 @@ fn the_demo_trains_a_cyclic_job_across_real_processes() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(
-        stdout.contains("round  2: test accuracy  hospital-1"),
-        "{stdout}"
-    );
+    // Each round: the kind of split, every hospital's accuracy next to its majority-class
+    // rate, and per-class figures of the pooled matrix.
+    for needle in [
+        "round  1: test sets split by beat",
+        "round  2: test sets split by beat",
+        "accuracy   majority  macro-F1  bal. acc.",
+        "per class",
+    ] {
+        assert!(stdout.contains(needle), "{needle:?} not in\n{stdout}");
+    }
+    for h in ["hospital-1", "hospital-2", "pooled"] {
+        let rows = stdout
+            .lines()
+            .filter(|l| l.trim_start().starts_with(&format!("{h} ")) && l.contains(" beat "))
+            .count();
+        assert_eq!(rows, 2, "one row per round for {h}:\n{stdout}");
+    }
     let summary: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     assert_eq!(summary["status"], "completed");
@@ -49,7 +62,25 @@ fn the_demo_trains_a_cyclic_job_across_real_processes() {
         for h in ["hospital-1", "hospital-2"] {
             let acc = r["test_accuracy"][h].as_f64().unwrap();
             assert!((0.0..=1.0).contains(&acc));
+            let majority = r["test_majority_rate"][h].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&majority));
         }
+        let pooled = &r["pooled_test"];
+        assert_eq!(pooled["kind"], "beat");
+        let total: u64 = pooled["per_class"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|c| c["support"].as_u64().unwrap())
+            .sum();
+        let counted: u64 = pooled["confusion"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|row| row.as_array().unwrap())
+            .map(|n| n.as_u64().unwrap())
+            .sum();
+        assert!(total > 0 && total == counted, "{pooled}");
     }
     std::fs::remove_file(&json).unwrap();
 }

@@ -6,6 +6,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use medsplit_engine::api::{FieldError, JobSpec};
+use medsplit_engine::metrics::{Confusion, EvalKind};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -276,8 +277,8 @@ async fn consent(
 #[derive(Serialize)]
 struct Metrics {
     visits: Vec<VisitMetrics>,
-    /// Test accuracy per round and hospital, as each hospital's agent measured it on its own
-    /// held-out data after its visit.
+    /// Test figures per round and hospital, as each hospital's agent measured them on its own
+    /// held-out data after its visit, and pooled over the round's hospitals.
     rounds: Vec<RoundMetrics>,
 }
 
@@ -286,6 +287,72 @@ struct VisitMetrics {
     #[serde(flatten)]
     visit: db::Visit,
     hospital: String,
+    test_evaluation: Option<Evaluation>,
+}
+
+/// A test measurement: which kind of split the test set came from, the class order, and the
+/// confusion matrix with the figures it gives.
+#[derive(Clone, Serialize)]
+struct Evaluation {
+    kind: EvalKind,
+    classes: Vec<String>,
+    #[serde(flatten)]
+    metrics: Confusion,
+}
+
+impl Evaluation {
+    /// The stored measurement of a visit, if it has one.
+    fn of(v: &db::Visit) -> Option<Self> {
+        let (classes, counts, kind) = (
+            v.test_classes.as_ref()?,
+            v.test_confusion.as_ref()?,
+            v.test_evaluation.as_deref()?,
+        );
+        let n = classes.len().max(1);
+        let rows: Vec<Vec<u64>> = counts
+            .chunks(n)
+            .map(|row| row.iter().map(|&c| c.max(0) as u64).collect())
+            .collect();
+        match (
+            EvalKind::parse(kind),
+            Confusion::from_counts(classes.clone(), &rows),
+        ) {
+            (Some(kind), Ok(metrics)) => Some(Self {
+                kind,
+                classes: classes.clone(),
+                metrics,
+            }),
+            (_, Err(e)) => {
+                tracing::error!(visit = v.id, error = %e, "stored confusion matrix unreadable");
+                None
+            }
+            (None, _) => {
+                tracing::error!(visit = v.id, kind, "stored evaluation kind unknown");
+                None
+            }
+        }
+    }
+
+    /// The pooled measurement of several test sets: patient-wise only when every one is.
+    fn pooled<'a>(all: impl IntoIterator<Item = &'a Evaluation> + Clone) -> Option<Self> {
+        let first = all.clone().into_iter().next()?;
+        let kind = if all.clone().into_iter().all(|e| e.kind == EvalKind::Patient) {
+            EvalKind::Patient
+        } else {
+            EvalKind::Beat
+        };
+        match Confusion::pooled(all.into_iter().map(|e| &e.metrics)) {
+            Ok(metrics) => metrics.map(|metrics| Self {
+                kind,
+                classes: first.classes.clone(),
+                metrics,
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, "test sets of one round not pooled");
+                None
+            }
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -293,6 +360,8 @@ struct RoundMetrics {
     round: i32,
     hospitals: Vec<HospitalRound>,
     mean_test_accuracy: Option<f64>,
+    /// The confusion matrices of the round's hospitals added up.
+    pooled_test_evaluation: Option<Evaluation>,
 }
 
 #[derive(Serialize)]
@@ -302,6 +371,7 @@ struct HospitalRound {
     train_loss: Option<f64>,
     train_accuracy: Option<f64>,
     test_accuracy: Option<f64>,
+    test_majority_rate: Option<f64>,
 }
 
 async fn metrics(
@@ -318,14 +388,35 @@ async fn metrics(
             .map(|x| x.name.clone())
             .unwrap_or_default()
     };
-    let visits = db::visits(&s.db, id).await?;
+    let visits: Vec<VisitMetrics> = db::visits(&s.db, id)
+        .await?
+        .into_iter()
+        .map(|v| VisitMetrics {
+            hospital: name(v.hospital_id),
+            test_evaluation: Evaluation::of(&v),
+            visit: v,
+        })
+        .collect();
     let mut rounds: Vec<RoundMetrics> = Vec::new();
-    for v in &visits {
-        if rounds.last().is_none_or(|r| r.round != v.round) {
+    for (i, v) in visits.iter().enumerate() {
+        let round = v.visit.round;
+        if rounds.last().is_none_or(|r| r.round != round) {
+            let of_round: Vec<&Evaluation> = visits[i..]
+                .iter()
+                .take_while(|w| w.visit.round == round)
+                .filter_map(|w| w.test_evaluation.as_ref())
+                .collect();
+            let accs: Vec<f64> = visits[i..]
+                .iter()
+                .take_while(|w| w.visit.round == round)
+                .filter_map(|w| w.visit.test_accuracy)
+                .collect();
             rounds.push(RoundMetrics {
-                round: v.round,
+                round,
                 hospitals: Vec::new(),
-                mean_test_accuracy: None,
+                mean_test_accuracy: (!accs.is_empty())
+                    .then(|| accs.iter().sum::<f64>() / accs.len() as f64),
+                pooled_test_evaluation: Evaluation::pooled(of_round.iter().copied()),
             });
         }
         rounds
@@ -333,26 +424,17 @@ async fn metrics(
             .expect("pushed")
             .hospitals
             .push(HospitalRound {
-                hospital: name(v.hospital_id),
-                status: v.status.clone(),
-                train_loss: v.train_loss,
-                train_accuracy: v.train_accuracy,
-                test_accuracy: v.test_accuracy,
+                hospital: v.hospital.clone(),
+                status: v.visit.status.clone(),
+                train_loss: v.visit.train_loss,
+                train_accuracy: v.visit.train_accuracy,
+                test_accuracy: v.visit.test_accuracy,
+                test_majority_rate: v
+                    .test_evaluation
+                    .as_ref()
+                    .map(|e| e.metrics.majority_rate()),
             });
     }
-    for r in &mut rounds {
-        let accs: Vec<f64> = r.hospitals.iter().filter_map(|h| h.test_accuracy).collect();
-        if !accs.is_empty() {
-            r.mean_test_accuracy = Some(accs.iter().sum::<f64>() / accs.len() as f64);
-        }
-    }
-    let visits = visits
-        .into_iter()
-        .map(|v| VisitMetrics {
-            hospital: name(v.hospital_id),
-            visit: v,
-        })
-        .collect();
     Ok(Json(Metrics { visits, rounds }))
 }
 

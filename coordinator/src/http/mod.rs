@@ -17,7 +17,7 @@ mod auth;
 mod enrolment;
 mod hospitals;
 mod jobs;
-mod text;
+pub(crate) mod text;
 mod users;
 mod visits;
 

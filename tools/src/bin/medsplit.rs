@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use medsplit_tools::local::{self, Postgres, Rest};
+use medsplit_tools::report::{self, Detail};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -50,8 +51,15 @@ enum Cmd {
     Jobs,
     /// Follow a job with a progress display until it ends.
     Watch { job: i64 },
-    /// Per-visit and per-round metrics of a job (JSON).
-    Metrics { job: i64 },
+    /// A job's test measurements per round: each hospital's accuracy next to the majority-class
+    /// rate, macro-F1, balanced accuracy, the kind of split, and per-class sensitivity, PPV and
+    /// F1 (each hospital's and pooled over the round's hospitals).
+    Metrics {
+        job: i64,
+        /// Print the REST response (JSON) instead.
+        #[arg(long)]
+        json: bool,
+    },
     /// Cancel a job.
     Cancel { job: i64 },
     /// Run the platform on this machine: Postgres, a coordinator and agents as real processes
@@ -136,11 +144,17 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
         Cmd::Watch { job } => {
             follow(&rest()?, job).await?;
         }
-        Cmd::Metrics { job } => {
+        Cmd::Metrics { job, json } => {
             let m = rest()?
                 .call("GET", &format!("/v1/jobs/{job}/metrics"), None)
                 .await?;
-            println!("{}", serde_json::to_string_pretty(&m)?);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&m)?);
+            } else {
+                for round in m["rounds"].as_array().into_iter().flatten() {
+                    print!("{}", report::round(&m, round, Detail::PerHospital));
+                }
+            }
         }
         Cmd::Cancel { job } => {
             let j = rest()?
@@ -191,8 +205,8 @@ fn read_session() -> anyhow::Result<String> {
         .with_context(|| "not logged in: run `medsplit login --email …` first".to_string())
 }
 
-/// Follows a job until it ends: a progress bar over its visits, and one line per finished
-/// round with each hospital's test accuracy. Returns the final metrics.
+/// Follows a job until it ends: a progress bar over its visits, and the test measurements of
+/// each finished round ([`report::round`]). Returns the final metrics.
 async fn follow(r: &Rest, id: i64) -> anyhow::Result<Value> {
     let bar = if std::io::stderr().is_terminal() {
         indicatif::ProgressBar::new(1)
@@ -245,27 +259,8 @@ async fn follow(r: &Rest, id: i64) -> anyhow::Result<Value> {
             {
                 break;
             }
-            let cells: Vec<String> = hs
-                .iter()
-                .map(|h| {
-                    let acc = h["test_accuracy"]
-                        .as_f64()
-                        .map(|a| format!("{:.2} %", 100.0 * a))
-                        .unwrap_or_else(|| h["status"].as_str().unwrap_or("-").to_string());
-                    format!("{} {acc}", h["hospital"].as_str().unwrap_or(""))
-                })
-                .collect();
-            let mean = round["mean_test_accuracy"]
-                .as_f64()
-                .map(|m| format!("   mean {:.2} %", 100.0 * m))
-                .unwrap_or_default();
-            bar.suspend(|| {
-                println!(
-                    "round {:>2}: test accuracy  {}{mean}",
-                    printed_rounds + 1,
-                    cells.join("   ")
-                )
-            });
+            let text = report::round(&metrics, round, Detail::Pooled);
+            bar.suspend(|| print!("{text}"));
             printed_rounds += 1;
         }
         if !matches!(status.as_str(), "pending" | "running") {
@@ -448,17 +443,19 @@ async fn demo(args: Demo) -> anyhow::Result<()> {
 
     let mut rounds = Vec::new();
     for r in metrics["rounds"].as_array().into_iter().flatten() {
-        let mut per = serde_json::Map::new();
+        let mut accuracy = serde_json::Map::new();
+        let mut majority = serde_json::Map::new();
         for h in r["hospitals"].as_array().into_iter().flatten() {
-            per.insert(
-                h["hospital"].as_str().unwrap_or("").to_string(),
-                h["test_accuracy"].clone(),
-            );
+            let name = h["hospital"].as_str().unwrap_or("").to_string();
+            accuracy.insert(name.clone(), h["test_accuracy"].clone());
+            majority.insert(name, h["test_majority_rate"].clone());
         }
         rounds.push(json!({
             "round": r["round"].as_i64().unwrap_or(0) + 1,
-            "test_accuracy": per,
+            "test_accuracy": accuracy,
+            "test_majority_rate": majority,
             "mean_test_accuracy": r["mean_test_accuracy"],
+            "pooled_test": r["pooled_test_evaluation"],
         }));
     }
     let visits = metrics["visits"].as_array().cloned().unwrap_or_default();
