@@ -1,16 +1,24 @@
 //! The coordinator's one error type: precise for 4xx, opaque for 5xx (the cause is logged).
 
 use axum::Json;
+use axum::extract::rejection::{
+    BytesRejection, PathRejection, QueryRejection, RawPathParamsRejection,
+};
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use medsplit_engine::api::FieldError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{0}")]
+    #[error(transparent)]
     Invalid(#[from] FieldError),
     #[error("{0}")]
     BadRequest(String),
+    /// The request was refused before its handler ran (by an extractor: a malformed path or
+    /// query, a body that is too large or not JSON, no WebSocket upgrade), with that status.
+    #[error("{message}")]
+    Rejected { status: StatusCode, message: String },
     #[error("authentication required")]
     Unauthenticated,
     #[error("{0}")]
@@ -36,6 +44,7 @@ impl Error {
         match self {
             Self::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Rejected { status, .. } => *status,
             Self::Unauthenticated => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
@@ -47,6 +56,34 @@ impl Error {
         }
     }
 }
+
+impl Error {
+    /// The body is not declared as JSON.
+    pub fn not_json() -> Self {
+        Self::Rejected {
+            status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            message: "the body must be JSON, sent with Content-Type: application/json".into(),
+        }
+    }
+}
+
+macro_rules! from_rejection {
+    ($($rejection:ty),*) => {$(
+        impl From<$rejection> for Error {
+            fn from(r: $rejection) -> Self {
+                Self::Rejected { status: r.status(), message: r.body_text() }
+            }
+        }
+    )*};
+}
+
+from_rejection!(
+    BytesRejection,
+    PathRejection,
+    QueryRejection,
+    RawPathParamsRejection,
+    WebSocketUpgradeRejection
+);
 
 fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())

@@ -6,8 +6,9 @@
 
 use std::time::{Duration, Instant};
 
+use axum::extract::State;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, Query, State};
 use axum::response::Response;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -19,7 +20,7 @@ use serde_json::json;
 
 use crate::auth::{Principal, Role};
 use crate::error::{Error, Result};
-use crate::http::text;
+use crate::http::{Path, Query, parse_body, text};
 use crate::{AppState, db};
 
 #[derive(Deserialize)]
@@ -45,8 +46,9 @@ pub async fn upgrade(
     p: Principal,
     Path(visit_id): Path<i64>,
     Query(q): Query<SessionQuery>,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response> {
+    let ws = ws?;
     p.require(Role::Agent)?;
     if *s.sessions.draining.borrow() {
         return Err(Error::Unavailable("the coordinator is shutting down"));
@@ -209,7 +211,7 @@ async fn serve(
                     Err(e) => return End::Bad(format!("bad message: {e}")),
                 }
             }
-            Message::Text(text) => match serde_json::from_str::<AgentFrame>(&text) {
+            Message::Text(text) => match parse_body::<AgentFrame>(text.as_bytes()) {
                 Ok(AgentFrame::Progress {
                     samples_done,
                     samples_total,

@@ -1,6 +1,6 @@
 //! Agents as their hospital's admins see them: listed and revoked.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -8,7 +8,7 @@ use medsplit_engine::api::FieldError;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::audit;
+use super::{Path, Query, audit};
 use crate::auth::{Principal, Role};
 use crate::error::{Error, Result};
 use crate::{AppState, db};

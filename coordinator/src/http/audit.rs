@@ -1,10 +1,11 @@
 //! The audit trail, read by platform admins.
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
 
+use super::Query;
 use crate::auth::{Principal, Role};
 use crate::error::Result;
 use crate::{AppState, db};

@@ -43,7 +43,7 @@ struct EnrolmentToken {
 async fn create_enrolment_token(
     State(s): State<AppState>,
     p: Principal,
-    body: Option<Json<NewToken>>,
+    body: Option<Body<NewToken>>,
 ) -> Result<(StatusCode, Json<EnrolmentToken>)> {
     p.require(Role::HospitalAdmin)?;
     let hospital = p.hospital()?;

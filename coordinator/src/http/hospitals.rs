@@ -1,13 +1,13 @@
 //! Hospitals: created and disabled by platform admins.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{Body, audit, check_name, conflict};
+use super::{Body, Path, audit, check_name, conflict};
 use crate::auth::{Principal, Role};
 use crate::error::{Error, Result};
 use crate::{AppState, db};

@@ -1,6 +1,6 @@
 //! Jobs: created by researchers, consented to by each named hospital, watched by all of them.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -10,7 +10,7 @@ use medsplit_engine::metrics::{Confusion, EvalKind};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::{Body, audit};
+use super::{Body, Path, Query, audit};
 use crate::auth::{Principal, Role};
 use crate::error::{Error, Result};
 use crate::{AppState, db};

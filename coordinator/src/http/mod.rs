@@ -2,6 +2,7 @@
 //! handler writes the audit trail in the same transaction as its change.
 
 use axum::Router;
+use axum::http::{HeaderValue, header};
 use axum::response::Response;
 use axum::routing::get;
 use medsplit_engine::api::FieldError;
@@ -15,12 +16,14 @@ mod agents;
 mod audit;
 mod auth;
 mod enrolment;
+mod extract;
 mod hospitals;
 mod jobs;
 pub(crate) mod text;
 mod users;
 mod visits;
 
+pub use extract::{Body, Path, Query, parse_body};
 pub use users::check_new_user;
 
 /// The OpenAPI document, committed beside the code.
@@ -42,8 +45,9 @@ pub fn routes(state: AppState) -> Router {
         .merge(visits::router())
         .merge(jobs::router())
         .fallback(crate::web::serve)
-        .layer(axum::middleware::map_response(nosniff))
         .layer(tower_http::limit::RequestBodyLimitLayer::new(1 << 20))
+        .layer(axum::middleware::map_response(json_errors))
+        .layer(axum::middleware::map_response(nosniff))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
 }
@@ -51,52 +55,41 @@ pub fn routes(state: AppState) -> Router {
 /// No response is sniffed into another type than it declares.
 async fn nosniff(mut response: Response) -> Response {
     response.headers_mut().insert(
-        axum::http::header::X_CONTENT_TYPE_OPTIONS,
-        axum::http::HeaderValue::from_static("nosniff"),
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
     );
     response
 }
 
-/// A JSON body whose errors name the offending field (axum's own rejection does not).
-pub struct Body<T>(pub T);
-
-impl<T: serde::de::DeserializeOwned> axum::extract::FromRequest<AppState> for Body<T> {
-    type Rejection = Error;
-
-    async fn from_request(req: axum::extract::Request, state: &AppState) -> Result<Self> {
-        let bytes = axum::body::Bytes::from_request(req, state)
-            .await
-            .map_err(|e| Error::BadRequest(e.body_text()))?;
-        parse_body(&bytes).map(Body)
+/// Puts the error responses that the handlers do not make themselves (the router's 405, the
+/// body limit's 413, a dashboard file that does not exist) into the API's JSON error shape,
+/// keeping their status and headers.
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        return response;
     }
-}
-
-/// Parses a JSON body strictly (one value, nothing after it), refuses control and formatting
-/// characters in every string ([`text`]), then reads it as `T`; errors name the field.
-pub fn parse_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T> {
-    let value: serde_json::Value = serde_json::from_slice(bytes)
-        .map_err(|e| Error::BadRequest(format!("invalid JSON body: {e}")))?;
-    text::check_json(&value)?;
-    let de = &mut serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let mut field = e.path().to_string();
-        let message = e.inner().to_string();
-        if let Some(missing) = message
-            .strip_prefix("missing field `")
-            .and_then(|m| m.split('`').next())
-        {
-            field = if field == "." {
-                missing.to_string()
-            } else {
-                format!("{field}.{missing}")
-            };
-        }
-        if field == "." || e.inner().is_syntax() || e.inner().is_eof() {
-            Error::BadRequest(format!("invalid JSON body: {message}"))
-        } else {
-            Error::Invalid(FieldError::new(field, message))
-        }
-    })
+    let (mut parts, body) = response.into_parts();
+    let text = match axum::body::to_bytes(body, 1024).await {
+        Ok(bytes) if status.is_client_error() => String::from_utf8_lossy(&bytes).trim().to_string(),
+        _ => String::new(),
+    };
+    let message = match text.is_empty() {
+        false => text,
+        true if status.is_server_error() => "internal error".to_string(),
+        true => status.canonical_reason().unwrap_or("error").to_lowercase(),
+    };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    let body = serde_json::json!({ "error": message }).to_string();
+    Response::from_parts(parts, axum::body::Body::from(body))
 }
 
 async fn audit(

@@ -1,5 +1,6 @@
-//! The one check that every text value from the network passes before a handler sees it: every
-//! string and object key of a JSON body, at any depth.
+//! The one check that every text value from the network passes before a handler sees it: JSON
+//! bodies (every string and object key, at any depth, training-session control frames included),
+//! query strings and path parameters ([`super::extract`]).
 //!
 //! Refused: control characters (Unicode category Cc, U+0000 included, which Postgres cannot
 //! store), format characters (Cf: bidirectional overrides and isolates, zero-width characters,

@@ -1,6 +1,6 @@
 //! Users: created and disabled by platform admins.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -8,7 +8,7 @@ use medsplit_engine::api::FieldError;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{Body, audit, conflict};
+use super::{Body, Path, audit, conflict};
 use crate::auth::{self, Principal, Role};
 use crate::error::{Error, Result};
 use crate::{AppState, db};

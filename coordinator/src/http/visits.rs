@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -13,7 +13,7 @@ use medsplit_engine::api::{Handoff, Recipient, VisitAssignment};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::Body;
+use super::{Body, Path, Query};
 use crate::auth::{Principal, Role};
 use crate::error::{Error, Result};
 use crate::{AppState, db, session};
