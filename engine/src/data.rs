@@ -66,45 +66,135 @@ pub enum DataError {
     InvalidArgument(String),
 }
 
-/// Beats of one fixed length with class labels. Samples are row-major `[len, beat_len]`.
+/// Beats with class labels and the patient each came from.
+///
+/// Each beat is one row of [`Dataset::row_len`] values: [`Dataset::beat_len`] waveform samples
+/// followed by [`Dataset::feature_len`] side features (e.g. RR intervals; none for the beat
+/// files). Rows are stored row-major `[len, row_len]`.
+///
+/// Every beat has a patient: an index into [`Dataset::patient_names`] (the record name for
+/// WFDB records, the source record for beat files with a `.src.u32` file, a CSV's patient
+/// column, the synthetic generator's patient). Beats whose patient is not recorded belong to
+/// one patient named [`UNKNOWN_PATIENT`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct Dataset {
-    samples: Vec<f32>,
+    rows: Vec<f32>,
     labels: Vec<u8>,
     beat_len: usize,
+    feature_len: usize,
     num_classes: usize,
+    patients: Vec<u32>,
+    patient_names: Vec<String>,
 }
 
+/// The patient name of beats whose patient is not recorded.
+pub const UNKNOWN_PATIENT: &str = "";
+
 impl Dataset {
-    /// Builds a dataset after checking `samples.len() == labels.len() * beat_len`,
-    /// `beat_len > 0`, every sample finite and every label `< num_classes`.
+    /// Builds a dataset without side features, all beats of one [`UNKNOWN_PATIENT`], after
+    /// checking `samples.len() == labels.len() * beat_len`, `beat_len > 0`, every sample finite
+    /// and every label `< num_classes`.
     pub fn new(
         samples: Vec<f32>,
         labels: Vec<u8>,
         beat_len: usize,
         num_classes: usize,
     ) -> Result<Self, DataError> {
-        Self::validated("dataset", samples, labels, beat_len, num_classes)
+        Self::validated("dataset", samples, labels, (beat_len, 0), num_classes)
     }
 
-    /// [`Dataset::new`] with `name` used in error messages.
-    fn validated(
-        name: &str,
-        samples: Vec<f32>,
+    /// [`Dataset::new`] for rows of `beat_len` waveform samples then `feature_len` features.
+    ///
+    /// # Shapes
+    /// `rows`: `[labels.len(), beat_len + feature_len]` row-major.
+    pub fn with_features(
+        rows: Vec<f32>,
         labels: Vec<u8>,
         beat_len: usize,
+        feature_len: usize,
+        num_classes: usize,
+    ) -> Result<Self, DataError> {
+        Self::validated(
+            "dataset",
+            rows,
+            labels,
+            (beat_len, feature_len),
+            num_classes,
+        )
+    }
+
+    /// The same beats with their patients: `patients[i]` indexes `names`. Names must be
+    /// distinct, and every name must have a beat.
+    pub fn with_patients(self, patients: Vec<u32>, names: Vec<String>) -> Result<Self, DataError> {
+        let shape = |detail: String| DataError::Shape {
+            name: "dataset".to_owned(),
+            detail,
+        };
+        if patients.len() != self.len() {
+            return Err(shape(format!(
+                "expected {} patient indices (one per beat), found {}",
+                self.len(),
+                patients.len()
+            )));
+        }
+        if let Some((row, &p)) = patients
+            .iter()
+            .enumerate()
+            .find(|&(_, &p)| p as usize >= names.len())
+        {
+            return Err(shape(format!(
+                "row {row}: patient {p} is out of range ({} patient names)",
+                names.len()
+            )));
+        }
+        let mut seen = vec![false; names.len()];
+        for &p in &patients {
+            seen[p as usize] = true;
+        }
+        if let Some(unused) = seen.iter().position(|&s| !s) {
+            return Err(shape(format!("patient {:?} has no beats", names[unused])));
+        }
+        for (i, name) in names.iter().enumerate() {
+            if names[..i].contains(name) {
+                return Err(shape(format!("patient {name:?} is named twice")));
+            }
+        }
+        Ok(Self {
+            patients,
+            patient_names: names,
+            ..self
+        })
+    }
+
+    /// Checks shapes, labels and values; `name` is used in error messages. All beats belong
+    /// to one [`UNKNOWN_PATIENT`].
+    fn validated(
+        name: &str,
+        rows: Vec<f32>,
+        labels: Vec<u8>,
+        (beat_len, feature_len): (usize, usize),
         num_classes: usize,
     ) -> Result<Self, DataError> {
         check_beat_len(beat_len)?;
-        let expected = labels.len().checked_mul(beat_len);
-        if expected != Some(samples.len()) {
+        let Some(row_len) = beat_len.checked_add(feature_len) else {
+            return Err(DataError::InvalidArgument(format!(
+                "beat_len {beat_len} + feature_len {feature_len} is too large"
+            )));
+        };
+        let expected = labels.len().checked_mul(row_len);
+        if expected != Some(rows.len()) {
+            let what = if feature_len == 0 {
+                format!("beat_len {beat_len}")
+            } else {
+                format!("(beat_len {beat_len} + feature_len {feature_len})")
+            };
             return Err(DataError::Shape {
                 name: name.to_owned(),
                 detail: format!(
-                    "expected {} samples ({} labels x beat_len {beat_len}), found {}",
+                    "expected {} samples ({} labels x {what}), found {}",
                     expected.map_or_else(|| "more than usize::MAX".to_owned(), |n| n.to_string()),
                     labels.len(),
-                    samples.len()
+                    rows.len()
                 ),
             });
         }
@@ -120,19 +210,27 @@ impl Dataset {
                 num_classes,
             });
         }
-        if let Some((index, &value)) = samples.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        if let Some((index, &value)) = rows.iter().enumerate().find(|(_, v)| !v.is_finite()) {
             return Err(DataError::NotFinite {
                 name: name.to_owned(),
-                row: index / beat_len,
-                column: index % beat_len,
+                row: index / row_len,
+                column: index % row_len,
                 value,
             });
         }
+        let len = labels.len();
         Ok(Self {
-            samples,
+            rows,
             labels,
             beat_len,
+            feature_len,
             num_classes,
+            patients: vec![0; len],
+            patient_names: if len == 0 {
+                Vec::new()
+            } else {
+                vec![UNKNOWN_PATIENT.to_owned()]
+            },
         })
     }
 
@@ -146,9 +244,19 @@ impl Dataset {
         self.labels.is_empty()
     }
 
-    /// Samples per beat.
+    /// Waveform samples per beat.
     pub fn beat_len(&self) -> usize {
         self.beat_len
+    }
+
+    /// Side features per beat, after the waveform.
+    pub fn feature_len(&self) -> usize {
+        self.feature_len
+    }
+
+    /// Values per row: `beat_len + feature_len`.
+    pub fn row_len(&self) -> usize {
+        self.beat_len + self.feature_len
     }
 
     /// Number of classes; every label is below it.
@@ -156,9 +264,9 @@ impl Dataset {
         self.num_classes
     }
 
-    /// All samples, row-major `[len, beat_len]`.
-    pub fn samples(&self) -> &[f32] {
-        &self.samples
+    /// All rows, row-major `[len, row_len]`.
+    pub fn rows(&self) -> &[f32] {
+        &self.rows
     }
 
     /// One label per beat.
@@ -166,35 +274,175 @@ impl Dataset {
         &self.labels
     }
 
-    /// The samples of beat `i`.
+    /// The patient of each beat: an index into [`Dataset::patient_names`].
+    pub fn patients(&self) -> &[u32] {
+        &self.patients
+    }
+
+    /// The patients' names, each with at least one beat.
+    pub fn patient_names(&self) -> &[String] {
+        &self.patient_names
+    }
+
+    /// The name of beat `i`'s patient.
+    ///
+    /// # Panics
+    /// If `i >= self.len()`.
+    pub fn patient_name(&self, i: usize) -> &str {
+        &self.patient_names[self.patients[i] as usize]
+    }
+
+    /// Row `i`: the waveform then the side features.
     ///
     /// # Panics
     /// If `i >= self.len()`, like slice indexing; see [`Dataset::get_beat`] for a checked version.
-    pub fn beat(&self, i: usize) -> &[f32] {
-        &self.samples[i * self.beat_len..(i + 1) * self.beat_len]
+    pub fn row(&self, i: usize) -> &[f32] {
+        let row_len = self.row_len();
+        &self.rows[i * row_len..(i + 1) * row_len]
     }
 
-    /// The samples of beat `i`, or `None` if `i >= self.len()`.
+    /// The waveform samples of beat `i` (the row without its side features).
+    ///
+    /// # Panics
+    /// If `i >= self.len()`.
+    pub fn beat(&self, i: usize) -> &[f32] {
+        &self.row(i)[..self.beat_len]
+    }
+
+    /// The side features of beat `i`.
+    ///
+    /// # Panics
+    /// If `i >= self.len()`.
+    pub fn features(&self, i: usize) -> &[f32] {
+        &self.row(i)[self.beat_len..]
+    }
+
+    /// The waveform samples of beat `i`, or `None` if `i >= self.len()`.
     pub fn get_beat(&self, i: usize) -> Option<&[f32]> {
         (i < self.len()).then(|| self.beat(i))
     }
 
-    /// New dataset holding the given rows in that order (rows may repeat).
+    /// New dataset holding the given rows in that order (rows may repeat). Patients keep their
+    /// names; those left without beats are dropped, the others keep their order.
     pub fn select(&self, indices: &[usize]) -> Result<Dataset, DataError> {
         let len = self.len();
         if let Some(&index) = indices.iter().find(|&&i| i >= len) {
             return Err(DataError::IndexOutOfRange { index, len });
         }
-        let mut samples = Vec::with_capacity(indices.len() * self.beat_len);
+        let mut rows = Vec::with_capacity(indices.len() * self.row_len());
         for &i in indices {
-            samples.extend_from_slice(self.beat(i));
+            rows.extend_from_slice(self.row(i));
+        }
+        let mut renumber = vec![u32::MAX; self.patient_names.len()];
+        for &i in indices {
+            renumber[self.patients[i] as usize] = 0;
+        }
+        let mut patient_names = Vec::new();
+        for (old, new) in renumber.iter_mut().enumerate() {
+            if *new == 0 {
+                *new = patient_names.len() as u32;
+                patient_names.push(self.patient_names[old].clone());
+            }
         }
         Ok(Dataset {
-            samples,
+            rows,
             labels: indices.iter().map(|&i| self.labels[i]).collect(),
             beat_len: self.beat_len,
+            feature_len: self.feature_len,
             num_classes: self.num_classes,
+            patients: indices
+                .iter()
+                .map(|&i| renumber[self.patients[i] as usize])
+                .collect(),
+            patient_names,
         })
+    }
+
+    /// The beats of `parts` one after the other. Patients of the same name are one patient
+    /// (e.g. a record's beats in both a train and a test file), in order of first appearance.
+    /// Every part must have this shape: same `beat_len`, `feature_len` and `num_classes`.
+    pub fn concat(parts: &[Dataset]) -> Result<Dataset, DataError> {
+        let Some(first) = parts.first() else {
+            return Err(DataError::InvalidArgument(
+                "no datasets to concatenate".to_owned(),
+            ));
+        };
+        let shape = (first.beat_len, first.feature_len, first.num_classes);
+        let mut out = Dataset {
+            rows: Vec::with_capacity(parts.iter().map(|p| p.rows.len()).sum()),
+            labels: Vec::with_capacity(parts.iter().map(Dataset::len).sum()),
+            beat_len: first.beat_len,
+            feature_len: first.feature_len,
+            num_classes: first.num_classes,
+            patients: Vec::new(),
+            patient_names: Vec::new(),
+        };
+        for (index, part) in parts.iter().enumerate() {
+            if (part.beat_len, part.feature_len, part.num_classes) != shape {
+                return Err(DataError::Shape {
+                    name: format!("dataset {index}"),
+                    detail: format!(
+                        "{} samples + {} features in {} classes, but the first has {} + {} in {}",
+                        part.beat_len,
+                        part.feature_len,
+                        part.num_classes,
+                        shape.0,
+                        shape.1,
+                        shape.2
+                    ),
+                });
+            }
+            let ids: Vec<u32> = part
+                .patient_names
+                .iter()
+                .map(
+                    |name| match out.patient_names.iter().position(|n| n == name) {
+                        Some(id) => id as u32,
+                        None => {
+                            out.patient_names.push(name.clone());
+                            out.patient_names.len() as u32 - 1
+                        }
+                    },
+                )
+                .collect();
+            out.rows.extend_from_slice(&part.rows);
+            out.labels.extend_from_slice(&part.labels);
+            out.patients
+                .extend(part.patients.iter().map(|&p| ids[p as usize]));
+        }
+        Ok(out)
+    }
+
+    /// The same beats relabelled: label `l` becomes `map[l]`, beats whose `map[l]` is `None`
+    /// are dropped (with their patients, if left without beats).
+    pub fn relabel(&self, map: &[Option<u8>], num_classes: usize) -> Result<Dataset, DataError> {
+        if map.len() != self.num_classes {
+            return Err(DataError::InvalidArgument(format!(
+                "a label map of {} entries for {} classes",
+                map.len(),
+                self.num_classes
+            )));
+        }
+        if let Some(&Some(label)) = map
+            .iter()
+            .find(|m| m.is_some_and(|l| usize::from(l) >= num_classes))
+        {
+            return Err(DataError::LabelOutOfRange {
+                name: "label map".to_owned(),
+                row: 0,
+                label: label.into(),
+                num_classes,
+            });
+        }
+        let kept: Vec<usize> = (0..self.len())
+            .filter(|&i| map[usize::from(self.labels[i])].is_some())
+            .collect();
+        let mut out = self.select(&kept)?;
+        for label in &mut out.labels {
+            *label = map[usize::from(*label)].unwrap_or_default();
+        }
+        out.num_classes = num_classes;
+        Ok(out)
     }
 
     /// Count of beats per class, length `num_classes`.
@@ -205,6 +453,15 @@ impl Dataset {
             if let Some(count) = counts.get_mut(usize::from(label)) {
                 *count += 1;
             }
+        }
+        counts
+    }
+
+    /// Count of beats per patient, in [`Dataset::patient_names`] order.
+    pub fn patient_counts(&self) -> Vec<usize> {
+        let mut counts = vec![0; self.patient_names.len()];
+        for &p in &self.patients {
+            counts[p as usize] += 1;
         }
         counts
     }
@@ -227,7 +484,10 @@ fn read_file(path: &Path) -> Result<Vec<u8>, DataError> {
 }
 
 /// Loads the MIT-BIH reference beat format: `<dir>/<split>.f32` (little-endian `f32`,
-/// row-major `[n, beat_len]`) and `<dir>/<split>.labels` (one `u8` per beat).
+/// row-major `[n, beat_len]`) and `<dir>/<split>.labels` (one `u8` per beat), and, when it
+/// exists, `<dir>/<split>.src.u32`: each beat's provenance as two little-endian `u32`, the
+/// record number and the R-peak sample. With it each beat's patient is its record (named by
+/// its number, e.g. `"100"`); without it all beats are of one [`UNKNOWN_PATIENT`].
 ///
 /// `split` is normally `"train"` or `"test"`; any single file-name stem is accepted.
 pub fn load_beats(
@@ -246,13 +506,53 @@ pub fn load_beats(
     let stem = dir.join(split);
     let f32_bytes = read_file(&dir.join(format!("{split}.f32")))?;
     let label_bytes = read_file(&dir.join(format!("{split}.labels")))?;
-    parse_beats(
-        &stem.display().to_string(),
-        &f32_bytes,
-        &label_bytes,
-        beat_len,
-        num_classes,
-    )
+    let name = stem.display().to_string();
+    let beats = parse_beats(&name, &f32_bytes, &label_bytes, beat_len, num_classes)?;
+    let src_path = dir.join(format!("{split}.src.u32"));
+    if !src_path.is_file() {
+        return Ok(beats);
+    }
+    let (patients, names) = parse_sources(&name, &read_file(&src_path)?, beats.len())?;
+    beats.with_patients(patients, names)
+}
+
+/// Parses a `.src.u32` provenance file of `beats` beats (see [`load_beats`]) into patient
+/// indices and names (record numbers, in order of first appearance).
+///
+/// Errors name `{name}.src.u32`.
+pub fn parse_sources(
+    name: &str,
+    bytes: &[u8],
+    beats: usize,
+) -> Result<(Vec<u32>, Vec<String>), DataError> {
+    let src_name = format!("{name}.src.u32");
+    if bytes.len() != beats.saturating_mul(8) {
+        return Err(DataError::Shape {
+            name: src_name,
+            detail: format!(
+                "expected {} bytes (two u32 per beat for {beats} beats), found {}",
+                beats.saturating_mul(8),
+                bytes.len()
+            ),
+        });
+    }
+    let mut names: Vec<String> = Vec::new();
+    let mut records: Vec<u32> = Vec::new();
+    let patients = bytes
+        .chunks_exact(8)
+        .map(|c| {
+            let record = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            match records.iter().position(|&r| r == record) {
+                Some(p) => p as u32,
+                None => {
+                    records.push(record);
+                    names.push(record.to_string());
+                    names.len() as u32 - 1
+                }
+            }
+        })
+        .collect();
+    Ok((patients, names))
 }
 
 /// Parses the [`load_beats`] format from bytes already in memory.
@@ -318,13 +618,44 @@ pub fn parse_beats(
         &f32_name,
         samples,
         label_bytes.to_vec(),
-        beat_len,
+        (beat_len, 0),
         num_classes,
     )
 }
 
 /// Loads beats from a CSV file; see [`parse_csv`] for the format.
 pub fn load_csv(path: &Path, beat_len: usize, num_classes: usize) -> Result<Dataset, DataError> {
+    load_csv_with(path, CsvLayout::beats(beat_len), num_classes)
+}
+
+/// The columns of a CSV beat file after the label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CsvLayout {
+    /// A patient column right after the label: any non-empty text naming the patient.
+    pub patient_column: bool,
+    /// Waveform samples per beat.
+    pub beat_len: usize,
+    /// Side features per beat, after the samples.
+    pub feature_len: usize,
+}
+
+impl CsvLayout {
+    /// The label then `beat_len` samples.
+    pub fn beats(beat_len: usize) -> Self {
+        Self {
+            patient_column: false,
+            beat_len,
+            feature_len: 0,
+        }
+    }
+}
+
+/// Loads beats from a CSV file laid out as `layout` says; see [`parse_csv_with`].
+pub fn load_csv_with(
+    path: &Path,
+    layout: CsvLayout,
+    num_classes: usize,
+) -> Result<Dataset, DataError> {
     let bytes = read_file(path)?;
     let name = path.display().to_string();
     let text = String::from_utf8(bytes).map_err(|e| {
@@ -338,7 +669,7 @@ pub fn load_csv(path: &Path, beat_len: usize, num_classes: usize) -> Result<Data
             message: "file is not valid UTF-8".to_owned(),
         }
     })?;
-    parse_csv(&name, &text, beat_len, num_classes)
+    parse_csv_with(&name, &text, layout, num_classes)
 }
 
 /// Parses CSV beats: one beat per line, the integer label first and then `beat_len` samples,
@@ -352,7 +683,27 @@ pub fn parse_csv(
     beat_len: usize,
     num_classes: usize,
 ) -> Result<Dataset, DataError> {
+    parse_csv_with(name, text, CsvLayout::beats(beat_len), num_classes)
+}
+
+/// [`parse_csv`] for any [`CsvLayout`]: the label, then the patient if `layout.patient_column`
+/// (beats with the same text are one patient; names in order of first appearance), then
+/// `beat_len` samples and `feature_len` features. Sample and feature errors give the column
+/// among the values (0-based), as [`DataError::NotFinite`] does for any row.
+pub fn parse_csv_with(
+    name: &str,
+    text: &str,
+    layout: CsvLayout,
+    num_classes: usize,
+) -> Result<Dataset, DataError> {
+    let CsvLayout {
+        patient_column,
+        beat_len,
+        feature_len,
+    } = layout;
     check_beat_len(beat_len)?;
+    let row_len = beat_len.saturating_add(feature_len);
+    let first_value = 1 + usize::from(patient_column);
     let lines: Vec<&str> = text.lines().collect();
     let used = lines
         .iter()
@@ -369,10 +720,18 @@ pub fn parse_csv(
         column,
         message,
     };
-    let expected_fields = beat_len.saturating_add(1);
+    let expected_fields = row_len.saturating_add(first_value);
+    let described = match (patient_column, feature_len) {
+        (false, 0) => format!("label + {beat_len} samples"),
+        (true, 0) => format!("label + patient + {beat_len} samples"),
+        (false, f) => format!("label + {beat_len} samples + {f} features"),
+        (true, f) => format!("label + patient + {beat_len} samples + {f} features"),
+    };
     // Every sample takes at least two characters, which bounds the allocation by the text size.
-    let mut samples = Vec::with_capacity(used.saturating_mul(beat_len).min(text.len()));
+    let mut samples = Vec::with_capacity(used.saturating_mul(row_len).min(text.len()));
     let mut labels = Vec::with_capacity(used);
+    let mut patients = Vec::with_capacity(if patient_column { used } else { 0 });
+    let mut patient_names: Vec<String> = Vec::new();
     for (row, text_line) in lines[..used].iter().enumerate() {
         let line = row + 1;
         if text_line.trim().is_empty() {
@@ -387,8 +746,7 @@ pub fn parse_csv(
             return Err(DataError::Shape {
                 name: name.to_owned(),
                 detail: format!(
-                    "line {line}: expected {expected_fields} fields (label + {beat_len} samples), \
-                     found {}",
+                    "line {line}: expected {expected_fields} fields ({described}), found {}",
                     fields.len()
                 ),
             });
@@ -410,11 +768,25 @@ pub fn parse_csv(
             ));
         };
         labels.push(label);
-        for (column, field) in fields[1..].iter().enumerate() {
+        if patient_column {
+            let patient = fields[1];
+            if patient.is_empty() {
+                return Err(parse_error(line, 2, "empty patient field".to_owned()));
+            }
+            let index = match patient_names.iter().position(|p| p == patient) {
+                Some(index) => index,
+                None => {
+                    patient_names.push(patient.to_owned());
+                    patient_names.len() - 1
+                }
+            };
+            patients.push(index as u32);
+        }
+        for (column, field) in fields[first_value..].iter().enumerate() {
             let value: f32 = field.parse().map_err(|_| {
                 parse_error(
                     line,
-                    column + 2,
+                    column + first_value + 1,
                     format!("expected a number, found {field:?}"),
                 )
             })?;
@@ -429,7 +801,12 @@ pub fn parse_csv(
             samples.push(value);
         }
     }
-    Dataset::validated(name, samples, labels, beat_len, num_classes)
+    let data = Dataset::validated(name, samples, labels, (beat_len, feature_len), num_classes)?;
+    if patient_column {
+        data.with_patients(patients, patient_names)
+    } else {
+        Ok(data)
+    }
 }
 
 /// Parses a class label: a non-negative integer, also written as an integral float (`"2.0"`).
@@ -546,17 +923,17 @@ fn class_waves(class: usize, rng: &mut ChaCha8Rng) -> Vec<Wave> {
 }
 
 /// Uniform in `[0, 1)` from the 53 high bits of one `u64` (stable across `rand` versions).
-fn unit(rng: &mut ChaCha8Rng) -> f64 {
+pub(crate) fn unit(rng: &mut ChaCha8Rng) -> f64 {
     (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
 }
 
 /// Uniform in `[lo, hi)`.
-fn uniform(rng: &mut ChaCha8Rng, lo: f64, hi: f64) -> f64 {
+pub(crate) fn uniform(rng: &mut ChaCha8Rng, lo: f64, hi: f64) -> f64 {
     lo + (hi - lo) * unit(rng)
 }
 
 /// Standard normal sample (Box-Muller; `1 - unit` is in `(0, 1]`, so the log is finite).
-fn normal(rng: &mut ChaCha8Rng) -> f64 {
+pub(crate) fn normal(rng: &mut ChaCha8Rng) -> f64 {
     let radius = (-2.0 * (1.0 - unit(rng)).ln()).sqrt();
     radius * (std::f64::consts::TAU * unit(rng)).cos()
 }
@@ -639,12 +1016,14 @@ pub fn synthetic(n: usize, seed: u64) -> Dataset {
     for (beat, &label) in samples.chunks_exact_mut(SYNTHETIC_BEAT_LEN).zip(&labels) {
         synthetic_beat(usize::from(label), &mut rng, beat);
     }
-    Dataset {
+    Dataset::validated(
+        "synthetic",
         samples,
         labels,
-        beat_len: SYNTHETIC_BEAT_LEN,
-        num_classes: SYNTHETIC_CLASSES,
-    }
+        (SYNTHETIC_BEAT_LEN, 0),
+        SYNTHETIC_CLASSES,
+    )
+    .expect("synthetic beats are finite and labelled in range")
 }
 
 #[cfg(test)]
@@ -723,7 +1102,7 @@ mod tests {
         assert_eq!(data.get_beat(3), None);
         assert_eq!(data.class_counts(), vec![1, 2, 0]);
         let picked = data.select(&[2, 0, 2]).unwrap();
-        assert_eq!(picked.samples(), &[2.0, 2.5, 0.0, 0.5, 2.0, 2.5]);
+        assert_eq!(picked.rows(), &[2.0, 2.5, 0.0, 0.5, 2.0, 2.5]);
         assert_eq!(picked.labels(), &[1, 0, 1]);
         assert_eq!((picked.beat_len(), picked.num_classes()), (2, 3));
         assert!(matches!(
@@ -733,14 +1112,180 @@ mod tests {
     }
 
     #[test]
+    fn rows_carry_features_and_patients() {
+        // Two beats of 2 samples + 1 feature.
+        let data = Dataset::with_features(vec![0.0, 0.5, 9.0, 1.0, 1.5, 8.0], vec![0, 1], 2, 1, 2)
+            .unwrap();
+        assert_eq!(
+            (data.beat_len(), data.feature_len(), data.row_len()),
+            (2, 1, 3)
+        );
+        assert_eq!(data.row(1), &[1.0, 1.5, 8.0]);
+        assert_eq!(data.beat(1), &[1.0, 1.5]);
+        assert_eq!(data.features(1), &[8.0]);
+        assert_eq!(data.patient_names(), &[UNKNOWN_PATIENT.to_owned()]);
+        assert_eq!(data.patients(), &[0, 0]);
+        let err = Dataset::with_features(vec![0.0; 5], vec![0, 1], 2, 1, 2).unwrap_err();
+        assert!(
+            err.to_string().contains("beat_len 2 + feature_len 1"),
+            "{err}"
+        );
+
+        let named = data
+            .clone()
+            .with_patients(vec![1, 0], vec!["a".into(), "b".into()])
+            .unwrap();
+        assert_eq!((named.patient_name(0), named.patient_name(1)), ("b", "a"));
+        assert_eq!(named.patient_counts(), [1, 1]);
+        for (patients, names, needle) in [
+            (vec![0], vec!["a".to_owned()], "one per beat"),
+            (vec![0, 2], vec!["a".into(), "b".into()], "out of range"),
+            (
+                vec![0, 0],
+                vec!["a".into(), "b".into()],
+                "\"b\" has no beats",
+            ),
+            (vec![0, 1], vec!["a".into(), "a".into()], "named twice"),
+        ] {
+            let err = data.clone().with_patients(patients, names).unwrap_err();
+            assert!(err.to_string().contains(needle), "{err}");
+        }
+        // Selecting drops the patients left without beats and renumbers the others in order.
+        let three = Dataset::new(vec![0.0, 1.0, 2.0], vec![0, 1, 0], 1, 2)
+            .unwrap()
+            .with_patients(vec![0, 1, 2], vec!["x".into(), "y".into(), "z".into()])
+            .unwrap();
+        let picked = three.select(&[2, 0, 2]).unwrap();
+        assert_eq!(picked.patient_names(), ["x", "z"]);
+        assert_eq!(picked.patients(), &[1, 0, 1]);
+        assert_eq!(picked.rows(), &[2.0, 0.0, 2.0]);
+    }
+
+    #[test]
+    fn concat_merges_patients_by_name_and_relabel_maps_classes() {
+        let part = |rows: Vec<f32>, labels: Vec<u8>, names: &[&str]| {
+            let patients = (0..labels.len() as u32)
+                .map(|i| i % names.len() as u32)
+                .collect();
+            Dataset::new(rows, labels, 1, 5)
+                .unwrap()
+                .with_patients(patients, names.iter().map(|n| n.to_string()).collect())
+                .unwrap()
+        };
+        let a = part(vec![0.0, 1.0], vec![0, 3], &["100", "101"]);
+        let b = part(vec![2.0, 3.0, 4.0], vec![4, 1, 2], &["101", "102"]);
+        let all = Dataset::concat(&[a, b]).unwrap();
+        assert_eq!(all.patient_names(), ["100", "101", "102"]);
+        assert_eq!(all.patients(), &[0, 1, 1, 2, 1]);
+        assert_eq!(all.rows(), &[0.0, 1.0, 2.0, 3.0, 4.0]);
+        assert!(Dataset::concat(&[]).is_err());
+        let wider = Dataset::new(vec![0.0; 2], vec![0], 2, 5).unwrap();
+        assert!(matches!(
+            Dataset::concat(&[all.clone(), wider]),
+            Err(DataError::Shape { .. })
+        ));
+        // Papers N L R A V into AAMI N S V (F and Q empty); drop nothing.
+        let map = [Some(0), Some(0), Some(0), Some(1), Some(2)];
+        let aami = all.relabel(&map, 5).unwrap();
+        assert_eq!(aami.labels(), &[0, 1, 2, 0, 0]);
+        assert_eq!(aami.patient_names(), all.patient_names());
+        // Dropping a class drops its beats, and a patient left without beats.
+        let without_v = all
+            .relabel(&[Some(0), Some(1), Some(2), Some(3), None], 4)
+            .unwrap();
+        assert_eq!(without_v.labels(), &[0, 3, 1, 2]);
+        assert_eq!(without_v.num_classes(), 4);
+        assert!(all.relabel(&[Some(0); 4], 5).is_err());
+        assert!(all.relabel(&[Some(7); 5], 5).is_err());
+    }
+
+    #[test]
+    fn beat_files_have_patients_from_their_sources() {
+        let mut src = Vec::new();
+        for record in [100u32, 101, 100] {
+            src.extend_from_slice(&record.to_le_bytes());
+            src.extend_from_slice(&42u32.to_le_bytes());
+        }
+        let (patients, names) = parse_sources("mem", &src, 3).unwrap();
+        assert_eq!(
+            (patients, names),
+            (vec![0, 1, 0], vec!["100".to_owned(), "101".to_owned()])
+        );
+        let err = parse_sources("mem", &src[..20], 3).unwrap_err();
+        assert!(
+            err.to_string().contains("mem.src.u32") && err.to_string().contains("24 bytes"),
+            "{err}"
+        );
+
+        let dir = std::env::temp_dir().join(format!("medsplit-beats-src-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("x.f32"), f32_bytes(&[0.5; 6])).unwrap();
+        std::fs::write(dir.join("x.labels"), [0, 1, 2]).unwrap();
+        let plain = load_beats(&dir, "x", 2, 5).unwrap();
+        assert_eq!(plain.patient_names(), [UNKNOWN_PATIENT]);
+        std::fs::write(dir.join("x.src.u32"), &src).unwrap();
+        let sourced = load_beats(&dir, "x", 2, 5).unwrap();
+        assert_eq!(sourced.patient_names(), ["100", "101"]);
+        assert_eq!(sourced.patients(), &[0, 1, 0]);
+        std::fs::write(dir.join("x.src.u32"), &src[..8]).unwrap();
+        assert!(load_beats(&dir, "x", 2, 5).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn csv_with_a_patient_column_and_features() {
+        let layout = CsvLayout {
+            patient_column: true,
+            beat_len: 2,
+            feature_len: 1,
+        };
+        let text = "0, p1, 0.1, 0.2, 0.9\n3,p2,0.3,0.4,1.1\n1,p1,0.5,0.6,0.8\n";
+        let data = parse_csv_with("b.csv", text, layout, 5).unwrap();
+        assert_eq!(data.patient_names(), ["p1", "p2"]);
+        assert_eq!(data.patients(), &[0, 1, 0]);
+        assert_eq!(data.features(1), &[1.1]);
+        assert_eq!(data.beat(2), &[0.5, 0.6]);
+        let err = parse_csv_with("b.csv", "0,p1,0.1,0.2\n", layout, 5).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("label + patient + 2 samples + 1 features"),
+            "{err}"
+        );
+        let err = parse_csv_with("b.csv", "0, ,0.1,0.2,0.3\n", layout, 5).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                DataError::Parse {
+                    line: 1,
+                    column: 2,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = parse_csv_with("b.csv", "0,p,0.1,x,0.3\n", layout, 5).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                DataError::Parse {
+                    line: 1,
+                    column: 4,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn synthetic_is_deterministic_balanced_and_bounded() {
         let a = synthetic(503, 7);
         assert_eq!(a, synthetic(503, 7));
-        assert_ne!(a.samples(), synthetic(503, 8).samples());
+        assert_ne!(a.rows(), synthetic(503, 8).rows());
         assert_eq!(a.len(), 503);
         assert_eq!(a.beat_len(), SYNTHETIC_BEAT_LEN);
         assert_eq!(a.num_classes(), SYNTHETIC_CLASSES);
-        assert_eq!(a.samples().len(), 503 * SYNTHETIC_BEAT_LEN);
+        assert_eq!(a.rows().len(), 503 * SYNTHETIC_BEAT_LEN);
         assert_eq!(a.class_counts(), vec![101, 101, 101, 100, 100]);
         // Shuffled, not in i % 5 order.
         assert!(
@@ -750,12 +1295,11 @@ mod tests {
                 .any(|(i, &l)| usize::from(l) != i % 5)
         );
         assert!(
-            a.samples()
+            a.rows()
                 .iter()
                 .all(|v| v.is_finite() && (-0.1..=1.1).contains(v))
         );
-        let mean =
-            a.samples().iter().map(|&v| f64::from(v)).sum::<f64>() / a.samples().len() as f64;
+        let mean = a.rows().iter().map(|&v| f64::from(v)).sum::<f64>() / a.rows().len() as f64;
         assert!((0.3..0.6).contains(&mean), "mean {mean}");
         assert!(synthetic(0, 1).is_empty());
     }
@@ -795,7 +1339,7 @@ mod tests {
     fn parse_beats_round_trip() {
         let samples = vec![0.0, 0.25, -0.5, 1.0, 0.125, 0.75];
         let data = parse_beats("mem", &f32_bytes(&samples), &[4, 0], 3, 5).unwrap();
-        assert_eq!(data.samples(), samples.as_slice());
+        assert_eq!(data.rows(), samples.as_slice());
         assert_eq!(data.labels(), &[4, 0]);
         assert_eq!(data.beat(1), &[1.0, 0.125, 0.75]);
     }
@@ -1017,7 +1561,7 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         let data = loaded.unwrap();
         assert_eq!(data.labels(), &[1, 3]);
-        assert_eq!(data.samples(), &[0.5, 0.25, 0.0, 1.0]);
+        assert_eq!(data.rows(), &[0.5, 0.25, 0.0, 1.0]);
         let err = load_csv(&path, 2, 4).unwrap_err();
         assert!(matches!(err, DataError::Io { .. }), "{err}");
     }
@@ -1041,7 +1585,7 @@ mod tests {
                 "{split}"
             );
             assert!(
-                data.samples().iter().all(|v| (-0.02..=1.01).contains(v)),
+                data.rows().iter().all(|v| (-0.02..=1.01).contains(v)),
                 "{split}: value outside [-0.02, 1.01]"
             );
         }

@@ -9,6 +9,7 @@ pub mod data;
 pub mod he;
 pub mod metrics;
 pub mod model;
+pub mod preprocess;
 pub mod protocol;
 pub mod training;
 pub mod wfdb;

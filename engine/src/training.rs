@@ -19,18 +19,18 @@ pub fn epoch_order(len: usize, seed: u64, epoch: usize) -> Vec<usize> {
     order
 }
 
-/// Gathers the rows `indices` of `data` into one batch.
+/// Gathers the rows `indices` of `data` (waveform then side features) into one batch.
 ///
 /// # Shapes
-/// Returns beats `[indices.len(), beat_len]` row-major and labels `[indices.len()]`.
+/// Returns rows `[indices.len(), row_len]` row-major and labels `[indices.len()]`.
 pub fn gather(data: &Dataset, indices: &[usize]) -> (Vec<f32>, Vec<u8>) {
-    let mut beats = Vec::with_capacity(indices.len() * data.beat_len());
+    let mut rows = Vec::with_capacity(indices.len() * data.row_len());
     let mut labels = Vec::with_capacity(indices.len());
     for &i in indices {
-        beats.extend_from_slice(data.beat(i));
+        rows.extend_from_slice(data.row(i));
         labels.push(data.labels()[i]);
     }
-    (beats, labels)
+    (rows, labels)
 }
 
 /// Totals of a run of batches.

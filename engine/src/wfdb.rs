@@ -77,10 +77,15 @@
 //! [`EXCLUDED_RECORDS`] (the paced records 102, 104, 107 and 217, and 114, whose lead 0 is V5).
 //! This module's tests (when `shared/data` is present) find every beat-set row drawn from records
 //! 100, 208 and 232 among the extracted beats, with the same label and bit-identical samples.
+//!
+//! This extraction is the `papers` preset of [`crate::preprocess`], which also cuts beats in
+//! other ways (windows in seconds at any sampling rate, baseline removal, AAMI labels, RR
+//! features): [`load_records_with`].
 
 use std::path::{Component, Path, PathBuf};
 
 use crate::data::{DataError, Dataset};
+use crate::preprocess::{self, LabelSet, Preprocessing};
 
 /// Samples per extracted beat (the 201-sample window resampled).
 pub const BEAT_LEN: usize = 128;
@@ -270,6 +275,36 @@ pub struct Record {
 }
 
 impl Record {
+    /// A record from a header and its digital samples (one vector per header signal, all of
+    /// the same length, the header's sample count if it gives one).
+    ///
+    /// # Shapes
+    /// `signals`: `[num_signals][num_samples]`.
+    pub fn from_parts(header: Header, signals: Vec<Vec<i16>>) -> Result<Self, WfdbError> {
+        if signals.len() != header.signals.len() {
+            return Err(WfdbError::InvalidArgument(format!(
+                "{} sample vectors for {} signals",
+                signals.len(),
+                header.signals.len()
+            )));
+        }
+        let num_samples = signals.first().map_or(0, Vec::len);
+        if signals.iter().any(|s| s.len() != num_samples)
+            || header.num_samples.is_some_and(|n| n != num_samples as u64)
+        {
+            return Err(WfdbError::InvalidArgument(format!(
+                "signals of {:?} samples for a header of {:?}",
+                signals.iter().map(Vec::len).collect::<Vec<_>>(),
+                header.num_samples
+            )));
+        }
+        Ok(Self {
+            header,
+            signals,
+            num_samples,
+        })
+    }
+
     /// The record's name.
     pub fn name(&self) -> &str {
         &self.header.record_name
@@ -303,7 +338,7 @@ impl Record {
     }
 }
 
-fn to_physical(digital: i16, spec: &SignalSpec) -> f64 {
+pub(crate) fn to_physical(digital: i16, spec: &SignalSpec) -> f64 {
     (f64::from(digital) - f64::from(spec.baseline)) / spec.gain
 }
 
@@ -1162,70 +1197,12 @@ pub fn extract_beats_with_peaks(
     record: &Record,
     annotations: &[Annotation],
 ) -> Result<(Dataset, Vec<u64>), WfdbError> {
-    let fail = |message: String| WfdbError::Extraction {
-        record: record.name().to_owned(),
-        message,
-    };
-    let (Some(lead), Some(spec)) = (record.signals.first(), record.header.signals.first()) else {
-        return Err(fail("the record has no signals".to_owned()));
-    };
-    if let Some(position) = lead.iter().position(|&d| d == FORMAT_212_INVALID) {
-        return Err(fail(format!(
-            "lead 0 sample {position} is the invalid-sample value {FORMAT_212_INVALID}; \
-             min-max normalisation needs every sample"
-        )));
-    }
-    let physical: Vec<f64> = lead.iter().map(|&d| to_physical(d, spec)).collect();
-    let (min, max) = physical
-        .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| {
-            (lo.min(v), hi.max(v))
-        });
-    // No NaN is possible here: gains are finite and non-zero, and an empty lead gives +-inf.
-    if max <= min {
-        return Err(fail(
-            "lead 0 is empty or constant; it cannot be min-max normalised".to_owned(),
-        ));
-    }
-    let range = max - min;
-    let normalised: Vec<f64> = physical.iter().map(|&v| (v - min) / range).collect();
-
-    let signal_len = normalised.len() as i128;
-    let half = HALF_WINDOW as i128;
-    // `ann.sample[1:-1]`: the record's first and last annotation are never used.
-    let inner = annotations
-        .get(1..annotations.len().saturating_sub(1))
-        .unwrap_or_default();
-    let resampler = Resampler::new(WINDOW_LEN, BEAT_LEN);
-    let mut samples = Vec::new();
-    let mut labels = Vec::new();
-    let mut peaks = Vec::new();
-    for neighbours in inner.windows(3) {
-        let (previous, current, next) = (&neighbours[0], &neighbours[1], &neighbours[2]);
-        let Some(class) = CLASS_SYMBOLS.iter().position(|&s| s == current.symbol) else {
-            continue;
-        };
-        let (left, peak, right) = (
-            i128::from(previous.sample),
-            i128::from(current.sample),
-            i128::from(next.sample),
-        );
-        let fits = peak - half >= 0
-            && peak - half >= left
-            && peak + half < signal_len // `<= len(s) - 1` in regenerate.py
-            && peak + half <= right;
-        if !fits {
-            continue;
-        }
-        let start = (peak - half) as usize;
-        let window = &normalised[start..start + WINDOW_LEN];
-        let beat = denoise(&resampler.apply(window));
-        samples.extend(beat.iter().map(|&v| v as f32));
-        labels.push(class as u8);
-        peaks.push(current.sample);
-    }
-    let dataset = Dataset::new(samples, labels, BEAT_LEN, NUM_CLASSES)?;
-    Ok((dataset, peaks))
+    preprocess::extract(
+        record,
+        annotations,
+        &Preprocessing::papers(),
+        LabelSet::Papers,
+    )
 }
 
 /// Reads records `names` from `dir` (`name.hea`, its `.dat` files and `name.atr`) and
@@ -1234,10 +1211,10 @@ pub fn extract_beats_with_peaks(
 /// # Shapes
 /// A dataset of `[beats, 128]` samples, 5 classes.
 pub fn load_records<S: AsRef<str>>(dir: &Path, names: &[S]) -> Result<Dataset, WfdbError> {
-    Ok(load_records_with_sources(dir, names)?.0)
+    load_records_with(dir, names, &Preprocessing::papers(), LabelSet::Papers)
 }
 
-/// [`load_records`], also returning where each beat came from (for patient-wise splits).
+/// [`load_records`], also returning where each beat came from.
 ///
 /// # Shapes
 /// The dataset is `[beats, 128]`; the sources are `[beats]`.
@@ -1245,28 +1222,59 @@ pub fn load_records_with_sources<S: AsRef<str>>(
     dir: &Path,
     names: &[S],
 ) -> Result<(Dataset, Vec<BeatSource>), WfdbError> {
-    let mut samples = Vec::new();
-    let mut labels = Vec::new();
+    load_records_with_peaks(dir, names, &Preprocessing::papers(), LabelSet::Papers)
+}
+
+/// Reads records `names` from `dir` and cuts their beats as `preprocessing` says, labelled
+/// from `labels` ([`preprocess::extract`]): one patient per record (named after it), beats in
+/// the order given, each record's in annotation order.
+///
+/// # Shapes
+/// A dataset of `[beats, preprocessing.row_len()]` rows.
+pub fn load_records_with<S: AsRef<str>>(
+    dir: &Path,
+    names: &[S],
+    preprocessing: &Preprocessing,
+    labels: LabelSet,
+) -> Result<Dataset, WfdbError> {
+    Ok(load_records_with_peaks(dir, names, preprocessing, labels)?.0)
+}
+
+/// [`load_records_with`], also returning where each beat came from.
+///
+/// # Shapes
+/// The dataset is `[beats, preprocessing.row_len()]`; the sources are `[beats]`.
+pub fn load_records_with_peaks<S: AsRef<str>>(
+    dir: &Path,
+    names: &[S],
+    preprocessing: &Preprocessing,
+    labels: LabelSet,
+) -> Result<(Dataset, Vec<BeatSource>), WfdbError> {
+    preprocessing
+        .validate()
+        .map_err(|e| WfdbError::InvalidArgument(format!("preprocessing.{e}")))?;
+    if names.is_empty() {
+        return Err(WfdbError::InvalidArgument("no records named".to_owned()));
+    }
+    let mut parts = Vec::with_capacity(names.len());
     let mut sources = Vec::new();
     for name in names {
         let name = name.as_ref();
         let record = read_record(dir, name)?;
         let annotations = read_annotations(&dir.join(format!("{name}.atr")))?;
-        let (beats, peaks) = extract_beats_with_peaks(&record, &annotations)?;
-        samples.extend_from_slice(beats.samples());
-        labels.extend_from_slice(beats.labels());
+        let (beats, peaks) = preprocess::extract(&record, &annotations, preprocessing, labels)?;
         sources.extend(peaks.into_iter().map(|sample| BeatSource {
             record: name.to_owned(),
             sample,
         }));
+        parts.push(beats);
     }
-    let dataset = Dataset::new(samples, labels, BEAT_LEN, NUM_CLASSES)?;
-    Ok((dataset, sources))
+    Ok((Dataset::concat(&parts)?, sources))
 }
 
 /// `scipy.signal.resample(x, num)` for real `x` of a fixed length (no window): Fourier
 /// resampling through a direct DFT with precomputed twiddles (the lengths are small).
-struct Resampler {
+pub(crate) struct Resampler {
     input_len: usize,
     output_len: usize,
     /// `cos`/`sin` of `2 pi r / input_len`, `r < input_len`.
@@ -1276,7 +1284,7 @@ struct Resampler {
 }
 
 impl Resampler {
-    fn new(input_len: usize, output_len: usize) -> Self {
+    pub(crate) fn new(input_len: usize, output_len: usize) -> Self {
         let twiddles = |n: usize| {
             (0..n)
                 .map(|r| {
@@ -1293,7 +1301,7 @@ impl Resampler {
         }
     }
 
-    fn apply(&self, x: &[f64]) -> Vec<f64> {
+    pub(crate) fn apply(&self, x: &[f64]) -> Vec<f64> {
         debug_assert_eq!(x.len(), self.input_len);
         let (n, num) = (self.input_len, self.output_len);
         let m = n.min(num);
@@ -1470,7 +1478,7 @@ fn soft_threshold(values: &mut [f64], threshold: f64) {
 
 /// The notebook's `denoise`: `wavedec` (bior4.4, default level), soft threshold
 /// `0.005 * sqrt(2 * log2(len))` on every coefficient array, `waverec`.
-fn denoise(x: &[f64]) -> Vec<f64> {
+pub(crate) fn denoise(x: &[f64]) -> Vec<f64> {
     let threshold = 0.005 * (2.0 * (x.len() as f64).log2()).sqrt();
     let level = dwt_max_level(x.len(), FILTER_LEN);
     let mut approximation = x.to_vec();

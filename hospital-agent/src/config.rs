@@ -153,7 +153,7 @@ impl Config {
                 Source::Synthetic { samples, seed } => vec![data::synthetic(*samples, *seed)],
             };
             for d in parts {
-                samples.extend_from_slice(d.samples());
+                samples.extend_from_slice(d.rows());
                 labels.extend_from_slice(d.labels());
             }
         }
