@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod model;
 pub mod preprocess;
 pub mod protocol;
+pub mod synthetic;
 pub mod training;
 pub mod wfdb;
 pub mod wire;
