@@ -1246,6 +1246,7 @@ function jobPage(page, id) {
   const activity = h('div', { class: 'activity' }, loading());
   const summary = h('div');
   const timeline = h('div');
+  const results = h('div');
   const plots = h('div', { class: 'plots' });
   const traffic = h('div');
   const eventsBox = h('div');
@@ -1255,11 +1256,17 @@ function jobPage(page, id) {
   let job = null;
   let metrics = null;
   let jobPoll = null;
+  // The round whose test results are shown; null: the latest measured.
+  let resultsRound = null;
+  const chooseRound = (round) => {
+    resultsRound = round;
+    renderJob();
+  };
 
   // The charts are drawn at a different size on phones: redraw them when the width crosses over.
   const narrow = window.matchMedia(NARROW);
   const redraw = () => {
-    [plots, traffic].forEach((el) => rendered.delete(el));
+    [plots, results, traffic].forEach((el) => rendered.delete(el));
     if (job) renderJob();
   };
   narrow.addEventListener('change', redraw);
@@ -1287,6 +1294,10 @@ function jobPage(page, id) {
     patchIfChanged(activity, [job, visit], () => activityView(job, visit));
     patchIfChanged(summary, job.spec, () => specSummary(job.spec));
     patchIfChanged(timeline, [job.hospitals, metrics.visits], () => timelineView(job, metrics.visits));
+    const evaluated = metrics.visits.filter((v) => v.test_evaluation)
+      .map((v) => ({ round: v.round, position: v.position, hospital: v.hospital, evaluation: v.test_evaluation }));
+    patchIfChanged(results, [metrics.rounds, evaluated, resultsRound],
+      () => resultsView(metrics.rounds, evaluated, resultsRound, chooseRound));
     patchIfChanged(plots, [job.spec.rounds, metrics.rounds], () => plotsView(job, metrics.rounds));
     patchIfChanged(traffic, metrics.visits, () => trafficView(metrics.visits));
     patchIfChanged(eventsBox, events.length && events[events.length - 1].id, () => eventsView(events));
@@ -1316,6 +1327,7 @@ function jobPage(page, id) {
     h('div', { class: 'page-head' }, h('div', { class: 'title-row' }, title, statusBox), actions),
     live.el, activity,
     section('timeline-heading', 'Rounds and visits', timeline),
+    section('results-heading', 'Test results', results),
     section('plots-heading', 'Training curves', plots),
     section('traffic-heading', 'Encrypted traffic and time per visit', traffic),
     section('spec-heading', 'Job specification', summary),
@@ -1368,6 +1380,7 @@ function visitCell(v) {
       : null,
     v.status === 'running' ? h('span', { class: 'meta' }, ` ${wholePct(v.progress)}`) : null,
     v.test_accuracy != null ? h('span', { class: 'acc' }, `Test ${fmtPct(v.test_accuracy)}`) : null,
+    v.test_evaluation ? h('span', { class: 'meta' }, `Majority class ${fmtPct(v.test_evaluation.majority_rate)}`) : null,
     v.failures > 0 ? h('span', { class: 'meta' }, `${v.failures} failed attempt${v.failures > 1 ? 's' : ''}`) : null);
 }
 
@@ -1404,6 +1417,81 @@ function trafficView(visits) {
     h('td', {}, fmtCount(sum('messages'))), h('td', {}, fmtSecs(sum('server_seconds'))), h('td', {}, fmtSecs(sum('wall_seconds'))),
     h('td', { colspan: '3' }))));
   return [table, trafficBars(shown)];
+}
+
+const POOLED = 'All hospitals (pooled)';
+
+/** Which kind of split the figures come from, said in words. */
+function evaluationKind(evaluation, kinds) {
+  const mixed = kinds.size > 1 ? ' Hospitals differ in how they split: see the Split column.' : '';
+  if (evaluation.kind === 'patient') {
+    return h('p', { class: 'notice', id: 'eval-kind', 'data-kind': 'patient' },
+      h('strong', {}, 'Split by patient. '), 'Every hospital tested on patients it did not train on: the figures say how the model does on new patients.');
+  }
+  return h('p', { class: 'warning', id: 'eval-kind', 'data-kind': 'beat' },
+    h('strong', {}, 'Split by beat. '),
+    'Test beats come from the same patients as training beats, so these figures overstate how the model does on new patients.',
+    mixed);
+}
+
+/** Beats by true class (rows) and predicted class (columns), with each class's figures. */
+function confusionTable(id, title, e) {
+  const predicted = e.classes.map((_, c) => e.confusion.reduce((sum, row) => sum + row[c], 0));
+  return tableWrap(h('table', { id, class: 'confusion', 'data-hospital': title },
+    h('caption', {}, title, h('span', { class: 'meta' }, ' · rows: true class, columns: predicted')),
+    h('thead', {}, h('tr', {},
+      h('th', { scope: 'col' }, srOnly('True class'), h('span', { 'aria-hidden': 'true' }, 'True ╲ predicted')),
+      e.classes.map((c) => h('th', { scope: 'col', class: 'num' }, c)),
+      h('th', { scope: 'col', class: 'num' }, 'Beats'),
+      h('th', { scope: 'col', class: 'num' }, 'Sensitivity'),
+      h('th', { scope: 'col', class: 'num' }, 'F1'))),
+    h('tbody', {}, e.classes.map((c, i) => {
+      const k = e.per_class[c];
+      return h('tr', {},
+        h('th', { scope: 'row' }, c),
+        e.confusion[i].map((n, j) => h('td', { class: i === j ? 'num hit' : 'num' }, fmtCount(n))),
+        h('td', { class: 'num' }, fmtCount(k.support)),
+        h('td', { class: 'num' }, k.support > 0 ? fmtPct(k.se) : '—'),
+        h('td', { class: 'num' }, k.f1.toFixed(3)));
+    })),
+    h('tfoot', {},
+      h('tr', {}, h('th', { scope: 'row' }, 'Predicted'), predicted.map((n) => h('td', { class: 'num' }, fmtCount(n))),
+        h('td', { class: 'num' }, fmtCount(predicted.reduce((a, b) => a + b, 0))), h('td', {}), h('td', {})),
+      h('tr', {}, h('th', { scope: 'row' }, 'PPV'),
+        e.classes.map((c, j) => h('td', { class: 'num' }, predicted[j] > 0 ? fmtPct(e.per_class[c].ppv) : '—')),
+        h('td', {}), h('td', {}), h('td', {})))), `Confusion matrix: ${title}`);
+}
+
+/** One round's test results: per hospital and pooled, the figures and the confusion matrices. */
+function resultsView(rounds, evaluated, chosen, choose) {
+  const measured = rounds.filter((r) => r.pooled_test_evaluation);
+  if (measured.length === 0) {
+    return h('p', { class: 'empty' }, 'No test results yet: each hospital measures its held-out beats at the end of its visit.');
+  }
+  const round = measured.find((r) => r.round === chosen) ?? measured[measured.length - 1];
+  const pooled = round.pooled_test_evaluation;
+  const ofRound = evaluated.filter((v) => v.round === round.round).sort((a, b) => a.position - b.position);
+  const picker = h('select', {
+    id: 'results-round', 'data-focus-key': 'results-round',
+    onchange: (event) => choose(Number(event.target.value)),
+  }, measured.map((r) => h('option', { value: r.round, selected: r.round === round.round }, `Round ${r.round + 1}`)));
+  const beats = (e) => e.confusion.flat().reduce((a, b) => a + b, 0);
+  const rows = [...ofRound.map((v) => [v.hospital, v.evaluation]), [POOLED, pooled]];
+  return [
+    evaluationKind(pooled, new Set(ofRound.map((v) => v.evaluation.kind))),
+    h('div', { class: 'field inline-field' }, h('label', { for: 'results-round' }, 'Results of'), picker),
+    dataTable({
+      id: 'results-table', rowHeaders: true,
+      caption: `Round ${round.round + 1}: each hospital's held-out beats, and all of them pooled`,
+      columns: ['Hospital', 'Split', 'Beats', 'Accuracy', 'Majority class', 'Macro-F1', 'Balanced accuracy'],
+      rows: rows.map(([name, e]) => [name, `by ${e.kind}`, fmtCount(beats(e)), fmtPct(e.accuracy), fmtPct(e.majority_rate),
+        e.macro_f1.toFixed(3), fmtPct(e.balanced_accuracy)]),
+    }),
+    h('p', { class: 'hint' }, 'Majority class: the accuracy of answering the most frequent class to every beat of the same test set. '
+      + 'Sensitivity: the share of a class\'s beats found; PPV: the share of beats called that class that are of it.'),
+    h('div', { class: 'matrices' }, rows.map(([name, e], i) =>
+      confusionTable(i === rows.length - 1 ? 'confusion-pooled' : `confusion-${i}`, name, e))),
+  ];
 }
 
 function eventsView(events) {
@@ -1525,11 +1613,27 @@ function plotsView(job, rounds) {
     name: 'mean', cls: 'series-mean',
     points: rounds.filter((r) => r.mean_test_accuracy != null).map((r) => ({ round: r.round + 1, value: r.mean_test_accuracy })),
   };
+  const measured = rounds.filter((r) => r.pooled_test_evaluation);
+  const majority = {
+    name: 'always the majority class', cls: 'series-majority',
+    points: measured.map((r) => ({ round: r.round + 1, value: r.pooled_test_evaluation.majority_rate })),
+  };
+  const classes = measured.length ? measured[measured.length - 1].pooled_test_evaluation.classes : [];
+  const sensitivity = classes.map((name, i) => ({
+    name, cls: `series-${i % SERIES_CLASSES}`,
+    points: measured.flatMap((r) => {
+      const c = r.pooled_test_evaluation.per_class[name];
+      return c && c.support > 0 ? [{ round: r.round + 1, value: c.se }] : [];
+    }),
+  }));
   return [
     linePlot({ id: 'plot-loss', title: 'Training loss per round', yLabel: 'Training loss', rounds: job.spec.rounds,
       series: seriesOf('train_loss'), format: fmtLoss, tickFormat: (t) => String(Number(t.toFixed(3))) }),
     linePlot({ id: 'plot-accuracy', title: 'Test accuracy per round', yLabel: 'Test accuracy', rounds: job.spec.rounds,
-      series: [...seriesOf('test_accuracy'), mean], yRange: accuracyRange, format: fmtPct,
+      series: [...seriesOf('test_accuracy'), mean, majority], yRange: accuracyRange, format: fmtPct,
+      tickFormat: (t) => `${Number((t * 100).toFixed(1))}%` }),
+    linePlot({ id: 'plot-sensitivity', title: 'Sensitivity per class per round, all hospitals pooled', yLabel: 'Sensitivity',
+      rounds: job.spec.rounds, series: sensitivity, yRange: () => [0, 1], format: fmtPct,
       tickFormat: (t) => `${Number((t * 100).toFixed(1))}%` }),
   ];
 }

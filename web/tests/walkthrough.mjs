@@ -116,6 +116,61 @@ async function until(what, poll, timeoutMs = 60_000) {
   }
 }
 
+/** The text of every cell of `table`'s body, row by row. */
+async function bodyCells(table) {
+  return table.locator('tbody tr').evaluateAll((rows) =>
+    rows.map((r) => [...r.querySelectorAll('th, td')].map((c) => c.textContent.trim())));
+}
+
+/**
+ * The job page's test results match the API's: the kind of split is said, the majority-class
+ * rate stands next to accuracy, and the confusion matrices of the hospital and of the pooled
+ * round hold the counts the agent reported, with each class's sensitivity.
+ */
+async function testResults(page, jobUrl) {
+  step('the test results show the kind of split, the majority-class rate and the confusion matrices');
+  const id = jobUrl.split('/').pop();
+  const metrics = await page.evaluate(async (job) => (await fetch(`/v1/jobs/${job}/metrics`)).json(), id);
+  const kind = page.locator('#eval-kind');
+  check((await kind.getAttribute('data-kind')) === 'beat', 'the agent splits by beat');
+  check((await kind.textContent()).includes('Split by beat'), `kind labelled: ${await kind.textContent()}`);
+  const pct = (x) => `${(x * 100).toFixed(2)}%`;
+  for (const round of [ROUNDS - 1, 0]) {
+    if (round !== ROUNDS - 1) await page.locator('#results-round').selectOption(String(round));
+    const visit = metrics.visits.find((v) => v.round === round && v.hospital === HOSPITAL);
+    const e = visit.test_evaluation;
+    const pooled = metrics.rounds.find((r) => r.round === round).pooled_test_evaluation;
+    await until(`round ${round + 1}'s results`, async () =>
+      (await page.locator('#results-table caption').textContent()).startsWith(`Round ${round + 1}:`));
+    const rows = await bodyCells(page.locator('#results-table'));
+    check(rows.length === 2 && rows[0][0] === HOSPITAL && rows[1][0].includes('pooled'), `rows: ${rows}`);
+    const [, split, beats, accuracy, majority] = rows[0];
+    check(split === 'by beat', `split column: ${split}`);
+    check(Number(beats.replace(/\D/g, '')) === visit.test_samples, `beats ${beats} vs ${visit.test_samples}`);
+    check(accuracy === pct(visit.test_accuracy), `accuracy ${accuracy} vs ${visit.test_accuracy}`);
+    check(majority === pct(e.majority_rate) && e.majority_rate > 0 && e.majority_rate < 1,
+      `majority-class rate ${majority} vs ${e.majority_rate}`);
+    for (const [tableId, expected] of [['#confusion-0', e], ['#confusion-pooled', pooled]]) {
+      const cells = await bodyCells(page.locator(tableId));
+      check(cells.length === expected.classes.length, `${tableId}: one row per class`);
+      let total = 0;
+      cells.forEach((row, i) => {
+        check(row[0] === expected.classes[i], `${tableId} row ${i}: ${row[0]}`);
+        const counts = row.slice(1, 1 + expected.classes.length).map((c) => Number(c.replace(/\D/g, '')));
+        check(JSON.stringify(counts) === JSON.stringify(expected.confusion[i]),
+          `${tableId} row ${row[0]}: ${counts} vs ${expected.confusion[i]}`);
+        total += counts.reduce((a, b) => a + b, 0);
+        const c = expected.per_class[row[0]];
+        check(row[row.length - 2] === pct(c.se), `${tableId} ${row[0]} sensitivity ${row[row.length - 2]} vs ${c.se}`);
+      });
+      check(total === visit.test_samples, `${tableId} counts ${total} beats, the test set has ${visit.test_samples}`);
+    }
+  }
+  await page.locator('#results-round').selectOption(String(ROUNDS - 1));
+  await until('the last round shown again', async () =>
+    (await page.locator('#results-table caption').textContent()).startsWith(`Round ${ROUNDS}:`));
+}
+
 async function main() {
   mkdirSync(SHOTS, { recursive: true });
   const browser = await chromium.launch({
@@ -251,6 +306,7 @@ async function walkthrough(browser) {
   step('researcher watches the job');
   const points = researcher.locator('svg#plot-accuracy circle.point');
   const lossPoints = researcher.locator('svg#plot-loss circle.point');
+  const sensitivityPoints = researcher.locator('svg#plot-sensitivity circle.point');
   const seen = new Set();
   await until(
     'the job to complete',
@@ -262,11 +318,14 @@ async function walkthrough(browser) {
     240_000,
   );
   // The last poll of the page may land after the status flip; wait for the final figures:
-  // per round, the hospital's test accuracy and the mean, and the hospital's training loss.
+  // per round, the hospital's test accuracy, the mean and the majority-class rate; the
+  // hospital's training loss; the sensitivity of each of the five classes.
   await until(
     'all rounds plotted',
-    async () => (await points.count()) === 2 * ROUNDS && (await lossPoints.count()) === ROUNDS,
+    async () => (await points.count()) === 3 * ROUNDS && (await lossPoints.count()) === ROUNDS
+      && (await sensitivityPoints.count()) === 5 * ROUNDS,
   );
+  await testResults(researcher, jobUrl);
   seen.add(await points.count());
   const counts = [...seen].sort((a, b) => a - b);
   step(`accuracy points seen while running: ${counts.join(', ')}`);
