@@ -68,7 +68,7 @@ pub async fn upgrade(
         .await?
         .ok_or(Error::NotFound("job"))?;
     let spec = job.spec.0;
-    let config = spec.model.config();
+    let config = spec.model_config();
     let privacy = if spec.insecure_plaintext {
         Privacy::Plaintext
     } else {

@@ -5,24 +5,159 @@
 use serde::{Deserialize, Serialize};
 
 use crate::metrics::{Confusion, EvalKind, MetricsError};
-use crate::model::{ModelConfig, ServerOptimizer};
+use crate::model::{ConvBlock, ModelConfig, ServerOptimizer};
 
-/// The model a job trains.
+/// A named model: the client's convolution blocks and the optional client tail.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ModelName {
-    /// M1, cut width 256.
+    /// M1: blocks (16, k7, pool 2), (8, k5, pool 2); cut width 256 on 128-sample beats.
     #[default]
     M1,
     /// M1 with 16 channels in the second block, cut width 512.
     M1Wide,
+    /// M1's blocks, a 16-wide encrypted server layer and a client tail (LeakyReLU, Linear):
+    /// the configuration chosen by patient-wise cross-validation inside DS1 for the
+    /// inter-patient task (docs/benchmarks.md).
+    M1Tail,
 }
 
 impl ModelName {
-    pub fn config(self) -> ModelConfig {
+    pub const ALL: [ModelName; 3] = [Self::M1, Self::M1Wide, Self::M1Tail];
+
+    pub fn as_str(self) -> &'static str {
         match self {
-            Self::M1 => ModelConfig::m1(),
-            Self::M1Wide => ModelConfig::m1_wide(),
+            Self::M1 => "m1",
+            Self::M1Wide => "m1_wide",
+            Self::M1Tail => "m1_tail",
+        }
+    }
+
+    /// The shapes on 128-sample beats without side features, 5 classes.
+    pub fn config(self) -> ModelConfig {
+        self.spec().config(128, 0, 5)
+    }
+
+    pub fn spec(self) -> ModelSpec {
+        let m1 = ModelConfig::m1();
+        let blocks = match self {
+            Self::M1Wide => ModelConfig::m1_wide().blocks,
+            Self::M1 | Self::M1Tail => m1.blocks,
+        };
+        ModelSpec {
+            preset: Some(self),
+            blocks,
+            tail: matches!(self, Self::M1Tail).then_some(16),
+            leaky_slope: m1.leaky_slope,
+        }
+    }
+}
+
+/// The model of a job: a preset name (`"m1"`), or a table starting from a preset (default
+/// M1) with any of `blocks`, `tail` and `leaky_slope` replaced. The input length, side features
+/// and classes come from the job's preprocessing and label set.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ModelSpec {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preset: Option<ModelName>,
+    pub blocks: Vec<ConvBlock>,
+    pub tail: Option<usize>,
+    pub leaky_slope: f64,
+}
+
+impl Default for ModelSpec {
+    fn default() -> Self {
+        ModelName::M1.spec()
+    }
+}
+
+impl ModelSpec {
+    /// The network for inputs of `beat_len` samples and `features` side values, `classes`
+    /// outputs.
+    pub fn config(&self, beat_len: usize, features: usize, classes: usize) -> ModelConfig {
+        ModelConfig {
+            beat_len,
+            features,
+            blocks: self.blocks.clone(),
+            tail: self.tail,
+            classes,
+            leaky_slope: self.leaky_slope,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ModelSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Table {
+            preset: Option<ModelName>,
+            blocks: Option<Vec<ConvBlock>>,
+            tail: Option<usize>,
+            leaky_slope: Option<f64>,
+        }
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = ModelSpec;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(
+                    "a model name (m1, m1_wide, m1_tail) or a table of blocks, tail, leaky_slope",
+                )
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ModelSpec, E> {
+                ModelName::ALL
+                    .into_iter()
+                    .find(|m| m.as_str() == v)
+                    .map(ModelName::spec)
+                    .ok_or_else(|| {
+                        E::custom(format!(
+                            "unknown model {v:?}: expected m1, m1_wide or m1_tail"
+                        ))
+                    })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<ModelSpec, A::Error> {
+                let t = Table::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                let base = t.preset.unwrap_or_default().spec();
+                let custom = t.blocks.is_some() || t.tail.is_some() || t.leaky_slope.is_some();
+                Ok(ModelSpec {
+                    preset: if custom { None } else { t.preset },
+                    blocks: t.blocks.unwrap_or(base.blocks),
+                    tail: t.tail.or(base.tail),
+                    leaky_slope: t.leaky_slope.unwrap_or(base.leaky_slope),
+                })
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// How the loss weighs the classes.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClassWeights {
+    /// Every class weighs 1.
+    #[default]
+    Uniform,
+    /// Each hospital weighs its classes inversely to their frequency in its own training split
+    /// (`n / (classes · n_c)`, at most [`ClassWeights::BALANCED_CAP`]).
+    Balanced,
+    /// One weight per class, in the label set's order.
+    Fixed(Vec<f32>),
+}
+
+impl ClassWeights {
+    /// The largest weight `balanced` gives a rare class.
+    pub const BALANCED_CAP: f32 = 20.0;
+
+    /// The weights for a training split with `counts` beats per class (`None`: uniform).
+    pub fn for_counts(&self, counts: &[usize]) -> Option<Vec<f32>> {
+        match self {
+            Self::Uniform => None,
+            Self::Balanced => Some(crate::model::balanced_weights(counts, Self::BALANCED_CAP)),
+            Self::Fixed(w) => Some(w.clone()),
         }
     }
 }
@@ -44,7 +179,7 @@ pub enum FailurePolicy {
 pub struct JobSpec {
     pub name: String,
     #[serde(default)]
-    pub model: ModelName,
+    pub model: ModelSpec,
     /// Hospital names, in the order every round visits them.
     pub hospitals: Vec<String>,
     #[serde(default = "one")]
@@ -52,6 +187,10 @@ pub struct JobSpec {
     /// Passes over the hospital's training split per visit.
     #[serde(default = "one")]
     pub local_epochs: u32,
+    /// Batches per visit instead of whole epochs (continuing through the hospital's data from
+    /// visit to visit); `None`: `local_epochs` passes.
+    #[serde(default)]
+    pub local_steps: Option<u32>,
     #[serde(default = "default_batch")]
     pub batch_size: u32,
     /// Test accuracy is measured every `eval_every` rounds (and after the last round).
@@ -62,6 +201,11 @@ pub struct JobSpec {
     pub seed: u64,
     #[serde(default)]
     pub server_optimizer: ServerOptimizer,
+    /// Learning rate of the hospitals' Adam.
+    #[serde(default = "default_client_lr")]
+    pub client_lr: f64,
+    #[serde(default)]
+    pub class_weights: ClassWeights,
     /// Activations and gradients in the clear: for debugging only. HE is on unless this is true.
     #[serde(default)]
     pub insecure_plaintext: bool,
@@ -80,6 +224,9 @@ fn default_batch() -> u32 {
 }
 fn default_attempts() -> u32 {
     3
+}
+fn default_client_lr() -> f64 {
+    crate::model::CLIENT_LR
 }
 
 /// A rejected field: the path of the field and what is wrong with it.
@@ -141,19 +288,66 @@ impl JobSpec {
                 ));
             }
         }
-        let lr = self.server_optimizer.lr();
-        if !(lr.is_finite() && lr > 0.0 && lr <= 1.0) {
+        for (field, lr) in [
+            ("server_optimizer.lr", self.server_optimizer.lr()),
+            ("client_lr", self.client_lr),
+        ] {
+            if !(lr.is_finite() && lr > 0.0 && lr <= 1.0) {
+                return Err(FieldError::new(
+                    field,
+                    format!("must be in (0, 1], got {lr}"),
+                ));
+            }
+        }
+        if let Some(steps) = self.local_steps
+            && !(1..=1_000_000).contains(&steps)
+        {
             return Err(FieldError::new(
-                "server_optimizer.lr",
-                format!("must be in (0, 1], got {lr}"),
+                "local_steps",
+                format!("must be between 1 and 1000000, got {steps}"),
             ));
         }
+        let config = self.model_config();
+        config
+            .validate()
+            .map_err(|e| FieldError::new(model_field(&e), e.to_string()))?;
+        crate::model::Objective {
+            client_lr: self.client_lr,
+            class_weights: self.class_weights.for_counts(&vec![1; config.classes]),
+        }
+        .validate(config.classes)
+        .map_err(|e| FieldError::new("class_weights", e.to_string()))?;
         Ok(())
+    }
+
+    /// The network this job trains: its model on the inputs its preprocessing makes, with its
+    /// label set's classes.
+    pub fn model_config(&self) -> ModelConfig {
+        self.model.config(128, 0, 5)
     }
 
     /// Whether the visits of `round` (0-based) end with a test-accuracy measurement.
     pub fn evaluates(&self, round: u32) -> bool {
         (round + 1).is_multiple_of(self.eval_every) || round + 1 == self.rounds
+    }
+}
+
+/// The spec field a model error is about.
+fn model_field(e: &crate::model::ModelError) -> String {
+    use crate::model::ModelError as E;
+    match e {
+        E::Kernel { block, .. } => format!("model.blocks[{block}].kernel"),
+        E::TooShort { block, .. } => format!("model.blocks[{block}].pool"),
+        E::Zero { field } | E::TooLarge { field, .. } if field.starts_with("blocks") => {
+            format!("model.{field}")
+        }
+        E::Zero { field } | E::TooLarge { field, .. }
+            if field == "tail" || field == "server outputs" =>
+        {
+            "model.tail".into()
+        }
+        E::Slope(_) => "model.leaky_slope".into(),
+        _ => "model".into(),
     }
 }
 
@@ -276,4 +470,67 @@ pub mod close {
     pub const FENCED: u16 = 4409;
     /// The coordinator is shutting down; the visit will be retried.
     pub const SHUTDOWN: u16 = 1001;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(model: &str) -> Result<JobSpec, String> {
+        let text = format!(r#"{{"name": "j", "hospitals": ["a"], "model": {model}}}"#);
+        serde_json::from_str::<JobSpec>(&text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn models_are_named_or_tables_and_errors_name_the_field() {
+        assert_eq!(spec(r#""m1""#).unwrap().model_config(), ModelConfig::m1());
+        assert_eq!(
+            spec(r#""m1_wide""#).unwrap().model_config(),
+            ModelConfig::m1_wide()
+        );
+        let tail = spec(r#""m1_tail""#).unwrap();
+        assert_eq!(tail.model_config().server_outputs(), 16);
+        assert_eq!(tail.model.preset, Some(ModelName::M1Tail));
+
+        let custom = spec(
+            r#"{"blocks": [{"channels": 8, "kernel": 9, "pool": 4}, {"channels": 4, "kernel": 3, "pool": 2}], "tail": 8}"#,
+        )
+        .unwrap();
+        let config = custom.model_config();
+        assert_eq!((config.cut_width().0, config.server_outputs()), (64, 8));
+        assert_eq!(custom.model.preset, None);
+        custom.validate().unwrap();
+
+        assert!(
+            spec(r#""m2""#)
+                .unwrap_err()
+                .contains("unknown model \"m2\"")
+        );
+        assert!(spec(r#"{"depth": 3}"#).unwrap_err().contains("depth"));
+        let bad = spec(r#"{"blocks": [{"channels": 8, "kernel": 4, "pool": 2}]}"#).unwrap();
+        assert_eq!(bad.validate().unwrap_err().field, "model.blocks[0].kernel");
+        let bad = spec(r#"{"preset": "m1", "tail": 0}"#).unwrap();
+        assert_eq!(bad.validate().unwrap_err().field, "model.tail");
+        let bad = spec(r#"{"preset": "m1", "tail": 500}"#).unwrap();
+        assert_eq!(bad.validate().unwrap_err().field, "model.tail");
+    }
+
+    #[test]
+    fn class_weights_and_learning_rates_are_checked() {
+        let mut s = spec(r#""m1""#).unwrap();
+        assert_eq!(s.class_weights, ClassWeights::Uniform);
+        s.class_weights = ClassWeights::Fixed(vec![1.0, 2.0]);
+        assert_eq!(s.validate().unwrap_err().field, "class_weights");
+        s.class_weights = ClassWeights::Balanced;
+        s.validate().unwrap();
+        assert_eq!(
+            s.class_weights.for_counts(&[90, 10, 0]).unwrap(),
+            vec![100.0 / 270.0, 100.0 / 30.0, ClassWeights::BALANCED_CAP]
+        );
+        s.client_lr = 0.0;
+        assert_eq!(s.validate().unwrap_err().field, "client_lr");
+        s.client_lr = 1e-3;
+        s.local_steps = Some(0);
+        assert_eq!(s.validate().unwrap_err().field, "local_steps");
+    }
 }

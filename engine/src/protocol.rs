@@ -16,7 +16,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use crate::he::{ClientKey, HeError, Packing, ServerHe};
 use crate::metrics::MetricsError;
 use crate::model::{
-    self, CLIENT_LR, ClientNet, ModelConfig, ModelError, ServerNet, ServerOptimizer, tensor_values,
+    self, ClientNet, ModelConfig, ModelError, Objective, ServerNet, ServerOptimizer, tensor_values,
 };
 use crate::wire::{Activations, ClientMessage, Gradients, Outputs, ServerMessage, WireError};
 
@@ -98,19 +98,20 @@ pub struct BatchStats {
 /// Checks a batch and returns its size.
 ///
 /// # Shapes
-/// `beats`: `[B, beat_len]` row-major; `labels`: `[B]`, or empty when `train` is false.
+/// `rows`: `[B, beat_len + features]` row-major; `labels`: `[B]`, or empty when `train` is
+/// false.
 fn check_batch(
     config: &ModelConfig,
-    beats: &[f32],
+    rows: &[f32],
     labels: &[u8],
     train: bool,
 ) -> Result<usize, ProtocolError> {
-    let batch = beats.len() / config.beat_len;
+    let batch = rows.len() / config.input_len();
     if batch == 0 || batch > u16::MAX as usize {
         return Err(ProtocolError::BatchSize(batch));
     }
-    expect("beats", batch * config.beat_len, beats.len())?;
-    finite("beats", beats)?;
+    expect("input rows", batch * config.input_len(), rows.len())?;
+    finite("input rows", rows)?;
     if train {
         expect("labels", batch, labels.len())?;
         if let Some((row, &label)) = labels
@@ -128,32 +129,40 @@ fn check_batch(
     Ok(batch)
 }
 
-fn beats_tensor(beats: &[f32], batch: usize, len: usize, device: &Device) -> Tensor<3> {
-    Tensor::from_data(TensorData::new(beats.to_vec(), [batch, 1, len]), device)
-}
-
-/// Softmax cross-entropy at the client: loss statistics and dJ/dlogits (mean over the batch).
+/// The client's end of the U on the server layer's outputs: the tail (if any), softmax
+/// cross-entropy with the labels; loss statistics, dJ/doutputs (of the batch's mean or weighted
+/// mean loss) and the gradients of the tail's parameters.
 ///
 /// # Shapes
-/// `logits`: `[B, classes]` → dJ/dlogits `[B, classes]`.
+/// `outputs`: `[B, server_outputs]` → dJ/doutputs `[B, server_outputs]`.
 fn loss_and_gradient(
-    logits: &[f32],
+    model: &ClientNet,
+    config: &ModelConfig,
+    objective: &Objective,
+    outputs: &[f32],
     labels: &[u8],
-    classes: usize,
     device: &Device,
-) -> (BatchStats, Vec<f32>) {
+) -> (BatchStats, Vec<f32>, GradientsParams) {
     let batch = labels.len();
-    let logits_t = tensor2(logits.to_vec(), batch, classes, device).require_grad();
-    let loss = model::cross_entropy(logits_t.clone(), labels, device);
+    let outputs_t =
+        tensor2(outputs.to_vec(), batch, config.server_outputs(), device).require_grad();
+    let logits = model.head(outputs_t.clone());
+    let logit_values = tensor_values(logits.clone());
+    let loss = model::cross_entropy(logits, labels, objective.class_weights.as_deref(), device);
     let loss_value = tensor_values(loss.clone())[0] as f64;
     let grads = loss.backward();
-    let g = tensor_values(logits_t.grad(&grads).expect("logits require a gradient"));
+    let g = tensor_values(outputs_t.grad(&grads).expect("outputs require a gradient"));
+    let tail = if model.has_tail() {
+        GradientsParams::from_grads(grads, model)
+    } else {
+        GradientsParams::new()
+    };
     let stats = BatchStats {
         samples: batch,
         loss_sum: loss_value * batch as f64,
-        correct: model::correct_predictions(logits, labels, classes),
+        correct: model::correct_predictions(&logit_values, labels, config.classes),
     };
-    (stats, g)
+    (stats, g, tail)
 }
 
 /// What the client does after a message.
@@ -178,12 +187,15 @@ enum ClientState {
     AwaitInputGradients {
         activations: Tensor<2>,
         stats: BatchStats,
+        /// Gradients of the tail's parameters (empty without a tail).
+        tail: GradientsParams,
     },
 }
 
 /// The hospital's half: its layers, labels, loss, optimiser and (in `split-he`) its secret key.
 pub struct ClientSession {
     config: ModelConfig,
+    objective: Objective,
     model: ClientNet,
     optimizer: ModuleOptimizer,
     device: Device,
@@ -222,11 +234,12 @@ impl ClientSession {
             Privacy::Plaintext => None,
             Privacy::Encrypted => Some((
                 ClientKey::generate(),
-                Packing::new(config.cut_width().0, config.classes)?,
+                Packing::new(config.cut_width().0, config.server_outputs())?,
             )),
         };
         Ok(Self {
             config: config.clone(),
+            objective: Objective::default(),
             model,
             optimizer: model::client_optimizer(),
             device,
@@ -237,24 +250,31 @@ impl ClientSession {
         })
     }
 
+    /// Sets the learning rate and class weights (the defaults: [`Objective::default`]).
+    pub fn set_objective(&mut self, objective: Objective) -> Result<(), ProtocolError> {
+        objective.validate(self.config.classes)?;
+        self.objective = objective;
+        Ok(())
+    }
+
     /// Starts a training step (`train`, with labels) or an evaluation step (labels empty).
     ///
     /// # Shapes
-    /// `beats`: `[B, beat_len]` row-major; `labels`: `[B]`.
+    /// `rows`: `[B, beat_len + features]` row-major; `labels`: `[B]`.
     pub fn start(
         &mut self,
-        beats: &[f32],
+        rows: &[f32],
         labels: &[u8],
         train: bool,
     ) -> Result<Vec<u8>, ProtocolError> {
         if !matches!(self.state, ClientState::Idle) {
             return Err(ProtocolError::Unexpected("a step is already in flight"));
         }
-        let batch = check_batch(&self.config, beats, labels, train)?;
-        let activations = self.model.forward(beats_tensor(
-            beats,
+        let batch = check_batch(&self.config, rows, labels, train)?;
+        let activations = self.model.forward(tensor2(
+            rows.to_vec(),
             batch,
-            self.config.beat_len,
+            self.config.input_len(),
             &self.device,
         ));
         let values = tensor_values(activations.clone());
@@ -304,32 +324,64 @@ impl ClientSession {
                 ServerMessage::Logits(out),
             ) => {
                 let batch = activations.dims()[0];
-                let logits = self.open_logits(out, batch)?;
+                let outputs = self.open_logits(out, batch)?;
                 if !train {
+                    let logits = self.model.head(tensor2(
+                        outputs,
+                        batch,
+                        self.config.server_outputs(),
+                        &self.device,
+                    ));
+                    let logits = tensor_values(logits);
                     let predicted = model::predictions(&logits, self.config.classes).collect();
                     return Ok(ClientEvent::Evaluated(predicted));
                 }
-                let (stats, g) =
-                    loss_and_gradient(&logits, &labels, self.config.classes, &self.device);
+                let (stats, g, tail) = loss_and_gradient(
+                    &self.model,
+                    &self.config,
+                    &self.objective,
+                    &outputs,
+                    &labels,
+                    &self.device,
+                );
                 let payload = self.seal_gradients(g, &values, batch)?;
-                self.state = ClientState::AwaitInputGradients { activations, stats };
+                self.state = ClientState::AwaitInputGradients {
+                    activations,
+                    stats,
+                    tail,
+                };
                 Ok(ClientEvent::Send(ClientMessage::Backward(payload).encode()))
             }
             (
-                ClientState::AwaitInputGradients { activations, stats },
+                ClientState::AwaitInputGradients {
+                    activations,
+                    stats,
+                    mut tail,
+                },
                 ServerMessage::InputGradients(out),
             ) => {
                 let batch = activations.dims()[0];
                 let grads = self.open_input_gradients(out, batch)?;
                 let grads = tensor2(grads, batch, self.config.cut_width().0, &self.device);
-                // Inject dJ/da as the upstream gradient of the cut layer.
+                // Inject dJ/da as the upstream gradient of the cut layer (the side features
+                // are inputs: their part of dJ/da has nothing to update).
                 let gradients = (activations * grads).sum().backward();
-                let params = GradientsParams::from_grads(gradients, &self.model);
+                let mut params = GradientsParams::from_grads(gradients, &self.model);
+                if let Some((weight, bias)) = self.model.tail_ids() {
+                    if let Some(g) = tail.remove::<2>(weight) {
+                        params.register(weight, g);
+                    }
+                    if let Some(g) = bias.and_then(|id| tail.remove::<1>(id)) {
+                        params.register(bias.expect("bias id"), g);
+                    }
+                }
                 #[cfg(test)]
                 {
                     self.last_gradients = self.model.gradient_values(&params);
                 }
-                self.model = self.optimizer.step(CLIENT_LR, self.model.clone(), params);
+                self.model =
+                    self.optimizer
+                        .step(self.objective.client_lr, self.model.clone(), params);
                 Ok(ClientEvent::Trained(stats))
             }
             (state, _) => {
@@ -341,8 +393,9 @@ impl ClientSession {
         }
     }
 
+    /// The server layer's outputs (the logits without a tail), decrypted in `split-he`.
     fn open_logits(&mut self, out: Outputs, batch: usize) -> Result<Vec<f32>, ProtocolError> {
-        let classes = self.config.classes;
+        let classes = self.config.server_outputs();
         let logits = match (out, &mut self.he) {
             (Outputs::Plain(v), None) => v,
             (Outputs::Encrypted(cts), Some((key, packing))) => {
@@ -414,7 +467,7 @@ impl ClientSession {
         let Some((key, packing)) = &mut self.he else {
             return Ok(Gradients::Plain(g));
         };
-        let (cut, classes) = (self.config.cut_width().0, self.config.classes);
+        let (cut, classes) = (self.config.cut_width().0, self.config.server_outputs());
         let mut weight_grad = vec![0f64; cut * classes];
         let mut bias_grad = vec![0f64; classes];
         for (a, gb) in activations.chunks_exact(cut).zip(g.chunks_exact(classes)) {
@@ -545,7 +598,7 @@ impl ServerSession {
         let he = match privacy {
             Privacy::Plaintext => None,
             Privacy::Encrypted => {
-                let packing = Packing::new(config.cut_width().0, config.classes)?;
+                let packing = Packing::new(config.cut_width().0, config.server_outputs())?;
                 let mut he = ServerHe::new(packing);
                 let (w, b) = model.weights();
                 he.set_weights(&w, &b)?;
@@ -640,7 +693,7 @@ impl ServerSession {
     }
 
     fn backward(&mut self, grads: Gradients) -> Result<ServerMessage, ProtocolError> {
-        let (cut, classes) = (self.config.cut_width().0, self.config.classes);
+        let (cut, classes) = (self.config.cut_width().0, self.config.server_outputs());
         let (reply, params) = match (grads, &self.state, &mut self.he) {
             (Gradients::Plain(g), ServerState::AwaitPlainBackward { input, logits }, None) => {
                 let batch = input.dims()[0];
@@ -748,6 +801,7 @@ impl ServerSession {
 /// The whole model in one process: the `local` baseline, same data, seeds and optimisers.
 pub struct LocalModel {
     config: ModelConfig,
+    objective: Objective,
     client: ClientNet,
     server: ServerNet,
     client_optimizer: ModuleOptimizer,
@@ -768,6 +822,7 @@ impl LocalModel {
         let device = Device::flex().autodiff();
         Ok(Self {
             config: config.clone(),
+            objective: Objective::default(),
             client: config.init_client(seed, &device),
             server: config.init_server(seed, &device),
             client_optimizer: model::client_optimizer(),
@@ -779,9 +834,17 @@ impl LocalModel {
         })
     }
 
-    fn logits(&self, beats: &[f32], batch: usize) -> Tensor<2> {
-        let input = beats_tensor(beats, batch, self.config.beat_len, &self.device);
-        self.server.forward(self.client.forward(input))
+    /// Sets the learning rate and class weights (the defaults: [`Objective::default`]).
+    pub fn set_objective(&mut self, objective: Objective) -> Result<(), ProtocolError> {
+        objective.validate(self.config.classes)?;
+        self.objective = objective;
+        Ok(())
+    }
+
+    fn logits(&self, rows: &[f32], batch: usize) -> Tensor<2> {
+        let input = tensor2(rows.to_vec(), batch, self.config.input_len(), &self.device);
+        self.client
+            .head(self.server.forward(self.client.forward(input)))
     }
 }
 
@@ -790,7 +853,7 @@ pub trait Trainer {
     /// One optimisation step on a batch.
     ///
     /// # Shapes
-    /// `beats`: `[B, beat_len]`, `labels`: `[B]`.
+    /// `beats`: `[B, beat_len + features]` (input rows), `labels`: `[B]`.
     fn train_batch(&mut self, beats: &[f32], labels: &[u8]) -> Result<BatchStats, ProtocolError>;
     /// Predicted classes of a batch.
     fn predict(&mut self, beats: &[f32]) -> Result<Vec<usize>, ProtocolError>;
@@ -805,7 +868,12 @@ impl Trainer for LocalModel {
         let batch = check_batch(&self.config, beats, labels, true)?;
         let logits = self.logits(beats, batch);
         let values = tensor_values(logits.clone());
-        let loss = model::cross_entropy(logits, labels, &self.device);
+        let loss = model::cross_entropy(
+            logits,
+            labels,
+            self.objective.class_weights.as_deref(),
+            &self.device,
+        );
         let stats = BatchStats {
             samples: batch,
             loss_sum: tensor_values(loss.clone())[0] as f64 * batch as f64,
@@ -821,9 +889,9 @@ impl Trainer for LocalModel {
                 self.server.gradient_values(&server),
             );
         }
-        self.client = self
-            .client_optimizer
-            .step(CLIENT_LR, self.client.clone(), client);
+        self.client =
+            self.client_optimizer
+                .step(self.objective.client_lr, self.client.clone(), client);
         self.server = self
             .server_optimizer
             .step(self.server_lr, self.server.clone(), server);
@@ -922,16 +990,55 @@ mod tests {
         a.iter().map(|x| x * x).sum::<f32>().sqrt()
     }
 
+    /// M1 with four side features, a 12-wide client tail, and class weights.
+    fn side_and_tail() -> (ModelConfig, Objective) {
+        let config = ModelConfig {
+            features: 4,
+            tail: Some(12),
+            ..ModelConfig::m1()
+        };
+        let objective = Objective {
+            client_lr: 2e-3,
+            class_weights: Some(vec![0.5, 1.0, 2.0, 4.0, 1.5]),
+        };
+        (config, objective)
+    }
+
+    /// Synthetic beats with `features` side values appended to each row.
+    fn rows(beats: Vec<f32>, beat_len: usize, features: usize) -> Vec<f32> {
+        beats
+            .chunks_exact(beat_len)
+            .enumerate()
+            .flat_map(|(b, beat)| {
+                let side = (0..features).map(move |f| ((b * 7 + f * 3) % 11) as f32 / 5.0);
+                beat.iter().copied().chain(side)
+            })
+            .collect()
+    }
+
     #[test]
     fn split_gradients_match_local_and_split_he_stays_close() {
-        let config = ModelConfig::m1();
+        check_modes_agree(ModelConfig::m1(), Objective::default());
+    }
+
+    #[test]
+    fn side_features_tail_and_class_weights_agree_across_modes() {
+        let (config, objective) = side_and_tail();
+        check_modes_agree(config, objective);
+    }
+
+    fn check_modes_agree(config: ModelConfig, objective: Objective) {
         let data = synthetic(24, 11);
         let optimizer = ServerOptimizer::default();
         let mut local = LocalModel::new(&config, optimizer, 5).unwrap();
         let mut split = InProcess::new(&config, Privacy::Plaintext, optimizer, 5).unwrap();
         let mut he = InProcess::new(&config, Privacy::Encrypted, optimizer, 5).unwrap();
+        local.set_objective(objective.clone()).unwrap();
+        split.client.set_objective(objective.clone()).unwrap();
+        he.client.set_objective(objective).unwrap();
         for (step, batch) in (0..24).collect::<Vec<_>>().chunks(6).enumerate() {
             let (beats, labels) = gather(&data, batch);
+            let beats = rows(beats, config.beat_len, config.features);
             let l = local.train_batch(&beats, &labels).unwrap();
             let s = split.train_batch(&beats, &labels).unwrap();
             let h = he.train_batch(&beats, &labels).unwrap();

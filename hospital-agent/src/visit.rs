@@ -13,6 +13,7 @@ use medsplit_engine::api::{
     AgentFrame, CoordinatorFrame, SealedCopy, TestEvaluation, VisitAssignment, VisitReport,
 };
 use medsplit_engine::metrics::Confusion;
+use medsplit_engine::model::Objective;
 use medsplit_engine::protocol::{ClientEvent, ClientSession, Privacy};
 use medsplit_engine::training::{Totals, epoch_order, gather};
 use medsplit_engine::wfdb::CLASS_SYMBOLS;
@@ -57,7 +58,7 @@ pub async fn run(
     data: &LocalData,
     observer: &mut dyn Observer,
 ) -> Result<VisitSummary, AgentError> {
-    let config = a.spec.model.config();
+    let config = a.spec.model_config();
     if data.train.beat_len() != config.beat_len || data.train.num_classes() != config.classes {
         return Err(AgentError::Session(format!(
             "local data has {}-sample beats in {} classes; the job's model needs {} and {}",
@@ -80,6 +81,10 @@ pub async fn run(
             ClientSession::resume(&config, privacy, &params)?
         }
     };
+    client.set_objective(Objective {
+        client_lr: a.spec.client_lr,
+        class_weights: a.spec.class_weights.for_counts(&data.train.class_counts()),
+    })?;
     let mut ws = coordinator.session(a.visit_id, a.attempt).await?;
     let mut link = Link::default();
 
