@@ -135,7 +135,18 @@ function fmtDetail(detail) {
 }
 
 const ROLE_LABELS = { platform_admin: 'Platform admin', hospital_admin: 'Hospital admin', researcher: 'Researcher' };
-const MODEL_LABELS = { m1: 'M1 (cut 256)', m1_wide: 'M1 wide (cut 512)' };
+const MODEL_LABELS = {
+  m1: 'M1 (cut 256)', m1_wide: 'M1 wide (cut 512)', m1_tail: 'M1 with a client tail (16 encrypted outputs)',
+};
+
+// A job's model: a preset name, or the spec's table (its preset, or its own blocks and tail).
+function modelLabel(model) {
+  if (typeof model === 'string') return MODEL_LABELS[model] ?? model;
+  if (model && model.preset) return MODEL_LABELS[model.preset] ?? model.preset;
+  if (!model || !Array.isArray(model.blocks)) return 'unknown';
+  const blocks = model.blocks.map((b) => `${b.channels}×k${b.kernel}/${b.pool}`).join(', ');
+  return `custom: conv ${blocks}${model.tail ? `, tail ${model.tail}` : ''}`;
+}
 const OPTIMIZER_LABELS = { adam: 'Adam', sgd: 'SGD' };
 const FAILURE_LABELS = { skip: 'Skip the visit, go on', fail: 'Fail the whole job' };
 const STATUS_LABELS = {
@@ -961,7 +972,7 @@ function consentPage(page) {
 function specSummary(spec) {
   const opt = spec.server_optimizer ?? { kind: 'adam', lr: 0.001 };
   const items = [
-    ['Model', MODEL_LABELS[spec.model] ?? spec.model],
+    ['Model', modelLabel(spec.model)],
     ['Hospitals, in visit order', h('ol', { class: 'inline-list' }, spec.hospitals.map((n) => h('li', {}, n)))],
     ['Rounds', spec.rounds],
     ['Local epochs', spec.local_epochs],
