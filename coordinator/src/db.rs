@@ -795,6 +795,11 @@ pub struct Claimed {
 /// Claims the oldest queued visit of the agent's hospital that the agent can train (it holds
 /// the weights the last completed visit sealed to it, or the job has none yet): the visit runs
 /// under a lease of `lease_seconds`, and its attempt number is the fencing token.
+///
+/// Nothing is claimed for an agent that is revoked or whose hospital is disabled. The statement
+/// holds a share lock on both rows until its transaction ends, so that a revocation or a
+/// hospital's disabling either comes first (and this claims nothing) or waits for the claim to
+/// commit (and then releases the visit it gave).
 pub async fn claim_visit(
     e: impl PgExecutor<'_>,
     agent_id: i64,
@@ -803,9 +808,15 @@ pub async fn claim_visit(
 ) -> sqlx::Result<Option<Claimed>> {
     sqlx::query_as!(
         Claimed,
-        r#"with candidate as (
+        r#"with agent as (
+             select a.id from agents a join hospitals h on h.id = a.hospital_id
+             where a.id = $1 and a.hospital_id = $2 and a.revoked_at is null and not h.disabled
+             for share of a, h
+           ),
+           candidate as (
              select v.id from visits v join jobs j on j.id = v.job_id
-             where v.hospital_id = $2 and v.status = 'queued' and j.status = 'running'
+             where exists (select 1 from agent)
+               and v.hospital_id = $2 and v.status = 'queued' and j.status = 'running'
                and not exists (
                  select 1 from visits p
                  where p.job_id = v.job_id and p.status = 'completed' and p.seq < v.seq
@@ -861,17 +872,28 @@ pub async fn handoff(
     .await
 }
 
-/// Agents that may train one of the job's later visits: every unrevoked agent of its hospitals.
-pub async fn recipients(e: impl PgExecutor<'_>, job_id: i64) -> sqlx::Result<Vec<(i64, Vec<u8>)>> {
-    let rows = sqlx::query!(
-        "select a.id, a.public_key from agents a
-         join job_hospitals jh on jh.hospital_id = a.hospital_id
-         where jh.job_id = $1 and a.revoked_at is null order by a.id",
+/// An agent of one of a job's hospitals.
+pub struct JobAgent {
+    pub id: i64,
+    pub public_key: Vec<u8>,
+    /// Neither revoked nor of a disabled hospital: it may train the job's later visits, and
+    /// client weights are sealed to it.
+    pub active: bool,
+}
+
+/// Every agent of the job's hospitals, revoked ones and those of disabled hospitals included.
+pub async fn job_agents(e: impl PgExecutor<'_>, job_id: i64) -> sqlx::Result<Vec<JobAgent>> {
+    sqlx::query_as!(
+        JobAgent,
+        r#"select a.id, a.public_key, (a.revoked_at is null and not h.disabled) as "active!"
+           from agents a
+           join hospitals h on h.id = a.hospital_id
+           join job_hospitals jh on jh.hospital_id = a.hospital_id
+           where jh.job_id = $1 order by a.id"#,
         job_id
     )
     .fetch_all(e)
-    .await?;
-    Ok(rows.into_iter().map(|r| (r.id, r.public_key)).collect())
+    .await
 }
 
 /// Extends the lease of a running visit held by this attempt; false if the attempt was fenced.

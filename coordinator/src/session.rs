@@ -275,7 +275,9 @@ struct Checked {
     test: Option<(EvalKind, Confusion)>,
 }
 
-fn check_report(r: &VisitReport, visit: &Visit, recipients: &[(i64, Vec<u8>)]) -> Result<Checked> {
+/// Checks a report against the job's agents. Copies sealed to an agent revoked (or of a hospital
+/// disabled) since the claim are dropped: no weights are kept for it.
+fn check_report(r: &VisitReport, visit: &Visit, agents: &[db::JobAgent]) -> Result<Checked> {
     let unit = |field: &str, v: f64| {
         if (0.0..=1.0).contains(&v) {
             Ok(())
@@ -293,16 +295,13 @@ fn check_report(r: &VisitReport, visit: &Visit, recipients: &[(i64, Vec<u8>)]) -
     let test = check_test(r, visit)?;
     let mut out = Vec::new();
     for (i, copy) in r.sealed.iter().enumerate() {
-        if !recipients
-            .iter()
-            .any(|(id, _)| *id == copy.recipient_agent_id)
-        {
+        let Some(agent) = agents.iter().find(|a| a.id == copy.recipient_agent_id) else {
             return Err(FieldError::new(
                 format!("sealed[{i}].recipient_agent_id"),
                 "not an agent of this job's hospitals",
             )
             .into());
-        }
+        };
         let bytes = B64
             .decode(&copy.sealed)
             .ok()
@@ -313,12 +312,16 @@ fn check_report(r: &VisitReport, visit: &Visit, recipients: &[(i64, Vec<u8>)]) -
                     "must be base64, at most 4 MiB",
                 )
             })?;
-        out.push((copy.recipient_agent_id, bytes));
+        if agent.active {
+            out.push((copy.recipient_agent_id, bytes));
+        }
     }
     if out.is_empty() {
-        return Err(
-            FieldError::new("sealed", "the weights must be sealed to at least one agent").into(),
-        );
+        return Err(FieldError::new(
+            "sealed",
+            "the weights must be sealed to at least one active agent",
+        )
+        .into());
     }
     Ok(Checked { sealed: out, test })
 }
@@ -401,8 +404,8 @@ async fn complete(
     report: VisitReport,
     c: &Counters,
 ) -> Result<bool> {
-    let recipients = db::recipients(&s.db, visit.job_id).await?;
-    let Checked { sealed, test } = check_report(&report, visit, &recipients)?;
+    let agents = db::job_agents(&s.db, visit.job_id).await?;
+    let Checked { sealed, test } = check_report(&report, visit, &agents)?;
     let parameters = server
         .model()
         .map_err(|e| Error::Internal(format!("job {}: server layer: {e}", visit.job_id)))?

@@ -69,6 +69,8 @@ async fn revoke_agent(
         .stop_where(medsplit_engine::api::close::REVOKED, |_, o| {
             o.agent_id == id
         });
+    // Its waiting claims end.
+    s.work.notify_waiters();
     crate::scheduler::sweep(&s).await?;
     Ok(StatusCode::NO_CONTENT)
 }

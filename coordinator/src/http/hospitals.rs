@@ -77,10 +77,21 @@ async fn disable_hospital(
         .iter()
         .map(|a| a.id)
         .collect();
+    // Its agents' running visits are released now, as when an agent is revoked.
+    for &agent in &agents {
+        for visit in db::running_visits_of_agent(&mut *tx, agent).await? {
+            if let Some(v) = db::visit(&mut *tx, visit).await? {
+                db::release_visit(&mut *tx, visit, v.attempt, agent, "hospital disabled").await?;
+            }
+        }
+    }
     tx.commit().await?;
     s.sessions
         .stop_where(medsplit_engine::api::close::REVOKED, |_, o| {
             agents.contains(&o.agent_id)
         });
+    // Its agents' waiting claims end.
+    s.work.notify_waiters();
+    crate::scheduler::sweep(&s).await?;
     Ok(StatusCode::NO_CONTENT)
 }

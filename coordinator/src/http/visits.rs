@@ -32,6 +32,8 @@ struct Wait {
     wait: Option<u64>,
 }
 
+/// A visit for the agent, waiting up to `wait` seconds for one. Revoking the agent or disabling
+/// its hospital wakes the wait and ends it with 401.
 async fn claim(State(s): State<AppState>, p: Principal, Query(q): Query<Wait>) -> Result<Response> {
     p.require(Role::Agent)?;
     let hospital = p.hospital()?;
@@ -47,6 +49,9 @@ async fn claim(State(s): State<AppState>, p: Principal, Query(q): Query<Wait>) -
         }
         let wait = (deadline - now).min(s.settings.poll_interval);
         let _ = tokio::time::timeout(wait, notified).await;
+        if !db::agent_active(&s.db, p.id).await? {
+            return Err(Error::Unauthenticated);
+        }
     }
 }
 
@@ -60,7 +65,7 @@ async fn try_claim(s: &AppState, agent: i64, hospital: i64) -> Result<Option<Vis
         return Ok(None);
     };
     let handoff = db::handoff(&mut *tx, c.job_id, c.seq, agent).await?;
-    let recipients = db::recipients(&mut *tx, c.job_id).await?;
+    let recipients = db::job_agents(&mut *tx, c.job_id).await?;
     db::job_event(
         &mut *tx,
         c.job_id,
@@ -85,9 +90,10 @@ async fn try_claim(s: &AppState, agent: i64, hospital: i64) -> Result<Option<Vis
         }),
         recipients: recipients
             .into_iter()
-            .map(|(agent_id, key)| Recipient {
-                agent_id,
-                public_key: B64.encode(key),
+            .filter(|a| a.active)
+            .map(|a| Recipient {
+                agent_id: a.id,
+                public_key: B64.encode(a.public_key),
             })
             .collect(),
         lease_seconds: s.settings.lease.as_secs() as u32,
