@@ -1186,3 +1186,35 @@ async fn an_agent_shutting_down_gives_its_visit_back_at_once(pool: Pool) {
     again.stop.send_replace(true);
     again.task.await.unwrap().unwrap();
 }
+
+#[sqlx::test(migrator = "medsplit_coordinator::MIGRATOR")]
+async fn enrolment_checks_the_state_directory_before_spending_the_token(pool: Pool) {
+    let p = Platform::new(&pool, 1, &[]).await;
+    let token = p.hospital_admins[0]
+        .ok("POST", "/v1/enrolment-tokens", Some(json!({})))
+        .await["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let dir = std::env::temp_dir().join(format!("medsplit-enrol-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let blocker = dir.join("file");
+    std::fs::write(&blocker, "").unwrap();
+    let endpoint = medsplit_agent::client::Endpoint::new(&p.server.url, None).unwrap();
+    let err = medsplit_agent::enrol(&endpoint, &token, "a1", &blocker.join("state"))
+        .await
+        .expect_err("a state directory beneath a file cannot be created");
+    assert!(matches!(err, medsplit_agent::AgentError::State(_)), "{err}");
+    // The token was not spent: it enrols the agent into a directory that works, once.
+    let state = dir.join("state");
+    let identity = medsplit_agent::enrol(&endpoint, &token, "a1", &state)
+        .await
+        .unwrap();
+    assert_eq!(identity.hospital_id, p.hospital_ids[0]);
+    let loaded = medsplit_agent::state::load(&state).unwrap();
+    assert_eq!(loaded.identity.agent_id, identity.agent_id);
+    let agents = p.hospital_admins[0].ok("GET", "/v1/agents", None).await;
+    assert_eq!(agents.as_array().unwrap().len(), 1, "{agents}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

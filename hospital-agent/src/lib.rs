@@ -11,6 +11,9 @@ pub mod visit;
 
 pub use medsplit_engine::protocol::ClientSession;
 
+use std::path::Path;
+
+use base64::Engine;
 use medsplit_engine::data::DataError;
 use medsplit_engine::protocol::ProtocolError;
 
@@ -26,6 +29,8 @@ pub enum AgentError {
     Wfdb(#[from] medsplit_engine::wfdb::WfdbError),
     #[error("coordinator unreachable: {0}")]
     Http(#[from] reqwest::Error),
+    #[error("enrolment refused: {0}")]
+    Enrolment(Box<AgentError>),
     #[error("coordinator answered {status}: {message}")]
     Status { status: u16, message: String },
     #[error("this agent's credential was refused: it has been revoked (or its hospital disabled)")]
@@ -49,4 +54,29 @@ impl AgentError {
     pub fn is_fatal(&self) -> bool {
         matches!(self, Self::Revoked | Self::Config(_) | Self::State(_))
     }
+}
+
+/// Enrols this machine's agent: makes sure `state_dir` can hold the state (so that a token is
+/// never spent on a directory that cannot), redeems the one-time `token` for a new identity
+/// key, and writes the state.
+pub async fn enrol(
+    endpoint: &client::Endpoint,
+    token: &str,
+    name: &str,
+    state_dir: &Path,
+) -> Result<state::Identity, AgentError> {
+    state::prepare(state_dir)?;
+    let key = state::new_key();
+    let public = base64::engine::general_purpose::STANDARD.encode(key.public_key().as_bytes());
+    let enrolled = client::enrol(endpoint, token, name, &public)
+        .await
+        .map_err(|e| AgentError::Enrolment(Box::new(e)))?;
+    let identity = state::Identity {
+        coordinator: endpoint.base().to_string(),
+        agent_id: enrolled.agent_id,
+        hospital_id: enrolled.hospital_id,
+        credential: enrolled.credential,
+    };
+    state::save(state_dir, &identity, &key)?;
+    Ok(identity)
 }

@@ -3,12 +3,10 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::Context;
-use base64::Engine;
 use clap::{Parser, Subcommand};
-use medsplit_agent::client::{self, Coordinator, Endpoint};
+use medsplit_agent::client::{Coordinator, Endpoint};
 use medsplit_agent::config::Config;
-use medsplit_agent::state::{self, Identity};
+use medsplit_agent::state;
 
 #[derive(Parser)]
 #[command(version, about = "MedSplit hospital agent")]
@@ -27,8 +25,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Redeem a one-time enrolment token: creates the state directory (identity key and
-    /// credential, mode 0600).
+    /// Redeem a one-time enrolment token: checks that the state directory can be written,
+    /// then writes the identity key and credential there (mode 0600).
     Enrol {
         #[arg(long)]
         coordinator: String,
@@ -104,34 +102,17 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
             name,
             ca_cert,
         } => {
-            if state_dir.join("identity.json").exists() {
-                anyhow::bail!(
-                    "{} already holds an enrolled agent; remove it to enrol again",
-                    state_dir.display()
-                );
-            }
             let endpoint = Endpoint::new(&coordinator, ca_cert.as_deref())?;
-            let key = state::new_key();
-            let public =
-                base64::engine::general_purpose::STANDARD.encode(key.public_key().as_bytes());
-            let enrolled = client::enrol(&endpoint, &token, &name, &public)
-                .await
-                .context("enrolment refused")?;
-            state::save(
-                &state_dir,
-                &Identity {
-                    coordinator: endpoint.base().to_string(),
-                    agent_id: enrolled.agent_id,
-                    hospital_id: enrolled.hospital_id,
-                    credential: enrolled.credential,
-                },
-                &key,
-            )?;
+            let enrolled = medsplit_agent::enrol(&endpoint, &token, &name, &state_dir).await?;
             println!(
-                "enrolled as agent {} of hospital {}; state in {}",
+                "enrolled as agent {} of hospital {}; state in {}\n\
+                 next: write the agent's configuration (state_dir = {:?} and its [[sources]]; \
+                 see docs/operations.md) and start it with \
+                 `medsplit-agent run --config /etc/medsplit/agent.toml`",
                 enrolled.agent_id,
                 enrolled.hospital_id,
-                state_dir.display()
+                state_dir.display(),
+                state_dir.display().to_string(),
             );
             Ok(())
         }

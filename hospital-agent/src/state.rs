@@ -79,14 +79,29 @@ pub fn new_key() -> SecretKey {
     SecretKey::generate(&mut crypto_box::aead::OsRng)
 }
 
-/// Writes the state after enrolment; refuses to overwrite an existing one.
-pub fn save(dir: &Path, identity: &Identity, key: &SecretKey) -> Result<(), StateError> {
+/// Makes sure the state can be written to `dir` before an enrolment token is spent on it:
+/// creates the directory (0700), refuses one that already holds an identity, and writes,
+/// syncs and removes a probe file.
+pub fn prepare(dir: &Path) -> Result<(), StateError> {
     fs::create_dir_all(dir).map_err(io(dir))?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
-    let id_path = dir.join(IDENTITY);
-    if id_path.exists() {
+    if dir.join(IDENTITY).exists() {
         return Err(StateError::Exists(dir.to_path_buf()));
     }
+    let probe = dir.join(format!(".write-probe-{}", std::process::id()));
+    let _ = fs::remove_file(&probe);
+    let written = write_private(&probe, b"probe");
+    let removed = fs::remove_file(&probe).map_err(io(&probe));
+    written.and(removed)?;
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))
+}
+
+/// Writes the state after enrolment; refuses to overwrite an existing one.
+pub fn save(dir: &Path, identity: &Identity, key: &SecretKey) -> Result<(), StateError> {
+    prepare(dir)?;
+    let id_path = dir.join(IDENTITY);
     let key_path = dir.join(KEY);
     let _ = fs::remove_file(&key_path);
     write_private(&key_path, &key.to_bytes())?;

@@ -77,3 +77,35 @@ fn run_refuses_missing_configs_and_exposed_state() {
     assert!(!ok && err.contains("not http(s)"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn enrol_checks_the_state_directory_before_it_spends_the_token() {
+    let dir = std::env::temp_dir().join(format!("medsplit-agent-probe-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // A directory that cannot be created (a file is in the way): refused before the coordinator
+    // is contacted, so the token is not spent (the coordinator here is unreachable).
+    let blocker = dir.join("file");
+    std::fs::write(&blocker, "").unwrap();
+    let state = blocker.join("state");
+    let (ok, err) = agent(&[
+        "enrol",
+        "--coordinator",
+        "http://127.0.0.1:9",
+        "--token",
+        "t",
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains(state.to_str().unwrap()), "{err}");
+    assert!(!err.contains("unreachable"), "{err}");
+    // A writable directory passes the check and leaves nothing behind.
+    let fresh = dir.join("fresh");
+    medsplit_agent::state::prepare(&fresh).unwrap();
+    assert_eq!(std::fs::read_dir(&fresh).unwrap().count(), 0);
+    assert_eq!(
+        std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
