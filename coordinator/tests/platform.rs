@@ -1165,11 +1165,17 @@ async fn an_agent_shutting_down_gives_its_visit_back_at_once(pool: Pool) {
     let mut s = spec(&["h0"], 1);
     s["batch_size"] = json!(1);
     let id = p.approved_job(s).await;
-    let running = a.spawn();
+    let (running, logs) = a.spawn_logged();
     wait_until_training(&pool, id).await;
     // What SIGTERM does in `medsplit-agent run`: the daemon stops and returns cleanly.
     running.stop.send_replace(true);
     running.task.await.unwrap().unwrap();
+    assert!(
+        logs.text()
+            .contains("shutting down; the visit in progress will be retried"),
+        "{}",
+        logs.text()
+    );
     // The visit is back in the queue now, long before its 600 s lease would have expired.
     let (status, failures, error): (String, i32, Option<String>) =
         sqlx::query_as("select status, failures, last_error from visits where job_id = $1")
@@ -1217,4 +1223,52 @@ async fn enrolment_checks_the_state_directory_before_spending_the_token(pool: Po
     let agents = p.hospital_admins[0].ok("GET", "/v1/agents", None).await;
     assert_eq!(agents.as_array().unwrap().len(), 1, "{agents}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The daemon's claim waits 25 s for work; a revoked agent (or one of a disabled hospital) must
+/// not wait for it to end, but stop at the first refused heartbeat (every 5 s).
+#[sqlx::test(migrator = "medsplit_coordinator::MIGRATOR")]
+async fn a_revoked_agent_stops_at_the_first_refusal(pool: Pool) {
+    let p = Platform::new(&pool, 2, &[]).await;
+    let (a0, a1) = (p.enrol(0).await, p.enrol(1).await);
+    let (r0, r1) = (a0.spawn(), a1.spawn());
+    for (i, a) in [&a0, &a1].into_iter().enumerate() {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while count(
+            &pool,
+            "select count(*) from agents where id = $1 and last_seen_at is not null",
+            a.state.identity.agent_id,
+        )
+        .await
+            == 0
+        {
+            assert!(tokio::time::Instant::now() < deadline, "agent {i} not seen");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    p.hospital_admins[0]
+        .ok(
+            "POST",
+            &format!("/v1/agents/{}/revoke", a0.state.identity.agent_id),
+            Some(json!({})),
+        )
+        .await;
+    p.admin
+        .ok(
+            "POST",
+            &format!("/v1/hospitals/{}/disable", p.hospital_ids[1]),
+            None,
+        )
+        .await;
+    for r in [r0, r1] {
+        let ended = tokio::time::timeout(Duration::from_secs(15), r.task)
+            .await
+            .expect("the daemon stops before its claim's long poll ends")
+            .unwrap();
+        assert!(
+            matches!(ended, Err(medsplit_agent::AgentError::Revoked)),
+            "{:?}",
+            ended.err()
+        );
+    }
 }

@@ -42,7 +42,7 @@ impl Default for Backoff {
 }
 
 /// Runs until `shutdown` turns true (the visit in progress is given back to be retried) or a
-/// fatal error (revoked credential).
+/// fatal error: the first refused heartbeat or claim of a revoked agent ends it at once.
 pub async fn run(
     coordinator: Arc<Coordinator>,
     state: Arc<AgentState>,
@@ -51,15 +51,23 @@ pub async fn run(
 ) -> Result<(), AgentError> {
     let (current_tx, current_rx) = watch::channel::<Option<(i64, i32)>>(None);
     let (fenced_tx, mut fenced_rx) = watch::channel::<Option<i64>>(None);
-    let heartbeat = tokio::spawn(heartbeats(coordinator.clone(), current_rx, fenced_tx));
+    let (revoked_tx, mut revoked_rx) = watch::channel(false);
+    let heartbeat = tokio::spawn(heartbeats(
+        coordinator.clone(),
+        current_rx,
+        fenced_tx,
+        revoked_tx,
+    ));
     let mut backoff = Backoff::new();
     let result = loop {
         if *shutdown.borrow() {
+            tracing::info!("shutting down");
             break Ok(());
         }
         let claimed = tokio::select! {
             r = coordinator.claim(Duration::from_secs(25)) => r,
             _ = shutdown.changed() => continue,
+            _ = turns_true(&mut revoked_rx) => break Err(AgentError::Revoked),
         };
         let assignment = match claimed {
             Ok(Some(a)) => a,
@@ -74,6 +82,7 @@ pub async fn run(
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = shutdown.changed() => {}
+                    _ = turns_true(&mut revoked_rx) => break Err(AgentError::Revoked),
                 }
                 continue;
             }
@@ -93,30 +102,47 @@ pub async fn run(
             r = visit::run(&coordinator, &state.secret_key, &assignment, &data, observer.as_mut()) => r,
             _ = shutdown.changed() => Err(AgentError::Shutdown),
             _ = fenced_rx.changed() => Err(AgentError::Fenced),
+            _ = turns_true(&mut revoked_rx) => Err(AgentError::Revoked),
         };
         current_tx.send_replace(None);
         drop(observer);
-        match outcome {
-            Ok(summary) => log_summary(&assignment, &summary),
-            Err(e) => {
-                let fenced = matches!(e, AgentError::Fenced)
-                    || matches!(e, AgentError::Closed { code, .. } if code == close::FENCED || code == close::REVOKED);
-                tracing::warn!(visit = assignment.visit_id, error = %e, "visit not completed");
-                if !fenced {
-                    let reason = e.to_string();
-                    if let Err(r) = coordinator
-                        .release(assignment.visit_id, assignment.attempt, &reason)
-                        .await
-                    {
-                        tracing::warn!(error = %r, "could not give the visit back; its lease will expire");
-                    }
-                }
-                if e.is_fatal() {
-                    break Err(e);
-                }
-                if !matches!(e, AgentError::Shutdown) && !fenced {
-                    tokio::time::sleep(backoff.next_delay()).await;
-                }
+        let e = match outcome {
+            Ok(summary) => {
+                log_summary(&assignment, &summary);
+                continue;
+            }
+            Err(e) => e,
+        };
+        let stopping = matches!(e, AgentError::Shutdown);
+        // A fenced or revoked attempt has lost the visit already: nothing to give back.
+        let lost = matches!(e, AgentError::Fenced | AgentError::Revoked)
+            || matches!(e, AgentError::Closed { code, .. } if code == close::FENCED || code == close::REVOKED);
+        if stopping {
+            tracing::info!(
+                visit = assignment.visit_id,
+                "shutting down; the visit in progress will be retried"
+            );
+        } else {
+            tracing::warn!(visit = assignment.visit_id, error = %e, "visit not completed");
+        }
+        if !lost
+            && let Err(r) = coordinator
+                .release(assignment.visit_id, assignment.attempt, &e.to_string())
+                .await
+        {
+            tracing::warn!(error = %r, "could not give the visit back; its lease will expire");
+        }
+        if stopping {
+            break Ok(());
+        }
+        if e.is_fatal() {
+            break Err(e);
+        }
+        if !lost {
+            tokio::select! {
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+                _ = shutdown.changed() => {}
+                _ = turns_true(&mut revoked_rx) => break Err(AgentError::Revoked),
             }
         }
     };
@@ -124,12 +150,21 @@ pub async fn run(
     result
 }
 
+/// Resolves once `flag` is true; never if its sender goes away first.
+async fn turns_true(flag: &mut watch::Receiver<bool>) {
+    if flag.wait_for(|v| *v).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 /// Every few seconds: tell the coordinator the agent is alive, extend the current visit's lease,
-/// and signal `fenced` if the visit was taken away.
+/// signal `fenced` if the visit was taken away, and `revoked` (then stop) when the agent's
+/// credential is refused.
 async fn heartbeats(
     coordinator: Arc<Coordinator>,
     current: watch::Receiver<Option<(i64, i32)>>,
     fenced: watch::Sender<Option<i64>>,
+    revoked: watch::Sender<bool>,
 ) {
     let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
     loop {
@@ -143,6 +178,10 @@ async fn heartbeats(
                 {
                     fenced.send_replace(Some(id));
                 }
+            }
+            Err(AgentError::Revoked) => {
+                revoked.send_replace(true);
+                return;
             }
             Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
         }

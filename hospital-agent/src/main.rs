@@ -141,7 +141,6 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
                     _ = term.recv() => {}
                     _ = tokio::signal::ctrl_c() => {}
                 }
-                tracing::info!("shutting down; the visit in progress will be retried");
                 stop_tx.send_replace(true);
             });
             medsplit_agent::daemon::run(coordinator, Arc::new(state), Arc::new(data), stop_rx)

@@ -109,3 +109,58 @@ fn enrol_checks_the_state_directory_before_it_spends_the_token() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn an_idle_agent_stops_on_sigterm_without_speaking_of_a_visit() {
+    use std::io::{BufRead, BufReader};
+    let dir = std::env::temp_dir().join(format!("medsplit-agent-term-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let state = dir.join("state");
+    let identity = medsplit_agent::state::Identity {
+        coordinator: "http://127.0.0.1:9".into(),
+        agent_id: 1,
+        hospital_id: 1,
+        credential: "c".into(),
+    };
+    medsplit_agent::state::save(&state, &identity, &medsplit_agent::state::new_key()).unwrap();
+    let config = dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = {:?}\n[[sources]]\nformat = \"synthetic\"\nsamples = 50\nseed = 1\n",
+            state.display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_medsplit-agent"))
+        .args(["run", "--config", config.to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The coordinator is unreachable: the agent retries its claim, idle.
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut log = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        log.push_str(&line);
+        log.push('\n');
+        if line.contains("claim failed") {
+            break;
+        }
+    }
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success(), "{log}");
+    for line in lines {
+        log.push_str(&line.unwrap());
+        log.push('\n');
+    }
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}: {log}");
+    assert!(log.contains("shutting down"), "{log}");
+    assert!(!log.contains("will be retried"), "{log}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

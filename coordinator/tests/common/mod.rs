@@ -363,6 +363,50 @@ impl TestAgent {
     }
 }
 
+/// What an in-process daemon logged (its `tracing` events, as text lines).
+#[derive(Clone, Default)]
+pub struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Logs {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl TestAgent {
+    /// Like [`TestAgent::spawn`], recording what the daemon logs.
+    pub fn spawn_logged(&self) -> (Running, Logs) {
+        use tracing::instrument::WithSubscriber;
+        let logs = Logs::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(
+            medsplit_agent::daemon::run(
+                Arc::new(self.coordinator()),
+                self.state.clone(),
+                self.data.clone(),
+                rx,
+            )
+            .with_subscriber(subscriber),
+        );
+        (Running { task, stop }, logs)
+    }
+}
+
 pub fn spec(hospitals: &[&str], rounds: u32) -> Value {
     json!({
         "name": "test job",
