@@ -266,17 +266,25 @@ function errorText(e) {
 // ---------------------------------------------------------------------------------------------
 // Messages
 
-let toastTimer = 0;
+const toastTimers = [];
 
-/** Says something in the one polite live region (also shown as a toast). */
+/** Empties the live region (and hides the toast). */
+function clearAnnouncement() {
+  toastTimers.splice(0).forEach(clearTimeout);
+  document.getElementById('status').textContent = '';
+}
+
+/**
+ * Says something in the one polite live region (also shown as a toast). The message belongs to
+ * the page shown now: it goes when that page is left, or after 8 s.
+ */
 function announce(message, kind = 'info') {
   const region = document.getElementById('status');
-  clearTimeout(toastTimer);
-  region.textContent = '';
+  clearAnnouncement();
   region.className = `toast toast-${kind}`;
   // A short delay makes screen readers announce a repeated message again.
-  setTimeout(() => { region.textContent = message; }, 50);
-  toastTimer = setTimeout(() => { region.textContent = ''; }, 8000);
+  toastTimers.push(setTimeout(() => { region.textContent = message; }, 50),
+    setTimeout(() => { region.textContent = ''; }, 8000));
 }
 
 /** Wraps an async event handler so that failures are shown, never thrown. */
@@ -336,6 +344,7 @@ function navigate(path, { replace = false, message = null } = {}) {
 }
 
 function leavePage() {
+  clearAnnouncement();
   if (!current) return;
   current.active = false;
   for (const cleanup of current.cleanups) cleanup();
@@ -677,6 +686,7 @@ function hospitalsPage(page) {
   async function disableHospital(x) {
     if (!window.confirm(`Disable hospital ${x.name}? Its users can no longer log in, its agents are refused, and new jobs cannot name it.`)) return;
     await POST(`/v1/hospitals/${x.id}/disable`);
+    if (!page.active) return;
     announce(`Hospital ${x.name} disabled`);
     await load();
   }
@@ -687,6 +697,7 @@ function hospitalsPage(page) {
     if (!HOSPITAL_NAME.test(name.value)) return errors.field(name, '1 to 64 characters: letters, digits, - _ .');
     try {
       const created = await busy(submit, () => POST('/v1/hospitals', { name: name.value }));
+      if (!page.active) return;
       form.reset();
       announce(`Hospital ${created.name} created`);
       await load();
@@ -748,6 +759,7 @@ function usersPage(page) {
   async function disableUser(u) {
     if (!window.confirm(`Disable user ${u.email}? They can no longer log in.`)) return;
     await POST(`/v1/users/${u.id}/disable`);
+    if (!page.active) return;
     announce(`User ${u.email} disabled`);
     await load();
   }
@@ -772,6 +784,7 @@ function usersPage(page) {
     };
     try {
       const user = await busy(submit, () => POST('/v1/users', body));
+      if (!page.active) return;
       form.reset();
       syncHospital();
       announce(`User ${user.email} created`);
@@ -841,6 +854,7 @@ function agentsPage(page) {
   async function revoke(agent) {
     if (!window.confirm(`Revoke agent ${agent.name}? It can no longer claim visits; a visit it is running will be retried.`)) return;
     await POST(`/v1/agents/${agent.id}/revoke`);
+    if (!page.active) return;
     announce(`Agent ${agent.name} revoked`);
     agentsPoll?.refresh();
   }
@@ -916,6 +930,7 @@ function consentPage(page) {
   async function decide(job, decision) {
     if (decision === 'decline' && !window.confirm(`Decline job ${job.name}? It will not run.`)) return;
     const updated = await POST(`/v1/jobs/${job.id}/consent`, { decision });
+    if (!page.active) return;
     announce(decision === 'approve'
       ? `Job ${job.name} approved${updated.status === 'running' ? '; it is running now' : ''}`
       : `Job ${job.name} declined`);
@@ -1137,8 +1152,8 @@ function newJobPage(page) {
     }
     try {
       const job = await busy(submit, () => POST('/v1/jobs', body));
-      announce(`Job ${job.name} created; waiting for the hospitals’ consent`);
       navigate(`/jobs/${job.id}`);
+      announce(`Job ${job.name} created`);
     } catch (e) {
       if (!(e instanceof SessionEnded)) showApiError(errors, e, locate);
     }
@@ -1285,7 +1300,9 @@ function jobPage(page, id) {
 
   async function cancel() {
     if (!window.confirm(`Cancel job ${job.name}? Visits in progress stop, and a cancelled job cannot be resumed.`)) return;
-    job = await POST(`/v1/jobs/${id}/cancel`);
+    const cancelled = await POST(`/v1/jobs/${id}/cancel`);
+    if (!page.active) return;
+    job = cancelled;
     announce(`Job ${job.name} cancelled`);
     jobPoll?.refresh();
   }

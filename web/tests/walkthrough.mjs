@@ -72,6 +72,12 @@ async function accessibility(page, name) {
   for (const v of violations) problems.push(`${name}: accessibility: ${v}`);
 }
 
+/** The text of the toast (the polite live region), after its short announcement delay. */
+async function toast(page) {
+  await page.waitForTimeout(100);
+  return (await page.locator('#status').textContent()).trim();
+}
+
 async function shot(page, name) {
   await accessibility(page, name);
   // Toasts come and go; they are emptied (hidden) so that they do not cover the page.
@@ -273,8 +279,11 @@ async function walkthrough(browser) {
   await researcher.keyboard.type(PASSWORD);
   await researcher.keyboard.press('Enter');
   await researcher.waitForURL('**/jobs');
+  check((await toast(researcher)).startsWith('Logged in as'), 'the log-in is announced');
   await researcher.getByRole('link', { name: 'New job' }).click();
   await researcher.waitForURL('**/jobs/new');
+  const stale = await toast(researcher);
+  check(stale === '', `no message of the last page on the job form: ${stale}`);
   await researcher.locator('#job-name').fill('Arrhythmia M1, cyclic');
   await researcher.getByRole('checkbox', { name: HOSPITAL }).check();
   // Three passes per visit, so that each visit lasts a few of the page's 2-second updates.
@@ -351,13 +360,26 @@ async function walkthrough(browser) {
   await until('the job to show as cancelled', async () =>
     /cancelled/i.test(await researcher.locator('.job-status').first().textContent()));
 
-  // --- Hospital admin revokes the agent; the page shows it.
+  // --- Hospital admin revokes the agent; the page shows it, and the agent stops at once.
   step('hospital admin revokes the agent');
   await ward.getByRole('link', { name: 'Agents' }).click();
   await ward.waitForURL('**/hospital');
   await agentRow.getByRole('button', { name: /Revoke/ }).click();
   await agentRow.getByText('Revoked', { exact: true }).waitFor();
+  check((await toast(ward)).includes('revoked'), 'the revocation is announced');
+  // The message belongs to the agents page: it goes with it.
+  await ward.getByRole('link', { name: 'Job consent' }).click();
+  await ward.waitForURL('**/hospital/jobs');
+  const left = await toast(ward);
+  check(left === '', `no message of the agents page on the consent page: ${left}`);
+  await ward.getByRole('link', { name: 'Agents' }).click();
+  await ward.waitForURL('**/hospital');
+  await agentRow.getByText('Revoked', { exact: true }).waitFor();
   await shot(ward, 'hospital-agents-revoked');
+  // Idle in a 25 s long poll, the agent stops at its first refused heartbeat (every 5 s).
+  const code = await Promise.race([exited(agent), new Promise((r) => setTimeout(() => r('running'), 15_000))]);
+  check(code === 1, `the revoked agent exited with status 1, not ${code}: ${agent.log.join('').slice(-2000)}`);
+  check(agent.log.join('').includes('revoked'), 'the agent says it was revoked');
 
   // --- The audit trail has it all; logging out ends the session.
   step('platform admin reads the audit trail');
@@ -373,9 +395,6 @@ async function walkthrough(browser) {
   check(me.authenticated === false, 'no session after logging out');
   await researcher.goto(jobUrl);
   await researcher.waitForURL('**/login**');
-
-  agent.kill('SIGTERM');
-  await exited(agent);
 }
 
 try {
