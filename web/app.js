@@ -66,6 +66,14 @@ function dataTable({ id, caption, columns, rows, rowHeaders = false }) {
 }
 
 /**
+ * Marks the table boxes under `root` whose table is wider than they are: they show shadows at
+ * the edges that hide columns and say "scroll sideways" in their caption.
+ */
+function markScrolling(root = document) {
+  root.querySelectorAll('.table-wrap').forEach((w) => w.classList.toggle('scrolls', w.scrollWidth > w.clientWidth + 1));
+}
+
+/**
  * Replaces a container's content in place, keeping the focused control (matched by its
  * data-focus-key) and the horizontal scroll of tables inside. When the focused control is gone
  * (the row's action is done), focus goes to the table, or the container, instead of the page.
@@ -79,6 +87,7 @@ function patch(container, ...nodes) {
   container.querySelectorAll('.table-wrap').forEach((w, i) => {
     if (scrolls[i]) w.scrollLeft = scrolls[i];
   });
+  markScrolling(container);
   if (focusKey) {
     const same = container.querySelector(`[data-focus-key="${CSS.escape(focusKey)}"]`);
     const fallback = container.querySelector('.table-wrap') ?? container;
@@ -126,12 +135,17 @@ function fmtAgo(iso) {
 /** A relative time ("12 s ago") with the exact time in its title. */
 const agoEl = (iso) => (iso ? h('time', { datetime: iso, title: fmtDate(iso) }, fmtAgo(iso)) : 'never');
 
-/** Compact text for a small JSON object: `name: "Alpha", round: 2`. */
+/** Compact text for a small JSON object: `name: "Alpha", round: 3` (rounds counted from 1). */
 function fmtDetail(detail) {
   if (detail == null || typeof detail !== 'object') return detail == null ? '—' : JSON.stringify(detail);
   const entries = Object.entries(detail);
   if (entries.length === 0) return '—';
-  return entries.map(([k, v]) => `${k}: ${JSON.stringify(v)}`).join(', ');
+  const value = (k, v) => {
+    if (k === 'round' && Number.isInteger(v)) return String(v + 1);
+    if (typeof v === 'number' && !Number.isInteger(v)) return String(Number(v.toPrecision(4)));
+    return JSON.stringify(v);
+  };
+  return entries.map(([k, v]) => `${k}: ${value(k, v)}`).join(', ');
 }
 
 const ROLE_LABELS = { platform_admin: 'Platform admin', hospital_admin: 'Hospital admin', researcher: 'Researcher' };
@@ -376,6 +390,7 @@ function render() {
   if (route?.roles && !route.roles.includes(me.role)) view = forbiddenPage;
   const params = route ? path.match(route.path).slice(1) : [];
   view(current, ...params, url);
+  markScrolling(main);
   flash = null;
   if (!firstRender) main.querySelector('h1')?.focus();
   firstRender = false;
@@ -1290,13 +1305,14 @@ function jobPage(page, id) {
   };
 
   // The charts are drawn at a different size on phones: redraw them when the width crosses over.
-  const narrow = window.matchMedia(NARROW);
   const redraw = () => {
     [plots, results, traffic].forEach((el) => rendered.delete(el));
     if (job) renderJob();
   };
-  narrow.addEventListener('change', redraw);
-  page.cleanups.push(() => narrow.removeEventListener('change', redraw));
+  for (const query of [NARROW, TRAFFIC_CARDS].map((q) => window.matchMedia(q))) {
+    query.addEventListener('change', redraw);
+    page.cleanups.push(() => query.removeEventListener('change', redraw));
+  }
 
   async function cancel() {
     if (!window.confirm(`Cancel job ${job.name}? Visits in progress stop, and a cancelled job cannot be resumed.`)) return;
@@ -1328,7 +1344,8 @@ function jobPage(page, id) {
       () => resultsView(metrics.rounds, evaluated, resultsRound, chooseRound));
     patchIfChanged(plots, [job.spec.rounds, metrics.rounds], () => plotsView(job, metrics.rounds));
     patchIfChanged(traffic, metrics.visits, () => trafficView(metrics.visits));
-    patchIfChanged(eventsBox, events.length && events[events.length - 1].id, () => eventsView(events));
+    patchIfChanged(eventsBox, [events.length && events[events.length - 1].id, metrics.visits],
+      () => eventsView(events, job, metrics.visits));
   }
 
   async function load() {
@@ -1428,23 +1445,20 @@ function timelineView(job, visits) {
   });
 }
 
+/** Below this width the per-visit traffic is a list of cards instead of a table. */
+const TRAFFIC_CARDS = '(max-width: 60rem)';
+const TRAFFIC_CAPTION = 'Per visit: ciphertext bytes to and from the coordinator, messages and time';
+
 function trafficView(visits) {
   const shown = visits.filter((v) => v.started_at || v.status === 'skipped');
   if (shown.length === 0) return h('p', { class: 'empty' }, 'No visit has started yet.');
   const sum = (key) => shown.reduce((acc, v) => acc + (v[key] ?? 0), 0);
-  const table = dataTable({
-    id: 'visits-table', caption: 'Per visit: ciphertext bytes to and from the coordinator, messages and time',
-    columns: ['Round', 'Hospital', 'Attempt', 'Status', 'Up', 'Down', 'Messages', 'Coordinator compute',
-      'Wall time', 'Train loss', 'Train accuracy', 'Test accuracy'],
-    rows: shown.map((v) => [`${v.round + 1}`, v.hospital, v.attempt, badge(v.status), fmtMB(v.bytes_up),
-      fmtMB(v.bytes_down), fmtCount(v.messages), fmtSecs(v.server_seconds), fmtSecs(v.wall_seconds),
-      fmtLoss(v.train_loss), fmtPct(v.train_accuracy), fmtPct(v.test_accuracy)]),
-  });
-  table.querySelector('table').append(h('tfoot', {}, h('tr', {},
-    h('th', { scope: 'row', colspan: '4' }, 'Total'), h('td', {}, fmtMB(sum('bytes_up'))), h('td', {}, fmtMB(sum('bytes_down'))),
-    h('td', {}, fmtCount(sum('messages'))), h('td', {}, fmtSecs(sum('server_seconds'))), h('td', {}, fmtSecs(sum('wall_seconds'))),
-    h('td', { colspan: '3' }))));
-  return [table, trafficBars(shown)];
+  const total = {
+    bytes_up: sum('bytes_up'), bytes_down: sum('bytes_down'), messages: sum('messages'),
+    server_seconds: sum('server_seconds'), wall_seconds: sum('wall_seconds'),
+  };
+  const view = window.matchMedia(TRAFFIC_CARDS).matches ? trafficCards : trafficTable;
+  return [view(shown, total), trafficBars(shown)];
 }
 
 const POOLED = 'All hospitals (pooled)';
@@ -1522,10 +1536,86 @@ function resultsView(rounds, evaluated, chosen, choose) {
   ];
 }
 
-function eventsView(events) {
+/** The figures of a visit (or of the total), label and formatted value. */
+function trafficFigures(v, all = true) {
+  return [
+    ['Up', fmtMB(v.bytes_up)], ['Down', fmtMB(v.bytes_down)], ['Messages', fmtCount(v.messages)],
+    ['Coordinator compute', fmtSecs(v.server_seconds)], ['Wall time', fmtSecs(v.wall_seconds)],
+    ...(all ? [['Train loss', fmtLoss(v.train_loss)], ['Train accuracy', fmtPct(v.train_accuracy)],
+      ['Test accuracy', fmtPct(v.test_accuracy)]] : []),
+  ];
+}
+
+function trafficTable(shown, total) {
+  const groups = [['Visit', 4], ['Encrypted traffic', 3], ['Time', 2], ['Training', 2], ['Test', 1]];
+  const columns = ['Round', 'Hospital', 'Attempt', 'Status', 'Up', 'Down', 'Messages', 'Coordinator', 'Wall',
+    'Loss', 'Accuracy', 'Accuracy'];
+  const num = (text) => h('td', { class: 'num' }, text);
+  const table = h('table', { id: 'visits-table' },
+    h('caption', {}, TRAFFIC_CAPTION),
+    groups.map(([, span]) => h('colgroup', { span })),
+    h('thead', {},
+      h('tr', { class: 'groups' }, groups.map(([label, span]) => h('th', { scope: 'colgroup', colspan: span }, label))),
+      h('tr', {}, columns.map((c, i) => h('th', { scope: 'col', class: i === 2 || i >= 4 ? 'num' : null }, c)))),
+    h('tbody', {}, shown.map((v) => h('tr', {},
+      h('td', {}, `${v.round + 1}`), h('td', { class: 'name' }, v.hospital), num(v.attempt), h('td', {}, badge(v.status)),
+      trafficFigures(v).map(([, text]) => num(text))))),
+    h('tfoot', {}, h('tr', {}, h('th', { scope: 'row', colspan: '4' }, 'Total'),
+      trafficFigures(total, false).map(([, text]) => num(text)), h('td', { colspan: '3' }))));
+  return tableWrap(table, TRAFFIC_CAPTION);
+}
+
+function trafficCards(shown, total) {
+  const figures = (pairs) => h('dl', { class: 'figures' },
+    pairs.map(([k, v]) => h('div', {}, h('dt', {}, k), h('dd', {}, v))));
+  return h('div', { id: 'visits-list' },
+    h('h3', { class: 'list-title' }, TRAFFIC_CAPTION),
+    h('ol', { class: 'visit-cards' }, shown.map((v) => h('li', { class: 'visit-card' },
+      h('p', { class: 'visit-card-title' }, h('strong', {}, `Round ${v.round + 1}`), ` · ${v.hospital} · attempt ${v.attempt} `,
+        badge(v.status)),
+      figures(trafficFigures(v))))),
+    h('div', { class: 'visit-card visit-card-total' }, h('p', { class: 'visit-card-title' }, h('strong', {}, 'Total')),
+      figures(trafficFigures(total, false))));
+}
+
+function eventsView(events, job, visits) {
   if (events.length === 0) return h('p', { class: 'empty' }, 'No events yet.');
   return h('ol', { class: 'events', id: 'job-events' }, events.slice(-30).reverse().map((e) =>
-    h('li', {}, timeEl(e.at), ' ', h('code', {}, e.kind), ' ', h('span', { class: 'meta' }, fmtDetail(e.detail)))));
+    h('li', {}, timeEl(e.at), ' ', h('code', {}, e.kind), ' ', h('span', { class: 'meta' }, eventText(e, job, visits)))));
+}
+
+/** What a job event says, in words: rounds counted from 1, figures formatted. */
+function eventText({ kind, detail: d = {} }, job, visits) {
+  const hospital = (id) => job.hospitals.find((x) => x.hospital_id === id)?.name ?? `hospital ${id}`;
+  const at = (position) => job.hospitals.find((x) => x.position === position)?.name ?? `position ${position + 1}`;
+  const visit = (id) => {
+    const v = visits.find((x) => x.id === id);
+    return v ? `round ${v.round + 1} at ${v.hospital}` : `visit ${id}`;
+  };
+  switch (kind) {
+    case 'job.created':
+      return `waiting for the consent of ${(d.awaiting_consent ?? []).join(', ') || 'no hospital'}`;
+    case 'consent.approved':
+    case 'consent.declined':
+    case 'job.declined':
+      return `${hospital(d.hospital_id)} ${kind === 'consent.approved' ? 'approved' : 'declined'}`;
+    case 'visit.started':
+      return `round ${d.round + 1} at ${at(d.position)}: attempt ${d.attempt}, agent ${d.agent_id}`;
+    case 'visit.completed':
+      return [`${visit(d.visit_id)}: training loss ${fmtLoss(d.train_loss)}, accuracy ${fmtPct(d.train_accuracy)}`,
+        d.test_accuracy == null ? null : `, test accuracy ${fmtPct(d.test_accuracy)}`,
+        `; ${fmtMB(d.bytes_up)} up, ${fmtMB(d.bytes_down)} down`].filter(Boolean).join('');
+    case 'visit.failed':
+      return `${visit(d.visit_id)}: ${d.failures} failed attempt${d.failures === 1 ? '' : 's'}${d.retry ? '; it will be retried' : ''}`;
+    case 'visit.skipped':
+      return `${visit(d.visit_id)} skipped`;
+    case 'job.failed':
+      return d.reason ?? '—';
+    case 'job.cancelled':
+      return d.by ? `by ${d.by}` : '—';
+    default:
+      return fmtDetail(d);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1692,6 +1782,11 @@ function trafficBars(visits) {
 async function start() {
   document.addEventListener('click', onLinkClick);
   window.addEventListener('popstate', onPopState);
+  let resized = 0;
+  window.addEventListener('resize', () => {
+    cancelAnimationFrame(resized);
+    resized = requestAnimationFrame(() => markScrolling());
+  });
   try {
     setSession(await api('GET', '/v1/me', undefined, { quiet401: true }));
   } catch (e) {

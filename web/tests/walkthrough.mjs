@@ -5,8 +5,8 @@
 // the platform admin and passes everything through the environment:
 //   MEDSPLIT_URL, ADMIN_EMAIL, ADMIN_PASSWORD, AGENT_BIN, WORK_DIR, SCREENSHOT_DIR, CHROMIUM
 //
-// Any page error, console error, 5xx response or accessibility violation (axe-core, WCAG 2.1 A
-// and AA, on every page that is photographed) fails the run.
+// Any page error, console error, 5xx response, accessibility violation (axe-core, WCAG 2.1 A
+// and AA) or element wider than its card, on every page that is photographed, fails the run.
 
 import { spawn } from 'node:child_process';
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
@@ -78,8 +78,53 @@ async function toast(page) {
   return (await page.locator('#status').textContent()).trim();
 }
 
+/**
+ * Records as problems the elements that do not fit in their card (a panel, card or table box)
+ * at the page's width. A table may be wider than its box only if the box says so (shadows at
+ * its edges and "scroll sideways" in its caption); the per-visit traffic must fit.
+ */
+async function fits(page, name) {
+  const found = await page.evaluate(() => {
+    const out = [];
+    const describe = (el) => {
+      const id = el.id ? `#${el.id}` : `${el.tagName.toLowerCase()}${[...el.classList].map((c) => `.${c}`).join('')}`;
+      return `${id} "${(el.textContent ?? '').trim().replace(/\s+/g, ' ').slice(0, 40)}"`;
+    };
+    const wider = (el) => el.scrollWidth > el.clientWidth + 1;
+    for (const box of document.querySelectorAll('.panel, .card, .visit-card, .table-wrap, fieldset.group')) {
+      const b = box.getBoundingClientRect();
+      if (b.width === 0) continue;
+      if (box.classList.contains('table-wrap') && wider(box)) {
+        const cue = getComputedStyle(box.querySelector('caption') ?? box, '::after').content;
+        if (!box.classList.contains('scrolls') || !cue.includes('scroll sideways')) {
+          out.push(`${describe(box)}: ${box.scrollWidth} px of table in ${box.clientWidth} px, with no cue to scroll`);
+        }
+        continue;
+      }
+      if (wider(box)) out.push(`${describe(box)}: ${box.scrollWidth} px of content in ${box.clientWidth} px`);
+      for (const el of box.querySelectorAll('*')) {
+        if (el.closest('.visually-hidden')) continue;
+        const scroller = el.closest('.table-wrap');
+        if (scroller && scroller !== box && box.contains(scroller) && wider(scroller)) continue;
+        const r = el.getBoundingClientRect();
+        if (r.width === 0 && r.height === 0) continue;
+        if (r.left < b.left - 1 || r.right > b.right + 1) {
+          out.push(`${describe(el)} (${Math.round(r.left)} to ${Math.round(r.right)} px) overflows ${describe(box)} (${Math.round(b.left)} to ${Math.round(b.right)} px)`);
+        }
+      }
+    }
+    const traffic = document.querySelector('#visits-table')?.closest('.table-wrap');
+    if (traffic && wider(traffic)) out.push(`the per-visit traffic table needs ${traffic.scrollWidth} px in ${traffic.clientWidth} px`);
+    const root = document.documentElement;
+    if (wider(root)) out.push(`the page is ${root.scrollWidth} px wide in ${root.clientWidth} px`);
+    return out;
+  });
+  for (const f of found) problems.push(`${name}: does not fit: ${f}`);
+}
+
 async function shot(page, name) {
   await accessibility(page, name);
+  await fits(page, name);
   // Toasts come and go; they are emptied (hidden) so that they do not cover the page.
   await page.evaluate(() => document.querySelectorAll('.toast').forEach((t) => t.replaceChildren()));
   await page.screenshot({ path: join(SHOTS, `${name}.png`), fullPage: true });
@@ -339,12 +384,23 @@ async function walkthrough(browser) {
   const counts = [...seen].sort((a, b) => a - b);
   step(`accuracy points seen while running: ${counts.join(', ')}`);
   check(counts.length >= 3, `the plot gained points one round at a time (${counts})`);
+  // Events count rounds from 1, like the rest of the page, and show figures rounded.
+  const eventsText = await researcher.locator('#job-events').textContent();
+  check(
+    eventsText.includes(`round 1 at ${HOSPITAL}`) && eventsText.includes(`round ${ROUNDS} at ${HOSPITAL}`)
+      && !eventsText.includes(`round ${ROUNDS + 1}`) && !/round:? 0\b/.test(eventsText),
+    `rounds counted from 1 in the events: ${eventsText}`,
+  );
+  check(!/\d\.\d{5,}/.test(eventsText), `no raw floats in the events: ${eventsText}`);
   await shot(researcher, 'researcher-job-detail');
 
   const phone = await openPage(browser, 'researcher (phone)', { width: 390, height: 844 });
   await login(phone, RESEARCHER, PASSWORD, '/jobs');
   await phone.goto(jobUrl);
   await phone.locator('svg#plot-accuracy circle.point').first().waitFor();
+  // Per-visit traffic: a table on a wide screen, cards on a phone (both must fit: see fits()).
+  check((await researcher.locator('#visits-table').count()) === 1, 'the traffic table on a wide screen');
+  await phone.locator('#visits-list .visit-card').first().waitFor();
   await shot(phone, 'researcher-job-detail-phone');
   await researcher.goto('/jobs');
   await researcher.getByRole('link', { name: 'Arrhythmia M1, cyclic' }).waitFor();
