@@ -1098,6 +1098,18 @@ function parseInteger(text) {
   return /^\s*\d+\s*$/.test(text) ? Number(text) : text;
 }
 
+/** The largest seed (JobSpec::MAX_SEED, 2^53 − 1): larger whole numbers are not exact in JSON. */
+const MAX_SEED = 9007199254740991n;
+
+/**
+ * A seed typed in a box: a number when JSON carries it exactly, else the text as typed (the
+ * form refuses larger whole numbers; the server names anything else).
+ */
+function parseSeed(text) {
+  const digits = text.trim();
+  return /^\d+$/.test(digits) && BigInt(digits) <= MAX_SEED ? Number(digits) : text;
+}
+
 function parseDecimal(text) {
   const n = Number(text);
   return text.trim() !== '' && Number.isFinite(n) ? n : text;
@@ -1126,7 +1138,7 @@ function newJobPage(page) {
     picker.el,
     h('fieldset', { class: 'group' }, h('legend', {}, 'Training'),
       h('div', { class: 'form-grid' }, INT_FIELDS.slice(0, 4).map(intField),
-        field('Seed', seed, 'Seeds the initial weights and the data order.'),
+        field('Seed', seed, `Seeds the initial weights and the data order: 0 to ${MAX_SEED}.`),
         field('Server optimiser', optimizer), field('Server learning rate', lr, 'Greater than 0, at most 1.'))),
     h('fieldset', { class: 'group' }, h('legend', {}, 'Failures and security'),
       h('div', { class: 'form-grid' }, intField(INT_FIELDS[4]), field('When a visit keeps failing', onFailure)),
@@ -1139,7 +1151,7 @@ function newJobPage(page) {
     model: model.value,
     hospitals: picker.order(),
     ...Object.fromEntries(INT_FIELDS.map(([key]) => [key, parseInteger(ints[key].value)])),
-    seed: parseInteger(seed.value),
+    seed: parseSeed(seed.value),
     server_optimizer: { kind: optimizer.value, lr: parseDecimal(lr.value) },
     on_failure: onFailure.value,
     insecure_plaintext: insecure.checked,
@@ -1197,6 +1209,9 @@ function validateSpec(spec) {
     if (typeof v === 'number' && v <= 0xffffffff && (v < lo || v > hi)) {
       found.push([key, `must be between ${lo} and ${hi}, got ${v}`]);
     }
+  }
+  if (typeof spec.seed === 'string' && /^\s*\d+\s*$/.test(spec.seed)) {
+    found.push(['seed', `must be between 0 and ${MAX_SEED} (2^53 - 1), got ${BigInt(spec.seed.trim())}`]);
   }
   const rate = spec.server_optimizer.lr;
   if (typeof rate === 'number' && !(rate > 0 && rate <= 1)) {

@@ -1272,3 +1272,34 @@ async fn a_revoked_agent_stops_at_the_first_refusal(pool: Pool) {
         );
     }
 }
+
+/// Seeds are whole numbers that every JSON reader keeps exact: the largest one round-trips, a
+/// larger one is refused with a field error instead of being changed.
+#[sqlx::test(migrator = "medsplit_coordinator::MIGRATOR")]
+async fn seeds_round_trip_exactly_or_are_refused(pool: Pool) {
+    let p = Platform::new(&pool, 1, &[]).await;
+    let max = medsplit_engine::api::JobSpec::MAX_SEED;
+    assert_eq!(max, 9_007_199_254_740_991);
+    for seed in [max + 1, u64::MAX] {
+        let mut s = spec(&["h0"], 1);
+        s["seed"] = json!(seed);
+        let (status, v) = p.researcher.post("/v1/jobs", s).await;
+        assert_eq!((status, v["field"].as_str()), (422, Some("seed")), "{v}");
+        let error = v["error"].as_str().unwrap();
+        assert!(
+            error.contains("9007199254740991") && error.contains(&seed.to_string()),
+            "{error}"
+        );
+    }
+    let mut s = spec(&["h0"], 1);
+    s["seed"] = json!(max);
+    let job = p.researcher.ok("POST", "/v1/jobs", Some(s)).await;
+    let id = job["id"].as_i64().unwrap();
+    let shown = p
+        .researcher
+        .ok("GET", &format!("/v1/jobs/{id}"), None)
+        .await;
+    assert_eq!(shown["spec"]["seed"].as_u64(), Some(max));
+    // Within 2^53 a JSON number is exact in JavaScript too.
+    assert_eq!(max as f64 as u64, max);
+}

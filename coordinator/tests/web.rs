@@ -85,6 +85,26 @@ fn the_job_form_checks_the_same_ranges_as_the_api() {
     assert_eq!(found, expected);
 }
 
+/// The job form refuses the seeds the API refuses, before they are rounded to a JavaScript
+/// number.
+#[test]
+fn the_job_form_knows_the_largest_seed() {
+    let js = include_str!("../../web/app.js");
+    let line = js
+        .lines()
+        .find(|l| l.starts_with("const MAX_SEED = "))
+        .expect("MAX_SEED in app.js");
+    let value = line
+        .trim_start_matches("const MAX_SEED = ")
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap();
+    assert_eq!(
+        value.parse::<u64>().unwrap(),
+        medsplit_engine::api::JobSpec::MAX_SEED
+    );
+}
+
 /// The cookie of a `Set-Cookie` header, and its attributes.
 fn session_cookie(resp: &reqwest::Response) -> (String, String) {
     let set = resp.headers()[SET_COOKIE].to_str().unwrap().to_string();

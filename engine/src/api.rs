@@ -257,6 +257,10 @@ impl JobSpec {
         ("max_attempts", 1, 20),
     ];
 
+    /// The largest seed: 2^53 − 1, the largest whole number that every JSON reader (a browser's
+    /// included) keeps exact, so that the seed a job shows is the one it trains with.
+    pub const MAX_SEED: u64 = (1 << 53) - 1;
+
     /// Checks every field's range; the first problem found is returned.
     pub fn validate(&self) -> Result<(), FieldError> {
         if self.name.trim().is_empty() || self.name.len() > 200 {
@@ -287,6 +291,16 @@ impl JobSpec {
                     format!("must be between {lo} and {hi}, got {value}"),
                 ));
             }
+        }
+        if self.seed > Self::MAX_SEED {
+            return Err(FieldError::new(
+                "seed",
+                format!(
+                    "must be between 0 and {} (2^53 - 1), got {}",
+                    Self::MAX_SEED,
+                    self.seed
+                ),
+            ));
         }
         for (field, lr) in [
             ("server_optimizer.lr", self.server_optimizer.lr()),

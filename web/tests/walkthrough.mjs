@@ -29,6 +29,7 @@ const HOSPITAL = 'st-olav';
 const HOSPITAL_ADMIN = 'ward@st-olav.example';
 const RESEARCHER = 'ada@research.example';
 const ROUNDS = 3;
+const MAX_SEED = '9007199254740991'; // 2^53 - 1, the largest seed
 
 const problems = [];
 const children = [];
@@ -334,18 +335,31 @@ async function walkthrough(browser) {
   // Three passes per visit, so that each visit lasts a few of the page's 2-second updates.
   await researcher.locator('#job-local-epochs').fill('3');
   await researcher.locator('#job-rounds').fill('0');
+  // 2^53 + 1: a JavaScript number would silently make it 2^53.
+  await researcher.locator('#job-seed').fill('9007199254740993');
   await researcher.getByRole('button', { name: 'Submit job' }).click();
-  const roundsError = researcher.locator('#job-rounds[aria-invalid="true"]');
-  await roundsError.waitFor();
-  const described = await roundsError.getAttribute('aria-describedby');
-  const message = await researcher.locator(`[id="${described}"]`).textContent();
+  const fieldError = async (id) => {
+    const control = researcher.locator(`#${id}[aria-invalid="true"]`);
+    await control.waitFor();
+    const described = await control.getAttribute('aria-describedby');
+    return researcher.locator(`[id="${described}"]`).textContent();
+  };
+  const message = await fieldError('job-rounds');
   check(message.includes('between 1 and 1000'), `rounds error next to the field: ${message}`);
+  const seedMessage = await fieldError('job-seed');
+  check(
+    seedMessage.includes('9007199254740991') && seedMessage.includes('got 9007199254740993'),
+    `seed error next to the field, with the seed as typed: ${seedMessage}`,
+  );
   await shot(researcher, 'researcher-job-form');
   await researcher.locator('#job-rounds').fill(String(ROUNDS));
+  await researcher.locator('#job-seed').fill(MAX_SEED);
   await researcher.getByRole('button', { name: 'Submit job' }).click();
   await researcher.waitForURL(/\/jobs\/\d+$/);
   const jobUrl = researcher.url();
   await researcher.getByText('pending', { exact: false }).first().waitFor();
+  const seedShown = await researcher.locator('.spec div').filter({ hasText: 'Seed' }).locator('dd').textContent();
+  check(seedShown === MAX_SEED, `the job shows the seed it was given (${seedShown})`);
 
   // --- Hospital admin approves it.
   step('hospital admin approves the job');
