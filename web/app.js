@@ -924,13 +924,28 @@ function showToken(panel, token) {
   panel.hidden = false;
   panel.className = 'panel token-panel';
   panel.replaceChildren(
-    h('h2', {}, 'Enrolment command'),
-    h('p', {}, h('strong', {}, 'This token is shown only once.'), ' It expires at ', timeEl(token.expires_at),
-      '. Run this command on the machine that will host the agent:'),
-    pre,
-    h('div', { class: 'actions' }, copy, copyStatus),
+    h('h2', {}, 'Enrol an agent'),
+    h('p', {}, h('strong', {}, 'This token is shown only once.'), ' It expires at ', timeEl(token.expires_at), '.'),
+    h('ol', { class: 'steps' },
+      h('li', {}, h('p', {}, 'On the machine that will host the agent, as the user it will run as (',
+        h('code', {}, 'medsplit-agent'), ', owner of the state directory), run:'),
+      pre, h('div', { class: 'actions' }, copy, copyStatus)),
+      h('li', {}, h('p', {}, 'Write its configuration, ', h('code', {}, AGENT_CONFIG),
+        ': the state directory and the hospital’s beats, for example:'),
+      h('pre', { class: 'config', id: 'agent-config' }, h('code', {}, AGENT_CONFIG_EXAMPLE))),
+      h('li', {}, h('p', {}, 'Start it with ', h('code', { id: 'agent-run' }, `medsplit-agent run --config ${AGENT_CONFIG}`),
+        ' (or the systemd unit ', h('code', {}, 'medsplit-agent.service'),
+        '). It shows below as Online once it runs. The operations guide lists every source format and setting.'))),
   );
 }
+
+const AGENT_CONFIG = '/etc/medsplit/agent.toml';
+const AGENT_CONFIG_EXAMPLE = `state_dir = "/var/lib/medsplit-agent"
+
+[[sources]]
+format = "beats"          # or "csv", "wfdb", "synthetic"
+path = "/data/mitbih"
+`;
 
 function myEntry(job) {
   return job.hospitals.find((x) => x.hospital_id === session.me?.hospital_id);

@@ -73,12 +73,6 @@ async function accessibility(page, name) {
   for (const v of violations) problems.push(`${name}: accessibility: ${v}`);
 }
 
-/** The text of the toast (the polite live region), after its short announcement delay. */
-async function toast(page) {
-  await page.waitForTimeout(100);
-  return (await page.locator('#status').textContent()).trim();
-}
-
 /**
  * Records as problems the elements that do not fit in their card (a panel, card or table box)
  * at the page's width. A table may be wider than its box only if the box says so (shadows at
@@ -121,6 +115,12 @@ async function fits(page, name) {
     return out;
   });
   for (const f of found) problems.push(`${name}: does not fit: ${f}`);
+}
+
+/** The text of the toast (the polite live region), after its short announcement delay. */
+async function toast(page) {
+  await page.waitForTimeout(100);
+  return (await page.locator('#status').textContent()).trim();
 }
 
 async function shot(page, name) {
@@ -292,8 +292,16 @@ async function walkthrough(browser) {
 
   step('a medsplit-agent process redeems it');
   const stateDir = join(WORK, 'agent-state');
+  // The page's command names the operations guide's state directory; this run uses its own.
   const args = command.split(/\s+/).slice(1);
-  const enrol = run([...args, '--state-dir', stateDir, '--name', 'ward-7'], 'enrol');
+  const dirAt = args.indexOf('--state-dir');
+  if (dirAt >= 0) args[dirAt + 1] = stateDir;
+  else args.push('--state-dir', stateDir);
+  check(
+    (await ward.locator('#agent-run').textContent()) === 'medsplit-agent run --config /etc/medsplit/agent.toml',
+    'the enrolment card says how to start the agent',
+  );
+  const enrol = run([...args, '--name', 'ward-7'], 'enrol');
   const enrolled = await exited(enrol);
   check(enrolled === 0, `medsplit-agent enrol exited ${enrolled}: ${enrol.log.join('')}`);
   const config = join(WORK, 'agent.toml');
