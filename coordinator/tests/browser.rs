@@ -1,7 +1,9 @@
 //! The dashboard in a real browser: `web/tests/walkthrough.mjs` (playwright-core driving
 //! Debian's Chromium) against a real coordinator process on a fresh database and a real
 //! `medsplit-agent` process. `scripts/browser-deps` installs what it needs; this test fails,
-//! naming the missing piece, when something is not installed.
+//! naming the missing piece, when something is not installed. Its screenshots go to
+//! `target/tmp/screenshots`, or to `MEDSPLIT_SCREENSHOT_DIR` (`scripts/screenshots` refreshes
+//! `docs/screenshots` that way).
 
 mod common;
 
@@ -47,6 +49,9 @@ async fn dashboard_walkthrough_in_chromium(pool: PgPool) {
         .unwrap();
     // The production lease: a visit here lasts longer than the short lease other tests use.
     let server = Server::start(&database_url(&pool).await, 0, &["--lease-seconds", "30"]).await;
+    let screenshots = std::env::var_os("MEDSPLIT_SCREENSHOT_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_TARGET_TMPDIR")).join("screenshots"));
     let work = server.dir.join("walkthrough");
     std::fs::create_dir_all(&work).unwrap();
     let status = tokio::process::Command::new("node")
@@ -56,7 +61,7 @@ async fn dashboard_walkthrough_in_chromium(pool: PgPool) {
         .env("ADMIN_PASSWORD", PASSWORD)
         .env("AGENT_BIN", &agent)
         .env("WORK_DIR", &work)
-        .env("SCREENSHOT_DIR", repo().join("docs/screenshots"))
+        .env("SCREENSHOT_DIR", screenshots)
         .env("CHROMIUM", &chromium)
         .stdin(Stdio::null())
         .kill_on_drop(true)
