@@ -866,6 +866,28 @@ function agentsPage(page) {
     announce('Enrolment token created');
   }));
 
+  async function remove(agent) {
+    if (!window.confirm(`Delete agent ${agent.name}? It has never connected; its credential stops working and the weights sealed to it are deleted.`)) return;
+    await api('DELETE', `/v1/agents/${agent.id}`);
+    if (!page.active) return;
+    announce(`Agent ${agent.name} deleted`);
+    agentsPoll?.refresh();
+  }
+
+  // An agent that never connected (its enrolment could not write its state, say) can be
+  // deleted; one that has connected stays on record and is revoked.
+  const action = (a) => {
+    if (a.last_seen_at == null) {
+      return h('button', {
+        type: 'button', class: 'button-danger small', 'data-focus-key': `delete-${a.id}`, onclick: guard(() => remove(a)),
+      }, 'Delete', srOnly(` ${a.name}`));
+    }
+    if (a.revoked_at) return '—';
+    return h('button', {
+      type: 'button', class: 'button-danger small', 'data-focus-key': `revoke-${a.id}`, onclick: guard(() => revoke(a)),
+    }, 'Revoke', srOnly(` ${a.name}`));
+  };
+
   async function revoke(agent) {
     if (!window.confirm(`Revoke agent ${agent.name}? It can no longer claim visits; a visit it is running will be retried.`)) return;
     await POST(`/v1/agents/${agent.id}/revoke`);
@@ -880,11 +902,7 @@ function agentsPage(page) {
       id: 'agents-table', caption: 'Agents',
       columns: ['Name', 'Status', 'Version', 'Last seen', 'Current visit', 'Enrolled', 'Actions'],
       rows: agents.map((a) => [a.name, agentStatus(a), a.version || '—', agoEl(a.last_seen_at),
-        a.current_visit == null ? '—' : `visit ${a.current_visit}`, timeEl(a.enrolled_at),
-        a.revoked_at ? '—' : h('button', {
-          type: 'button', class: 'button-danger small', 'data-focus-key': `revoke-${a.id}`,
-          onclick: guard(() => revoke(a)),
-        }, 'Revoke', srOnly(` ${a.name}`))]),
+        a.current_visit == null ? '—' : `visit ${a.current_visit}`, timeEl(a.enrolled_at), action(a)]),
     }));
 
   document.getElementById('main').append(pageHeading('Agents'),

@@ -453,6 +453,55 @@ pub async fn revoke_agent(e: impl PgExecutor<'_>, id: i64, hospital_id: i64) -> 
     Ok(r.rows_affected() == 1)
 }
 
+/// Why an agent cannot be deleted.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Undeletable {
+    /// No such agent in the hospital.
+    Unknown,
+    /// It has made an authenticated request: it may have trained, and stays on record.
+    Seen,
+}
+
+/// Deletes an agent of `hospital_id` that has never been seen, with the weights sealed to it,
+/// and returns its name. The row lock makes a concurrent first request of the agent wait, and
+/// then find no agent.
+pub async fn delete_unseen_agent(
+    tx: &mut sqlx::PgConnection,
+    id: i64,
+    hospital_id: i64,
+) -> sqlx::Result<Result<String, Undeletable>> {
+    let row = sqlx::query!(
+        r#"select name, last_seen_at is not null as "seen!" from agents
+           where id = $1 and hospital_id = $2 for update"#,
+        id,
+        hospital_id
+    )
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(row) = row else {
+        return Ok(Err(Undeletable::Unknown));
+    };
+    if row.seen {
+        return Ok(Err(Undeletable::Seen));
+    }
+    sqlx::query!(
+        "delete from sealed_weights where recipient_agent_id = $1",
+        id
+    )
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query!(
+        "update enrolment_tokens set agent_id = null where agent_id = $1",
+        id
+    )
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query!("delete from agents where id = $1", id)
+        .execute(&mut *tx)
+        .await?;
+    Ok(Ok(row.name))
+}
+
 // ---------------------------------------------------------------------------------------------
 // Jobs
 

@@ -1196,12 +1196,18 @@ async fn an_agent_shutting_down_gives_its_visit_back_at_once(pool: Pool) {
 #[sqlx::test(migrator = "medsplit_coordinator::MIGRATOR")]
 async fn enrolment_checks_the_state_directory_before_spending_the_token(pool: Pool) {
     let p = Platform::new(&pool, 1, &[]).await;
-    let token = p.hospital_admins[0]
+    let created = p.hospital_admins[0]
         .ok("POST", "/v1/enrolment-tokens", Some(json!({})))
-        .await["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+        .await;
+    let token = created["token"].as_str().unwrap().to_string();
+    // The command names the state directory of the operations guide and the systemd unit.
+    let command = created["command"].as_str().unwrap();
+    assert!(
+        command.ends_with(&format!(
+            "--token {token} --state-dir /var/lib/medsplit-agent"
+        )),
+        "{command}"
+    );
     let dir = std::env::temp_dir().join(format!("medsplit-enrol-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -1302,4 +1308,88 @@ async fn seeds_round_trip_exactly_or_are_refused(pool: Pool) {
     assert_eq!(shown["spec"]["seed"].as_u64(), Some(max));
     // Within 2^53 a JSON number is exact in JavaScript too.
     assert_eq!(max as f64 as u64, max);
+}
+
+/// An agent that never connected (its enrolment could not write its state, say) can be deleted
+/// by its hospital's admin, with the weights sealed to it; one that has connected cannot.
+#[sqlx::test(migrator = "medsplit_coordinator::MIGRATOR")]
+async fn a_never_seen_agent_can_be_deleted_by_its_hospital_admin(pool: Pool) {
+    let p = Platform::new(&pool, 2, &[]).await;
+    let (a, ghost) = (p.enrol(0).await, p.enrol(0).await);
+    let ghost_id = ghost.state.identity.agent_id;
+    // A job trained by `a` seals its weights to every agent of h0, the ghost included.
+    let id = p.approved_job(spec(&["h0"], 1)).await;
+    let running = a.spawn();
+    assert_eq!(
+        p.wait_job(id, Duration::from_secs(120)).await["status"],
+        "completed"
+    );
+    running.stop.send_replace(true);
+    running.task.await.unwrap().unwrap();
+    let sealed_to = |agent: i64| {
+        count(
+            &pool,
+            "select count(*) from sealed_weights where recipient_agent_id = $1",
+            agent,
+        )
+    };
+    assert_eq!(sealed_to(ghost_id).await, 1);
+
+    let path = |agent: i64| format!("/v1/agents/{agent}");
+    // Not another hospital's admin, not a researcher; not an agent that has connected.
+    assert_eq!(
+        p.hospital_admins[1]
+            .call("DELETE", &path(ghost_id), None)
+            .await
+            .0,
+        404
+    );
+    assert_eq!(
+        p.researcher.call("DELETE", &path(ghost_id), None).await.0,
+        403
+    );
+    let (status, v) = p.hospital_admins[0]
+        .call("DELETE", &path(a.state.identity.agent_id), None)
+        .await;
+    assert_eq!(status, 409, "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("revoke it instead"),
+        "{v}"
+    );
+
+    let (status, v) = p.hospital_admins[0]
+        .call("DELETE", &path(ghost_id), None)
+        .await;
+    assert_eq!(status, 204, "{v}");
+    assert_eq!(sealed_to(ghost_id).await, 0);
+    assert_eq!(sealed_to(a.state.identity.agent_id).await, 1);
+    let agents = p.hospital_admins[0].ok("GET", "/v1/agents", None).await;
+    let ids: Vec<i64> = agents
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, [a.state.identity.agent_id]);
+    // Its credential is refused; deleting it again finds nothing.
+    assert!(matches!(
+        ghost.coordinator().heartbeat(None).await,
+        Err(medsplit_agent::AgentError::Revoked)
+    ));
+    assert_eq!(
+        p.hospital_admins[0]
+            .call("DELETE", &path(ghost_id), None)
+            .await
+            .0,
+        404
+    );
+    let audit = p.admin.ok("GET", "/v1/audit", None).await;
+    let entry = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["action"] == "agent.delete")
+        .expect("audited");
+    assert_eq!(entry["target"], format!("agent:{ghost_id}"));
+    assert_eq!(entry["detail"]["name"], "agent-h0");
 }

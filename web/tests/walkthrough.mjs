@@ -285,8 +285,9 @@ async function walkthrough(browser) {
   await ward.getByRole('button', { name: 'Create enrolment token' }).click();
   const command = (await ward.locator('#enrol-command').textContent()).trim();
   check(
-    command.startsWith(`medsplit-agent enrol --coordinator ${BASE} --token `),
-    `enrol command shown: ${command}`,
+    command.startsWith(`medsplit-agent enrol --coordinator ${BASE} --token `)
+      && command.endsWith(' --state-dir /var/lib/medsplit-agent'),
+    `enrol command shown, with the operations guide's state directory: ${command}`,
   );
   await shot(ward, 'hospital-enrolment-token');
 
@@ -317,7 +318,21 @@ async function walkthrough(browser) {
   const agentRow = ward.getByRole('row').filter({ hasText: 'ward-7' });
   await agentRow.getByText('Online', { exact: true }).waitFor({ timeout: 30_000 });
   check((await agentRow.textContent()).includes('0.'), 'agent version shown');
+
+  step('an agent that never connects can be deleted');
+  await ward.getByRole('button', { name: 'Create enrolment token' }).click();
+  await ward.locator('#enrol-command').filter({ hasNotText: command }).waitFor();
+  const ghostArgs = (await ward.locator('#enrol-command').textContent()).trim().split(/\s+/).slice(1);
+  ghostArgs[ghostArgs.indexOf('--state-dir') + 1] = join(WORK, 'ghost-state');
+  const ghost = run([...ghostArgs, '--name', 'ghost'], 'ghost enrol');
+  check((await exited(ghost)) === 0, `medsplit-agent enrol exited: ${ghost.log.join('')}`);
+  const ghostRow = ward.getByRole('row').filter({ hasText: 'ghost' });
+  await ghostRow.getByRole('button', { name: /Delete/ }).waitFor();
+  check((await agentRow.getByRole('button', { name: /Delete/ }).count()) === 0, 'a connected agent cannot be deleted');
   await shot(ward, 'hospital-agents');
+  await ghostRow.getByRole('button', { name: /Delete/ }).click();
+  await ghostRow.waitFor({ state: 'detached' });
+  check((await toast(ward)).includes('deleted'), 'the deletion is announced');
 
   // --- Researcher: a job from the form, validated like the API.
   step('researcher submits a job from the form');
@@ -464,6 +479,7 @@ async function walkthrough(browser) {
   await admin.getByRole('link', { name: 'Audit' }).click();
   await admin.waitForURL('**/admin/audit');
   await admin.getByRole('cell', { name: 'agent.revoke' }).waitFor();
+  await admin.getByRole('cell', { name: 'agent.delete' }).waitFor();
   await shot(admin, 'admin-audit');
 
   step('logging out ends the session');

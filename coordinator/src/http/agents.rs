@@ -1,8 +1,9 @@
-//! Agents as their hospital's admins see them: listed and revoked.
+//! Agents as their hospital's admins see them: listed, revoked, and deleted if they never
+//! connected.
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use medsplit_engine::api::FieldError;
 use serde::Deserialize;
@@ -16,6 +17,7 @@ use crate::{AppState, db};
 pub(super) fn router() -> Router<AppState> {
     Router::new()
         .route("/v1/agents", get(list_agents))
+        .route("/v1/agents/{id}", delete(delete_agent))
         .route("/v1/agents/{id}/revoke", post(revoke_agent))
 }
 
@@ -72,5 +74,37 @@ async fn revoke_agent(
     // Its waiting claims end.
     s.work.notify_waiters();
     crate::scheduler::sweep(&s).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Deletes an agent of the caller's hospital that has never connected (its enrolment could not
+/// write its state, say): it trained nothing, and the weights sealed to it go with it. An agent
+/// that has connected stays on record; revoke it instead.
+async fn delete_agent(
+    State(s): State<AppState>,
+    p: Principal,
+    Path(id): Path<i64>,
+) -> Result<StatusCode> {
+    p.require(Role::HospitalAdmin)?;
+    let hospital = p.hospital()?;
+    let mut tx = s.db.begin().await?;
+    let name = match db::delete_unseen_agent(&mut tx, id, hospital).await? {
+        Ok(name) => name,
+        Err(db::Undeletable::Unknown) => return Err(Error::NotFound("agent of your hospital")),
+        Err(db::Undeletable::Seen) => {
+            return Err(Error::Conflict(
+                "the agent has connected to the coordinator: revoke it instead".into(),
+            ));
+        }
+    };
+    audit(
+        &mut *tx,
+        &p,
+        "agent.delete",
+        format!("agent:{id}"),
+        json!({ "name": name }),
+    )
+    .await?;
+    tx.commit().await?;
     Ok(StatusCode::NO_CONTENT)
 }

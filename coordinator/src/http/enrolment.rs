@@ -75,7 +75,7 @@ async fn create_enrolment_token(
     .await?;
     tx.commit().await?;
     let command = format!(
-        "medsplit-agent enrol --coordinator {} --token {token}",
+        "medsplit-agent enrol --coordinator {} --token {token} --state-dir {AGENT_STATE_DIR}",
         s.settings.public_url
     );
     Ok((
@@ -87,6 +87,10 @@ async fn create_enrolment_token(
         }),
     ))
 }
+
+/// The agent's state directory in the enrolment command: the one the operations guide and the
+/// agent's systemd unit use.
+const AGENT_STATE_DIR: &str = "/var/lib/medsplit-agent";
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
