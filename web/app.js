@@ -987,7 +987,9 @@ function consentPage(page) {
 
   const consentCard = (job) => h('section', { class: 'card', 'aria-labelledby': `job-${job.id}-title` },
     h('h3', { id: `job-${job.id}-title` }, job.name),
-    h('p', { class: 'meta' }, 'Requested ', timeEl(job.created_at)),
+    // Names may repeat: the job's number and its researcher tell jobs apart.
+    h('p', { class: 'meta requested' }, `Job ${job.id}, requested by `, h('strong', {}, job.owner), ' on ',
+      timeEl(job.created_at)),
     job.spec.insecure_plaintext ? h('p', { class: 'warning' }, h('strong', {}, 'Plaintext (HE off): '),
       'this job turns encryption off. The coordinator would see your hospital’s activations and gradients.') : null,
     specSummary(job.spec),
@@ -1229,6 +1231,19 @@ function newJobPage(page) {
 }
 
 /**
+ * Why the API refuses `text` (as its central text check words it), or null: control and
+ * formatting characters (bidirectional overrides, zero-width characters, …) let one name pass
+ * for another on screen.
+ */
+function refusedText(text) {
+  const chars = [...text];
+  const at = chars.findIndex((c) => /[\p{Cc}\p{Cf}\u2028\u2029]/u.test(c));
+  if (at < 0) return null;
+  const code = chars[at].codePointAt(0).toString(16).toUpperCase().padStart(4, '0');
+  return `must not contain control or formatting characters (U+${code} at character ${at + 1})`;
+}
+
+/**
  * The same checks as JobSpec::validate on the server, with the same messages, for the fields
  * that parsed; what did not parse is left for the server to name.
  */
@@ -1236,6 +1251,7 @@ function validateSpec(spec) {
   const found = [];
   const bytes = new TextEncoder().encode(spec.name).length;
   if (spec.name.trim() === '' || bytes > 200) found.push(['name', 'must be 1 to 200 characters']);
+  else if (refusedText(spec.name)) found.push(['name', refusedText(spec.name)]);
   if (spec.hospitals.length === 0 || spec.hospitals.length > 64) found.push(['hospitals', 'must name 1 to 64 hospitals']);
   for (const [key, , , , lo, hi] of INT_FIELDS) {
     const v = spec[key];

@@ -510,6 +510,8 @@ pub struct JobRow {
     pub id: i64,
     pub name: String,
     pub owner_id: i64,
+    /// The owner's e-mail address.
+    pub owner: String,
     pub spec: Json<medsplit_engine::api::JobSpec>,
     pub status: String,
     pub error: Option<String>,
@@ -558,9 +560,10 @@ pub async fn insert_job_hospital(
 pub async fn job(e: impl PgExecutor<'_>, id: i64) -> sqlx::Result<Option<JobRow>> {
     sqlx::query_as!(
         JobRow,
-        r#"select id, name, owner_id, spec as "spec: Json<medsplit_engine::api::JobSpec>", status,
-                  error, created_at, started_at, finished_at
-           from jobs where id = $1"#,
+        r#"select j.id, j.name, j.owner_id, u.email as owner,
+                  j.spec as "spec: Json<medsplit_engine::api::JobSpec>", j.status,
+                  j.error, j.created_at, j.started_at, j.finished_at
+           from jobs j join users u on u.id = j.owner_id where j.id = $1"#,
         id
     )
     .fetch_optional(e)
@@ -571,9 +574,11 @@ pub async fn job(e: impl PgExecutor<'_>, id: i64) -> sqlx::Result<Option<JobRow>
 pub async fn list_jobs(e: impl PgExecutor<'_>, owner: Option<i64>) -> sqlx::Result<Vec<JobRow>> {
     sqlx::query_as!(
         JobRow,
-        r#"select id, name, owner_id, spec as "spec: Json<medsplit_engine::api::JobSpec>", status,
-                  error, created_at, started_at, finished_at
-           from jobs where $1::bigint is null or owner_id = $1 order by id desc"#,
+        r#"select j.id, j.name, j.owner_id, u.email as owner,
+                  j.spec as "spec: Json<medsplit_engine::api::JobSpec>", j.status,
+                  j.error, j.created_at, j.started_at, j.finished_at
+           from jobs j join users u on u.id = j.owner_id
+           where $1::bigint is null or j.owner_id = $1 order by j.id desc"#,
         owner
     )
     .fetch_all(e)
@@ -632,9 +637,10 @@ pub async fn jobs_for_hospital(
 ) -> sqlx::Result<Vec<JobRow>> {
     sqlx::query_as!(
         JobRow,
-        r#"select j.id, j.name, j.owner_id, j.spec as "spec: Json<medsplit_engine::api::JobSpec>",
+        r#"select j.id, j.name, j.owner_id, u.email as owner,
+                  j.spec as "spec: Json<medsplit_engine::api::JobSpec>",
                   j.status, j.error, j.created_at, j.started_at, j.finished_at
-           from jobs j join job_hospitals jh on jh.job_id = j.id
+           from jobs j join job_hospitals jh on jh.job_id = j.id join users u on u.id = j.owner_id
            where jh.hospital_id = $1 order by j.id desc"#,
         hospital_id
     )

@@ -1393,3 +1393,22 @@ async fn a_never_seen_agent_can_be_deleted_by_its_hospital_admin(pool: Pool) {
     assert_eq!(entry["target"], format!("agent:{ghost_id}"));
     assert_eq!(entry["detail"]["name"], "agent-h0");
 }
+
+/// Hospital admins see which researcher asks for a job, and its number: names may repeat.
+#[sqlx::test(migrator = "medsplit_coordinator::MIGRATOR")]
+async fn jobs_name_their_researcher(pool: Pool) {
+    let p = Platform::new(&pool, 1, &[]).await;
+    let created = p
+        .researcher
+        .ok("POST", "/v1/jobs", Some(spec(&["h0"], 1)))
+        .await;
+    assert_eq!(created["owner"], "researcher@example.org");
+    let seen = p.hospital_admins[0].ok("GET", "/v1/jobs", None).await;
+    assert_eq!(seen[0]["id"], created["id"]);
+    assert_eq!(seen[0]["owner"], "researcher@example.org");
+    let one = p
+        .admin
+        .ok("GET", &format!("/v1/jobs/{}", created["id"]), None)
+        .await;
+    assert_eq!(one["owner"], "researcher@example.org");
+}

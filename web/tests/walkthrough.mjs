@@ -351,8 +351,20 @@ async function walkthrough(browser) {
   check((await toast(researcher)).startsWith('Logged in as'), 'the log-in is announced');
   await researcher.getByRole('link', { name: 'New job' }).click();
   await researcher.waitForURL('**/jobs/new');
+  const fieldError = async (id) => {
+    const control = researcher.locator(`#${id}[aria-invalid="true"]`);
+    await control.waitFor();
+    const described = await control.getAttribute('aria-describedby');
+    return researcher.locator(`[id="${described}"]`).textContent();
+  };
   const stale = await toast(researcher);
   check(stale === '', `no message of the last page on the job form: ${stale}`);
+  // A name that would show as "live": refused next to the field.
+  await researcher.locator('#job-name').fill('\u202e\u200bevil');
+  await researcher.getByRole('checkbox', { name: HOSPITAL }).check();
+  await researcher.getByRole('button', { name: 'Submit job' }).click();
+  const nameMessage = await fieldError('job-name');
+  check(nameMessage.includes('control or formatting characters (U+202E at character 1)'), `name error: ${nameMessage}`);
   await researcher.locator('#job-name').fill('Arrhythmia M1, cyclic');
   await researcher.getByRole('checkbox', { name: HOSPITAL }).check();
   // Three passes per visit, so that each visit lasts a few of the page's 2-second updates.
@@ -361,12 +373,6 @@ async function walkthrough(browser) {
   // 2^53 + 1: a JavaScript number would silently make it 2^53.
   await researcher.locator('#job-seed').fill('9007199254740993');
   await researcher.getByRole('button', { name: 'Submit job' }).click();
-  const fieldError = async (id) => {
-    const control = researcher.locator(`#${id}[aria-invalid="true"]`);
-    await control.waitFor();
-    const described = await control.getAttribute('aria-describedby');
-    return researcher.locator(`[id="${described}"]`).textContent();
-  };
   const message = await fieldError('job-rounds');
   check(message.includes('between 1 and 1000'), `rounds error next to the field: ${message}`);
   const seedMessage = await fieldError('job-seed');
@@ -389,6 +395,9 @@ async function walkthrough(browser) {
   await ward.getByRole('link', { name: 'Consent' }).click();
   await ward.waitForURL('**/hospital/jobs');
   const pending = ward.getByRole('region', { name: 'Arrhythmia M1, cyclic' });
+  const jobId = jobUrl.split('/').pop();
+  const requested = await pending.locator('.requested').textContent();
+  check(requested.startsWith(`Job ${jobId}, requested by ${RESEARCHER} on `), `the consent card tells jobs apart: ${requested}`);
   await shot(ward, 'hospital-consent');
   await pending.getByRole('button', { name: 'Approve' }).click();
   await ward.getByText('approved', { exact: false }).first().waitFor();

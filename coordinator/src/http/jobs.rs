@@ -31,6 +31,8 @@ pub struct JobView {
     name: String,
     status: String,
     owner_id: i64,
+    /// The owner's e-mail address: who asks the hospitals' consent.
+    owner: String,
     spec: JobSpec,
     hospitals: Vec<db::JobHospital>,
     visits_done: usize,
@@ -77,6 +79,7 @@ async fn job_view(e: &db::Db, job: db::JobRow) -> Result<JobView> {
         name: job.name,
         status: job.status,
         owner_id: job.owner_id,
+        owner: job.owner,
         visits_total: (job.spec.rounds as usize) * hospitals.len(),
         spec: job.spec.0,
         hospitals,
