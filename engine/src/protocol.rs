@@ -934,6 +934,16 @@ impl InProcess {
         })
     }
 
+    /// Both halves from sessions made elsewhere (e.g. resumed from a hand-off and a
+    /// checkpoint, as a visit of cyclic training does).
+    pub fn from_sessions(client: ClientSession, server: ServerSession) -> Self {
+        Self {
+            client,
+            server,
+            traffic: Traffic::default(),
+        }
+    }
+
     fn exchange(&mut self, request: Vec<u8>) -> Result<ClientEvent, ProtocolError> {
         self.traffic.client_to_server += request.len() as u64;
         // Over a network the client prepares while the server computes and the server while the

@@ -148,3 +148,106 @@ fn bench_runs_through_a_real_coordinator_over_websocket() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("needs a split mode"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The inter-patient benchmark on the raw MIT-BIH records: DS1 trains, DS2 tests, AAMI classes,
+/// whole patients on each side; cyclic-he divides DS1's patients among hospitals.
+#[test]
+fn inter_patient_benchmark_reports_clinical_metrics_by_patient() {
+    let records = std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/data/mitdb-raw"
+    ));
+    if !records.join("100.hea").is_file() {
+        eprintln!("SKIPPED: ../shared/data/mitdb-raw not found");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("medsplit-bench-ip-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("out.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_medsplit-bench"))
+        .arg("--records")
+        .arg(records)
+        .args(["--split", "inter-patient", "--modes", "local,cyclic-he"])
+        .args([
+            "--epochs",
+            "1",
+            "--batch-size",
+            "64",
+            "--hospitals",
+            "3",
+            "--json",
+        ])
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(report["evaluation"], "patient");
+    assert_eq!(
+        report["labels"],
+        serde_json::json!(["N", "S", "V", "F", "Q"])
+    );
+    // The beat counts of the data's README (every AAMI beat of DS1 and DS2).
+    assert_eq!(report["train_samples"], 51_021);
+    assert_eq!(report["test_samples"], 49_712);
+    let train: Vec<&str> = report["train_patients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    let test: Vec<&str> = report["test_patients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    assert_eq!((train.len(), test.len()), (22, 22));
+    assert!(
+        train.iter().all(|p| !test.contains(p)),
+        "a patient on both sides"
+    );
+    for r in report["results"].as_array().unwrap() {
+        let m = &r["metrics"];
+        let confusion = m["confusion"].as_array().unwrap();
+        let total: u64 = confusion
+            .iter()
+            .flat_map(|row| row.as_array().unwrap())
+            .map(|v| v.as_u64().unwrap())
+            .sum();
+        assert_eq!(total, 49_712);
+        // DS2's N share: the figure to beat.
+        let majority = m["majority_rate"].as_f64().unwrap();
+        assert!((majority - 44_259.0 / 49_712.0).abs() < 1e-9, "{majority}");
+        for class in ["N", "S", "V", "F", "Q"] {
+            let c = &m["per_class"][class];
+            for key in ["se", "ppv", "f1"] {
+                assert!(
+                    (0.0..=1.0).contains(&c[key].as_f64().unwrap()),
+                    "{class} {key}"
+                );
+            }
+        }
+        assert_eq!(m["per_class"]["S"]["support"], 1_837);
+        assert_eq!(m["per_class"]["V"]["support"], 3_221);
+        if r["mode"] == "cyclic-he" {
+            let hospitals = r["hospitals"].as_array().unwrap();
+            assert_eq!(hospitals.len(), 3);
+            let mut all: Vec<&str> = hospitals
+                .iter()
+                .flat_map(|h| h.as_array().unwrap())
+                .map(|p| p.as_str().unwrap())
+                .collect();
+            all.sort_unstable();
+            let mut expected = train.clone();
+            expected.sort_unstable();
+            assert_eq!(all, expected, "each DS1 patient at exactly one hospital");
+            assert!(r["bytes_client_to_server_per_epoch"].as_u64().unwrap() > 0);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,39 +1,81 @@
-//! `medsplit-bench`: the paper's Table 1 — seconds per epoch, test accuracy and traffic of
-//! `local`, `split` and `split-he` training, each from the same seed, data order and optimisers.
+//! `medsplit-bench`: local, split, split-HE and cyclic split-HE training from the same seed, data
+//! order and optimisers, with the clinical metrics of each on a held-out test set.
+//!
+//! Two benchmarks:
+//! - the papers' Table 1 (`--data DIR`): their pre-cut beat set, a random split of beats, so
+//!   the same patients are on both sides (the figures say so: `"evaluation": "beat"`);
+//! - the inter-patient benchmark of the ECG literature (`--records DIR`, raw MIT-BIH records):
+//!   train on DS1's 22 patients, test once on DS2's 22 other patients, AAMI classes
+//!   (`--split inter-patient`); or choose a configuration by patient-wise cross-validation
+//!   inside DS1 without looking at DS2 (`--split ds1-cv --folds K`).
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use medsplit_engine::api::{ClassWeights, ModelName, ModelSpec};
 use medsplit_engine::data::{self, Dataset};
-use medsplit_engine::model::{ModelConfig, ServerOptimizer};
-use medsplit_engine::protocol::{InProcess, LocalModel, Privacy, Trainer};
+use medsplit_engine::metrics::{Confusion, EvalKind};
+use medsplit_engine::model::{ModelConfig, Objective, ServerOptimizer};
+use medsplit_engine::preprocess::{LabelSet, Preprocessing, Preset};
+use medsplit_engine::protocol::{
+    ClientSession, InProcess, LocalModel, Privacy, ServerSession, Trainer,
+};
 use medsplit_engine::training::{epoch_order, evaluate, train_epoch};
-use medsplit_engine::wfdb::CLASS_SYMBOLS;
+use medsplit_engine::wfdb;
 use serde::Serialize;
+
+/// The inter-patient split of de Chazal et al. (2004); paced records 102, 104, 107, 217 are left
+/// out.
+const DS1: [&str; 22] = [
+    "101", "106", "108", "109", "112", "114", "115", "116", "118", "119", "122", "124", "201",
+    "203", "205", "207", "208", "209", "215", "220", "223", "230",
+];
+const DS2: [&str; 22] = [
+    "100", "103", "105", "111", "113", "117", "121", "123", "200", "202", "210", "212", "213",
+    "214", "219", "221", "222", "228", "231", "232", "233", "234",
+];
 
 #[derive(Parser, Debug)]
 #[command(
     version,
-    about = "Benchmark local, split and split-HE training (the paper's Table 1)"
+    about = "Benchmark local, split, split-HE and cyclic split-HE training with clinical metrics"
 )]
 struct Args {
-    /// Directory of the beat format (train.f32/train.labels/test.f32/test.labels); synthetic
-    /// beats when absent.
-    #[arg(long, env = "MEDSPLIT_DATA")]
+    /// Directory of the papers' beat format (train/test .f32 + .labels): Table 1, a beat-wise
+    /// split.
+    #[arg(long, env = "MEDSPLIT_DATA", conflicts_with = "records")]
     data: Option<PathBuf>,
-    /// Synthetic training and test beats when no --data is given.
+    /// Directory of the raw MIT-BIH records (.hea/.dat/.atr): the inter-patient benchmark.
+    #[arg(long)]
+    records: Option<PathBuf>,
+    /// With --records: `inter-patient` trains on DS1 and tests on DS2; `ds1-cv` cross-validates
+    /// by patient inside DS1 (for choosing a configuration; DS2 is never read).
+    #[arg(long, value_enum, default_value_t = SplitKind::InterPatient)]
+    split: SplitKind,
+    /// Folds of --split ds1-cv (patients dealt to folds by their count of S beats).
+    #[arg(long, default_value_t = 3)]
+    folds: usize,
+    /// Synthetic training and test beats when neither --data nor --records is given.
     #[arg(long, default_value_t = 4000)]
     synthetic_train: usize,
     #[arg(long, default_value_t = 2000)]
     synthetic_test: usize,
+    /// Passes over the training set (cyclic-he: rounds, each visit one pass over that
+    /// hospital's patients, unless --rounds is given).
     #[arg(long, default_value_t = 10)]
     epochs: usize,
+    /// cyclic-he: rounds over the hospitals (default: --epochs).
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// cyclic-he: hospitals DS1's patients are divided among (by patient).
+    #[arg(long, default_value_t = 3)]
+    hospitals: usize,
     #[arg(long, default_value_t = 4)]
     batch_size: usize,
-    /// Comma-separated: local, split, split-he.
+    /// Comma-separated: local, split, split-he, cyclic-he.
     #[arg(long, default_value = "local,split,split-he", value_delimiter = ',')]
     modes: Vec<Mode>,
     /// Seed of the initial weights and of the data order.
@@ -44,9 +86,22 @@ struct Args {
     server_optimizer: OptimizerKind,
     #[arg(long, default_value_t = 1e-3)]
     server_lr: f64,
-    /// Use the 512-wide cut layer (16 channels in the second block) instead of M1's 256.
+    /// Learning rate of the client's Adam.
+    #[arg(long, default_value_t = 1e-3)]
+    client_lr: f64,
+    /// Model preset: m1, m1_wide, m1_tail (default: m1 for --data, m1_tail for --records).
+    #[arg(long)]
+    model: Option<String>,
+    /// Shorthand for --model m1_wide.
     #[arg(long)]
     wide: bool,
+    /// Preprocessing preset for --records: papers or inter_patient (default).
+    #[arg(long, default_value = "inter_patient")]
+    preprocessing: String,
+    /// Class weights of the loss: uniform, or balanced (n / (classes · n_c), capped).
+    /// Default: uniform for --data and synthetic beats, balanced for --records.
+    #[arg(long, value_enum)]
+    class_weights: Option<WeightsKind>,
     /// Worker threads of the tensor backend (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -67,10 +122,23 @@ enum Transport {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum)]
+enum SplitKind {
+    InterPatient,
+    Ds1Cv,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum)]
+enum WeightsKind {
+    Uniform,
+    Balanced,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum)]
 enum Mode {
     Local,
     Split,
     SplitHe,
+    CyclicHe,
 }
 
 impl Mode {
@@ -79,6 +147,7 @@ impl Mode {
             Mode::Local => "local",
             Mode::Split => "split",
             Mode::SplitHe => "split-he",
+            Mode::CyclicHe => "cyclic-he",
         }
     }
 }
@@ -92,8 +161,16 @@ enum OptimizerKind {
 #[derive(Serialize)]
 struct Report {
     dataset: String,
+    /// `patient` (no patient on both sides) or `beat` (a random split of beats).
+    evaluation: EvalKind,
+    labels: Vec<String>,
+    preprocessing: String,
+    model: ModelSpec,
+    class_weights: ClassWeights,
     train_samples: usize,
     test_samples: usize,
+    train_patients: Vec<String>,
+    test_patients: Vec<String>,
     threads: usize,
     results: Vec<ModeResult>,
 }
@@ -110,6 +187,44 @@ struct ModeResult {
     bytes_server_to_client_per_epoch: u64,
     epoch_seconds: Vec<f64>,
     final_train_loss: f64,
+    /// cyclic-he: each hospital's training patients, in visiting order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    hospitals: Vec<Vec<String>>,
+    /// ds1-cv: each fold's test patients.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    folds: Vec<Vec<String>>,
+    metrics: Confusion,
+}
+
+/// What every mode trains on and is measured with.
+struct Setup {
+    name: String,
+    evaluation: EvalKind,
+    labels: LabelSet,
+    preprocessing: String,
+    /// The preprocessing as a job spec names it.
+    preprocessing_spec: Preprocessing,
+    model: ModelSpec,
+    config: ModelConfig,
+    weights: ClassWeights,
+    optimizer: ServerOptimizer,
+    client_lr: f64,
+    train: Dataset,
+    test: Dataset,
+}
+
+impl Setup {
+    fn classes(&self) -> Vec<&'static str> {
+        self.labels.class_names().to_vec()
+    }
+
+    /// The client's objective on `train`: the job's learning rate, class weights from its counts.
+    fn objective(&self, train: &Dataset) -> Objective {
+        Objective {
+            client_lr: self.client_lr,
+            class_weights: self.weights.for_counts(&train.class_counts()),
+        }
+    }
 }
 
 fn main() {
@@ -120,8 +235,8 @@ fn main() {
 }
 
 fn try_main(args: Args) -> anyhow::Result<()> {
-    if args.epochs == 0 || args.batch_size == 0 {
-        bail!("--epochs and --batch-size must be at least 1");
+    if args.epochs == 0 || args.batch_size == 0 || args.hospitals == 0 || args.folds < 2 {
+        bail!("--epochs, --batch-size and --hospitals must be at least 1, --folds at least 2");
     }
     if let Some(threads) = args.threads {
         rayon::ThreadPoolBuilder::new()
@@ -129,27 +244,37 @@ fn try_main(args: Args) -> anyhow::Result<()> {
             .build_global()
             .context("configuring worker threads")?;
     }
-    let config = if args.wide {
-        ModelConfig::m1_wide()
-    } else {
-        ModelConfig::m1()
-    };
-    let (name, train, test) = load(&args, &config)?;
-    let optimizer = match args.server_optimizer {
-        OptimizerKind::Adam => ServerOptimizer::Adam { lr: args.server_lr },
-        OptimizerKind::Sgd => ServerOptimizer::Sgd { lr: args.server_lr },
-    };
+    let setup = load(&args)?;
     eprintln!(
-        "{name}: {} train / {} test beats, batch {}, {} epochs, seed {}",
-        train.len(),
-        test.len(),
+        "{}: {} train / {} test beats ({}), labels {}, model {}, cut {}, batch {}, {} epochs, seed {}",
+        setup.name,
+        setup.train.len(),
+        setup.test.len(),
+        setup.evaluation.describe(),
+        setup.classes().join("/"),
+        setup.model.preset.map_or("custom", ModelName::as_str),
+        setup.config.cut_width().0,
         args.batch_size,
         args.epochs,
         args.seed
     );
+    eprintln!(
+        "train classes {:?}, test classes {:?}",
+        setup.train.class_counts(),
+        setup.test.class_counts()
+    );
     let mut results = Vec::new();
     for &mode in &args.modes {
+        if args.split == SplitKind::Ds1Cv && args.records.is_some() {
+            results.push(cross_validate(mode, &setup, &args)?);
+            continue;
+        }
         if args.transport == Transport::Websocket {
+            if mode == Mode::CyclicHe {
+                bail!(
+                    "cyclic-he runs in process only; --transport websocket takes split and split-he"
+                );
+            }
             // The coordinator on its own multi-threaded runtime, the agent on this thread, as
             // two processes would run.
             let coordinator = tokio::runtime::Runtime::new()?;
@@ -158,37 +283,40 @@ fn try_main(args: Args) -> anyhow::Result<()> {
                 .build()?;
             results.push(agent.block_on(websocket::run(
                 mode,
-                &train,
-                &test,
+                &setup,
                 &args,
-                optimizer,
                 coordinator.handle(),
             ))?);
             continue;
         }
-        let mut trainer: Box<dyn Trainer> = match mode {
-            Mode::Local => Box::new(LocalModel::new(&config, optimizer, args.seed)?),
-            Mode::Split => Box::new(InProcess::new(
-                &config,
-                Privacy::Plaintext,
-                optimizer,
-                args.seed,
-            )?),
-            Mode::SplitHe => Box::new(InProcess::new(
-                &config,
-                Privacy::Encrypted,
-                optimizer,
-                args.seed,
-            )?),
+        let result = if mode == Mode::CyclicHe {
+            cyclic(&setup, &args)?
+        } else {
+            let mut trainer = trainer(mode, &setup, &setup.train, args.seed)?;
+            run_mode(
+                mode,
+                trainer.as_mut(),
+                &setup,
+                &setup.train,
+                &setup.test,
+                &args,
+            )?
         };
-        results.push(run_mode(mode, trainer.as_mut(), &train, &test, &args)?);
+        results.push(result);
     }
     print_table(&results);
     if let Some(path) = &args.json {
         let report = Report {
-            dataset: name,
-            train_samples: train.len(),
-            test_samples: test.len(),
+            dataset: setup.name.clone(),
+            evaluation: setup.evaluation,
+            labels: setup.classes().iter().map(|c| c.to_string()).collect(),
+            preprocessing: setup.preprocessing.clone(),
+            model: setup.model.clone(),
+            class_weights: setup.weights.clone(),
+            train_samples: setup.train.len(),
+            test_samples: setup.test.len(),
+            train_patients: setup.train.patient_names().to_vec(),
+            test_patients: setup.test.patient_names().to_vec(),
             threads: rayon::current_num_threads(),
             results,
         };
@@ -199,76 +327,167 @@ fn try_main(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn load(args: &Args, config: &ModelConfig) -> anyhow::Result<(String, Dataset, Dataset)> {
-    match &args.data {
-        Some(dir) => {
-            let train = data::load_beats(dir, "train", config.beat_len, config.classes)?;
-            let test = data::load_beats(dir, "test", config.beat_len, config.classes)?;
+fn load(args: &Args) -> anyhow::Result<Setup> {
+    let preset = match (&args.model, args.wide) {
+        (Some(_), true) => bail!("--wide and --model are exclusive"),
+        (_, true) => ModelName::M1Wide,
+        (Some(name), false) => ModelName::ALL
+            .into_iter()
+            .find(|m| m.as_str() == name)
+            .with_context(|| format!("unknown --model {name:?}: m1, m1_wide or m1_tail"))?,
+        (None, false) if args.records.is_some() => ModelName::M1Tail,
+        (None, false) => ModelName::M1,
+    };
+    let model = preset.spec();
+    let optimizer = match args.server_optimizer {
+        OptimizerKind::Adam => ServerOptimizer::Adam { lr: args.server_lr },
+        OptimizerKind::Sgd => ServerOptimizer::Sgd { lr: args.server_lr },
+    };
+    let weights = match args.class_weights {
+        Some(WeightsKind::Balanced) => ClassWeights::Balanced,
+        Some(WeightsKind::Uniform) => ClassWeights::Uniform,
+        None if args.records.is_some() => ClassWeights::Balanced,
+        None => ClassWeights::Uniform,
+    };
+    let (name, evaluation, labels, preprocessing_spec, train, test) =
+        if let Some(dir) = &args.records {
+            let p = Preset::parse(&args.preprocessing)
+                .with_context(|| {
+                    format!(
+                        "unknown --preprocessing {:?}: papers or inter_patient",
+                        args.preprocessing
+                    )
+                })?
+                .preprocessing();
+            let labels = LabelSet::Aami;
+            let started = Instant::now();
+            let train = records(dir, &DS1, &p, labels)?;
+            let test = match args.split {
+                // Cross-validation never reads DS2.
+                SplitKind::Ds1Cv => train.select(&[])?,
+                SplitKind::InterPatient => records(dir, &DS2, &p, labels)?,
+            };
+            eprintln!(
+                "read {} records in {:.1} s",
+                train.patient_names().len() + test.patient_names().len(),
+                started.elapsed().as_secs_f64()
+            );
+            let name = match args.split {
+                SplitKind::InterPatient => "mitdb inter-patient DS1 -> DS2",
+                SplitKind::Ds1Cv => "mitdb DS1 patient-wise cross-validation",
+            };
+            (name.to_owned(), EvalKind::Patient, labels, p, train, test)
+        } else if let Some(dir) = &args.data {
+            let train = data::load_beats(dir, "train", 128, 5)?;
+            let test = data::load_beats(dir, "test", 128, 5)?;
             let name = dir.file_name().map_or_else(
                 || dir.display().to_string(),
                 |n| n.to_string_lossy().into_owned(),
             );
-            Ok((name, train, test))
+            (
+                name,
+                EvalKind::Beat,
+                LabelSet::Papers,
+                Preprocessing::papers(),
+                train,
+                test,
+            )
+        } else {
+            (
+                "synthetic".into(),
+                EvalKind::Beat,
+                LabelSet::Papers,
+                Preprocessing::papers(),
+                data::synthetic(args.synthetic_train, args.seed.wrapping_add(1)),
+                data::synthetic(args.synthetic_test, args.seed.wrapping_add(2)),
+            )
+        };
+    let config = model.config(train.beat_len(), train.feature_len(), labels.num_classes());
+    config.validate().context("model")?;
+    Ok(Setup {
+        name,
+        evaluation,
+        labels,
+        preprocessing: preprocessing_spec.describe(),
+        preprocessing_spec,
+        model,
+        config,
+        weights,
+        optimizer,
+        client_lr: args.client_lr,
+        train,
+        test,
+    })
+}
+
+/// The beats of `names` in `dir`, one patient per record.
+fn records(
+    dir: &Path,
+    names: &[&str],
+    p: &Preprocessing,
+    labels: LabelSet,
+) -> anyhow::Result<Dataset> {
+    wfdb::load_records_with(dir, names, p, labels)
+        .with_context(|| format!("reading records from {}", dir.display()))
+}
+
+fn trainer(
+    mode: Mode,
+    setup: &Setup,
+    train: &Dataset,
+    seed: u64,
+) -> anyhow::Result<Box<dyn Trainer>> {
+    let (config, optimizer) = (&setup.config, setup.optimizer);
+    let objective = setup.objective(train);
+    Ok(match mode {
+        Mode::Local => {
+            let mut m = LocalModel::new(config, optimizer, seed)?;
+            m.set_objective(objective)?;
+            Box::new(m)
         }
-        None => Ok((
-            "synthetic".into(),
-            data::synthetic(args.synthetic_train, args.seed.wrapping_add(1)),
-            data::synthetic(args.synthetic_test, args.seed.wrapping_add(2)),
-        )),
-    }
+        Mode::Split | Mode::SplitHe | Mode::CyclicHe => {
+            let privacy = if mode == Mode::Split {
+                Privacy::Plaintext
+            } else {
+                Privacy::Encrypted
+            };
+            let mut t = InProcess::new(config, privacy, optimizer, seed)?;
+            t.client.set_objective(objective)?;
+            Box::new(t)
+        }
+    })
 }
 
 fn run_mode(
     mode: Mode,
     trainer: &mut dyn Trainer,
+    setup: &Setup,
     train: &Dataset,
     test: &Dataset,
     args: &Args,
 ) -> anyhow::Result<ModeResult> {
-    let terminal = std::io::stderr().is_terminal();
     let mut epoch_seconds = Vec::new();
     let mut final_loss = f64::NAN;
     for epoch in 0..args.epochs {
-        let order = epoch_order(train.len(), args.seed, epoch);
         let before = trainer.traffic();
-        let mut last_shown = 0;
-        let mut progress = |done: usize, total: usize| {
-            let percent = done * 100 / total.max(1);
-            if terminal && percent != last_shown {
-                last_shown = percent;
-                eprint!(
-                    "\r{:>8} epoch {}/{}: {percent:>3}%",
-                    mode.name(),
-                    epoch + 1,
-                    args.epochs
-                );
-            }
-        };
-        let started = Instant::now();
-        let totals = train_epoch(trainer, train, &order, args.batch_size, &mut progress)
-            .with_context(|| format!("{} epoch {}", mode.name(), epoch + 1))?;
-        let seconds = started.elapsed().as_secs_f64();
+        let label = format!("{:>9} epoch {}/{}", mode.name(), epoch + 1, args.epochs);
+        let order = epoch_order(train.len(), args.seed, epoch);
+        let (seconds, totals) = timed_epoch(trainer, train, &order, args.batch_size, &label)?;
         let after = trainer.traffic();
         epoch_seconds.push(seconds);
         final_loss = totals.mean_loss();
         eprintln!(
-            "{}{:>8} epoch {}/{}: loss {:.4}, train accuracy {:.2}%, {:.2} s, {:.1} MB up, {:.1} MB down",
-            if terminal { "\r" } else { "" },
-            mode.name(),
-            epoch + 1,
-            args.epochs,
+            "{label}: loss {:.4}, train accuracy {:.2}%, {seconds:.2} s, {:.1} MB up, {:.1} MB down",
             final_loss,
             100.0 * totals.accuracy(),
-            seconds,
             (after.client_to_server - before.client_to_server) as f64 / 1e6,
             (after.server_to_client - before.server_to_client) as f64 / 1e6,
         );
     }
-    let traffic_before_eval = trainer.traffic();
-    let accuracy = evaluate(trainer, test, 64, &CLASS_SYMBOLS)
-        .with_context(|| format!("{} evaluation", mode.name()))?
-        .accuracy();
-    eprintln!("{:>8} test accuracy {:.2}%", mode.name(), 100.0 * accuracy);
+    let traffic = trainer.traffic();
+    let metrics = evaluate(trainer, test, 64, &setup.classes())
+        .with_context(|| format!("{} evaluation", mode.name()))?;
+    print_metrics(mode.name(), setup.evaluation, &metrics);
     let epochs = args.epochs as u64;
     Ok(ModeResult {
         mode: mode.name().into(),
@@ -276,19 +495,259 @@ fn run_mode(
         batch_size: args.batch_size,
         epochs: args.epochs,
         seconds_per_epoch: median(&epoch_seconds),
-        test_accuracy: accuracy,
-        bytes_client_to_server_per_epoch: traffic_before_eval.client_to_server / epochs,
-        bytes_server_to_client_per_epoch: traffic_before_eval.server_to_client / epochs,
+        test_accuracy: metrics.accuracy(),
+        bytes_client_to_server_per_epoch: traffic.client_to_server / epochs,
+        bytes_server_to_client_per_epoch: traffic.server_to_client / epochs,
         epoch_seconds,
         final_train_loss: final_loss,
+        hospitals: Vec::new(),
+        folds: Vec::new(),
+        metrics,
     })
+}
+
+/// One pass over `data` in `order`, with a progress line on a terminal.
+fn timed_epoch(
+    trainer: &mut dyn Trainer,
+    data: &Dataset,
+    order: &[usize],
+    batch_size: usize,
+    label: &str,
+) -> anyhow::Result<(f64, medsplit_engine::training::Totals)> {
+    let terminal = std::io::stderr().is_terminal();
+    let mut last_shown = 0;
+    let mut progress = |done: usize, total: usize| {
+        let percent = done * 100 / total.max(1);
+        if terminal && percent != last_shown {
+            last_shown = percent;
+            eprint!("\r{label}: {percent:>3}%");
+        }
+    };
+    let started = Instant::now();
+    let totals = train_epoch(trainer, data, order, batch_size, &mut progress)
+        .with_context(|| label.trim().to_owned())?;
+    if terminal {
+        eprint!("\r");
+    }
+    Ok((started.elapsed().as_secs_f64(), totals))
+}
+
+/// Patients dealt to `groups` groups, largest count of `class` first (so that every group gets
+/// some of the rarest class), each group's patient indices in ascending order.
+fn deal_patients(data: &Dataset, groups: usize, class: u8) -> Vec<Vec<u32>> {
+    let names = data.patient_names().len();
+    let mut rare = vec![0usize; names];
+    for (&p, &l) in data.patients().iter().zip(data.labels()) {
+        if l == class {
+            rare[p as usize] += 1;
+        }
+    }
+    let mut order: Vec<u32> = (0..names as u32).collect();
+    order.sort_by_key(|&p| (std::cmp::Reverse(rare[p as usize]), p));
+    let mut dealt = vec![Vec::new(); groups];
+    for (i, p) in order.into_iter().enumerate() {
+        dealt[i % groups].push(p);
+    }
+    dealt.iter_mut().for_each(|g| g.sort_unstable());
+    dealt
+}
+
+/// The beats of `data` whose patient is in `patients`.
+fn of_patients(data: &Dataset, patients: &[u32]) -> anyhow::Result<Dataset> {
+    let rows: Vec<usize> = (0..data.len())
+        .filter(|&i| patients.contains(&data.patients()[i]))
+        .collect();
+    Ok(data.select(&rows)?)
+}
+
+fn patient_names(data: &Dataset, patients: &[u32]) -> Vec<String> {
+    patients
+        .iter()
+        .map(|&p| data.patient_names()[p as usize].clone())
+        .collect()
+}
+
+/// Cyclic split-HE training as the platform runs it: DS1's patients divided among hospitals;
+/// every round visits the hospitals in order; each visit resumes the client half from the
+/// weights the previous visit handed over and the server layer from its checkpoint (each with a
+/// fresh optimiser, as the agents and the coordinator do), trains one pass over that hospital's
+/// beats with its own class weights, and hands both on.
+fn cyclic(setup: &Setup, args: &Args) -> anyhow::Result<ModeResult> {
+    let groups = deal_patients(&setup.train, args.hospitals, 1);
+    let hospitals: Vec<Dataset> = groups
+        .iter()
+        .map(|g| of_patients(&setup.train, g))
+        .collect::<anyhow::Result<_>>()?;
+    let names: Vec<Vec<String>> = groups
+        .iter()
+        .map(|g| patient_names(&setup.train, g))
+        .collect();
+    for (h, (n, d)) in names.iter().zip(&hospitals).enumerate() {
+        eprintln!(
+            "hospital {}: patients {} ({} beats, classes {:?})",
+            h + 1,
+            n.join(" "),
+            d.len(),
+            d.class_counts()
+        );
+    }
+    let rounds = args.rounds.unwrap_or(args.epochs);
+    let config = &setup.config;
+    let mut client_parameters: Option<Vec<f32>> = None;
+    let mut server_parameters: Option<Vec<f32>> = None;
+    let mut epoch_seconds = Vec::new();
+    let mut traffic = (0u64, 0u64);
+    let mut final_loss = f64::NAN;
+    let mut last: Option<InProcess> = None;
+    for round in 0..rounds {
+        let started = Instant::now();
+        let mut loss = (0.0, 0usize);
+        for (h, data) in hospitals.iter().enumerate() {
+            if data.is_empty() {
+                continue;
+            }
+            let mut client = match &client_parameters {
+                None => ClientSession::new(config, Privacy::Encrypted, args.seed)?,
+                Some(p) => ClientSession::resume(config, Privacy::Encrypted, p)?,
+            };
+            client.set_objective(setup.objective(data))?;
+            let server = match &server_parameters {
+                None => ServerSession::new(config, Privacy::Encrypted, setup.optimizer, args.seed)?,
+                Some(p) => ServerSession::resume(config, Privacy::Encrypted, setup.optimizer, p)?,
+            };
+            let mut visit = InProcess::from_sessions(client, server);
+            let seed = args.seed ^ ((round as u64) << 32 | h as u64);
+            let order = epoch_order(data.len(), seed, 0);
+            let label = format!("cyclic-he round {}/{rounds} hospital {}", round + 1, h + 1);
+            let (_, totals) = timed_epoch(&mut visit, data, &order, args.batch_size, &label)?;
+            loss.0 += totals.loss_sum;
+            loss.1 += totals.samples;
+            let t = visit.traffic();
+            traffic.0 += t.client_to_server;
+            traffic.1 += t.server_to_client;
+            client_parameters = Some(visit.client.model().parameters());
+            server_parameters = Some(visit.server.model()?.parameters());
+            last = Some(visit);
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        epoch_seconds.push(seconds);
+        final_loss = loss.0 / loss.1.max(1) as f64;
+        eprintln!(
+            "cyclic-he round {}/{rounds}: loss {final_loss:.4}, {seconds:.2} s",
+            round + 1
+        );
+    }
+    let mut trainer = last.context("no hospital has training beats")?;
+    let metrics = evaluate(&mut trainer, &setup.test, 64, &setup.classes())
+        .context("cyclic-he evaluation")?;
+    print_metrics("cyclic-he", setup.evaluation, &metrics);
+    let rounds_u = rounds as u64;
+    Ok(ModeResult {
+        mode: Mode::CyclicHe.name().into(),
+        transport: "in-process".into(),
+        batch_size: args.batch_size,
+        epochs: rounds,
+        seconds_per_epoch: median(&epoch_seconds),
+        test_accuracy: metrics.accuracy(),
+        bytes_client_to_server_per_epoch: traffic.0 / rounds_u,
+        bytes_server_to_client_per_epoch: traffic.1 / rounds_u,
+        epoch_seconds,
+        final_train_loss: final_loss,
+        hospitals: names,
+        folds: Vec::new(),
+        metrics,
+    })
+}
+
+/// Patient-wise K-fold cross-validation inside the training set: each fold's patients are
+/// held out in turn, a model of `mode` trains on the others; the held-out predictions of all
+/// folds are pooled into one confusion matrix.
+fn cross_validate(mode: Mode, setup: &Setup, args: &Args) -> anyhow::Result<ModeResult> {
+    if mode == Mode::CyclicHe {
+        bail!("--split ds1-cv takes local, split or split-he");
+    }
+    let folds = deal_patients(&setup.train, args.folds, 1);
+    let mut pooled = Confusion::new(setup.classes())?;
+    let mut epoch_seconds = Vec::new();
+    let mut final_loss = f64::NAN;
+    for (k, held_out) in folds.iter().enumerate() {
+        let rest: Vec<u32> = folds
+            .iter()
+            .enumerate()
+            .filter(|&(j, _)| j != k)
+            .flat_map(|(_, g)| g.iter().copied())
+            .collect();
+        let (train, test) = (
+            of_patients(&setup.train, &rest)?,
+            of_patients(&setup.train, held_out)?,
+        );
+        eprintln!(
+            "fold {}/{}: test patients {}",
+            k + 1,
+            folds.len(),
+            patient_names(&setup.train, held_out).join(" ")
+        );
+        let mut trainer = trainer(mode, setup, &train, args.seed)?;
+        let result = run_mode(mode, trainer.as_mut(), setup, &train, &test, args)?;
+        pooled.merge(&result.metrics)?;
+        epoch_seconds.extend(result.epoch_seconds);
+        final_loss = result.final_train_loss;
+    }
+    eprintln!("pooled over {} folds:", folds.len());
+    print_metrics(mode.name(), EvalKind::Patient, &pooled);
+    Ok(ModeResult {
+        mode: mode.name().into(),
+        transport: "in-process".into(),
+        batch_size: args.batch_size,
+        epochs: args.epochs,
+        seconds_per_epoch: median(&epoch_seconds),
+        test_accuracy: pooled.accuracy(),
+        bytes_client_to_server_per_epoch: 0,
+        bytes_server_to_client_per_epoch: 0,
+        epoch_seconds,
+        final_train_loss: final_loss,
+        hospitals: Vec::new(),
+        folds: folds
+            .iter()
+            .map(|g| patient_names(&setup.train, g))
+            .collect(),
+        metrics: pooled,
+    })
+}
+
+fn print_metrics(mode: &str, kind: EvalKind, m: &Confusion) {
+    eprintln!(
+        "{mode:>9} test ({}): accuracy {:.2}% (majority class {:.2}%), macro-F1 {:.3}, balanced accuracy {:.2}%",
+        kind.describe(),
+        100.0 * m.accuracy(),
+        100.0 * m.majority_rate(),
+        m.macro_f1(),
+        100.0 * m.balanced_accuracy()
+    );
+    for (c, name) in m.classes().iter().enumerate() {
+        eprintln!(
+            "{:>9}   {name}: Se {:6.2}%  PPV {:6.2}%  F1 {:.3}  support {}",
+            "",
+            100.0 * m.sensitivity(c),
+            100.0 * m.ppv(c),
+            m.f1(c),
+            m.support(c)
+        );
+    }
+    eprintln!(
+        "{:>9}   confusion (rows true, columns predicted): {:?}",
+        "",
+        m.rows()
+    );
 }
 
 fn median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
     let mid = sorted.len() / 2;
-    if sorted.len().is_multiple_of(2) {
+    if sorted.is_empty() {
+        f64::NAN
+    } else if sorted.len().is_multiple_of(2) {
         (sorted[mid - 1] + sorted[mid]) / 2.0
     } else {
         sorted[mid]
@@ -296,21 +755,47 @@ fn median(values: &[f64]) -> f64 {
 }
 
 fn print_table(results: &[ModeResult]) {
-    println!(
-        "| mode | batch | epochs | s/epoch (median) | test accuracy | MB/epoch up | MB/epoch down |"
+    let Some(first) = results.first() else {
+        return;
+    };
+    let classes = first.metrics.classes();
+    let mut header = String::from(
+        "| mode | batch | epochs | s/epoch (median) | accuracy | majority class | macro-F1 |",
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for c in classes {
+        header.push_str(&format!(" {c} Se / PPV |"));
+    }
+    header.push_str(" MB/epoch up | MB/epoch down |");
+    println!("{header}");
+    println!(
+        "|---|---:|---:|---:|---:|---:|---:|{}---:|---:|",
+        "---:|".repeat(classes.len())
+    );
     for r in results {
-        println!(
-            "| {} | {} | {} | {:.2} | {:.2}% | {:.1} | {:.1} |",
+        let m = &r.metrics;
+        let mut line = format!(
+            "| {} | {} | {} | {:.2} | {:.2}% | {:.2}% | {:.3} |",
             r.mode,
             r.batch_size,
             r.epochs,
             r.seconds_per_epoch,
-            100.0 * r.test_accuracy,
+            100.0 * m.accuracy(),
+            100.0 * m.majority_rate(),
+            m.macro_f1()
+        );
+        for c in 0..classes.len() {
+            line.push_str(&format!(
+                " {:.1} / {:.1} |",
+                100.0 * m.sensitivity(c),
+                100.0 * m.ppv(c)
+            ));
+        }
+        line.push_str(&format!(
+            " {:.1} | {:.1} |",
             r.bytes_client_to_server_per_epoch as f64 / 1e6,
             r.bytes_server_to_client_per_epoch as f64 / 1e6,
-        );
+        ));
+        println!("{line}");
     }
 }
 
@@ -323,13 +808,11 @@ mod websocket {
     use medsplit_agent::config::LocalData;
     use medsplit_agent::visit::{self, Observer};
     use medsplit_coordinator::{AppState, Settings, auth};
-    use medsplit_engine::data::Dataset;
-    use medsplit_engine::model::ServerOptimizer;
     use medsplit_engine::training::Totals;
     use medsplit_tools::local::{self, Postgres, Rest};
     use serde_json::json;
 
-    use super::{Args, Mode, ModeResult, median};
+    use super::{Args, Mode, ModeResult, Setup, median, print_metrics};
 
     const PASSWORD: &str = "bench-password-not-for-production";
 
@@ -377,10 +860,8 @@ mod websocket {
 
     pub async fn run(
         mode: Mode,
-        train: &Dataset,
-        test: &Dataset,
+        setup: &Setup,
         args: &Args,
-        optimizer: ServerOptimizer,
         coordinator_runtime: &tokio::runtime::Handle,
     ) -> anyhow::Result<ModeResult> {
         if mode == Mode::Local {
@@ -414,13 +895,17 @@ mod websocket {
                 "/v1/jobs",
                 Some(json!({
                     "name": format!("bench {}", mode.name()),
-                    "model": if args.wide { "m1_wide" } else { "m1" },
+                    "model": setup.model,
+                    "labels": setup.labels,
+                    "preprocessing": setup.preprocessing_spec,
+                    "class_weights": setup.weights,
+                    "client_lr": setup.client_lr,
                     "hospitals": ["bench"],
                     "rounds": 1,
                     "local_epochs": args.epochs,
                     "batch_size": args.batch_size,
                     "seed": args.seed,
-                    "server_optimizer": optimizer,
+                    "server_optimizer": setup.optimizer,
                     "insecure_plaintext": mode == Mode::Split,
                 })),
             )
@@ -438,8 +923,8 @@ mod websocket {
             .await?
             .context("the coordinator offered no visit")?;
         let data = LocalData {
-            train: train.clone(),
-            test: test.clone(),
+            train: setup.train.clone(),
+            test: setup.test.clone(),
         };
         let mut progress = Progress {
             mode: mode.name(),
@@ -451,11 +936,11 @@ mod websocket {
         let summary = visit::run(&coordinator, &key, &assignment, &data, &mut progress).await;
         beat.abort();
         let summary = summary?;
-        let accuracy = summary.test_accuracy.context("no test accuracy measured")?;
-        let metrics = researcher
+        let metrics = summary.test.clone().context("no test metrics measured")?;
+        let stored = researcher
             .call("GET", &format!("/v1/jobs/{id}/metrics"), None)
             .await?;
-        let visit = &metrics["visits"][0];
+        let visit = &stored["visits"][0];
         eprintln!(
             "{:>8} coordinator: {:.2} s computing over {} messages in a {:.2} s visit",
             mode.name(),
@@ -463,10 +948,10 @@ mod websocket {
             visit["messages"].as_i64().unwrap_or(0),
             visit["wall_seconds"].as_f64().unwrap_or(0.0)
         );
-        eprintln!(
-            "{:>8} test accuracy {:.2}% (websocket)",
-            mode.name(),
-            100.0 * accuracy
+        print_metrics(
+            &format!("{} (websocket)", mode.name()),
+            setup.evaluation,
+            &metrics,
         );
         server.abort();
         drop(pg);
@@ -478,11 +963,14 @@ mod websocket {
             batch_size: args.batch_size,
             epochs: args.epochs,
             seconds_per_epoch: median(&summary.epoch_seconds),
-            test_accuracy: accuracy,
+            test_accuracy: metrics.accuracy(),
             bytes_client_to_server_per_epoch: summary.train_bytes_up / epochs,
             bytes_server_to_client_per_epoch: summary.train_bytes_down / epochs,
             epoch_seconds: summary.epoch_seconds,
             final_train_loss: progress.final_loss,
+            hospitals: Vec::new(),
+            folds: Vec::new(),
+            metrics,
         })
     }
 }
