@@ -21,6 +21,13 @@ pub struct Settings {
     /// Serve the dashboard from this directory instead of the copy built into the binary
     /// (for working on `web/` without rebuilding).
     pub web_dir: Option<PathBuf>,
+    /// Failed log-ins allowed per account (e-mail address) before a lockout.
+    pub login_per_account: crate::throttle::Limit,
+    /// Failed log-ins allowed per client address before a lockout.
+    pub login_per_address: crate::throttle::Limit,
+    /// Behind a reverse proxy: the request header that names the client's address (the last
+    /// address in it is used, the one the proxy added). Without it, the peer's address.
+    pub client_address_header: Option<axum::http::HeaderName>,
 }
 
 impl Settings {
@@ -40,6 +47,15 @@ impl Default for Settings {
             max_message_bytes: 16 << 20,
             enrolment_ttl: Duration::from_secs(24 * 3600),
             web_dir: None,
+            login_per_account: crate::throttle::Limit {
+                burst: 5,
+                period: Duration::from_secs(60),
+            },
+            login_per_address: crate::throttle::Limit {
+                burst: 20,
+                period: Duration::from_secs(6),
+            },
+            client_address_header: None,
         }
     }
 }

@@ -1011,13 +1011,21 @@ pub async fn release_visit(
     Ok(r.rows_affected() == 1)
 }
 
-/// Puts every running visit back in the queue without counting a failure: run at start-up, when
-/// no session can be open.
-pub async fn requeue_running(e: impl PgExecutor<'_>) -> sqlx::Result<Vec<i64>> {
-    sqlx::query_scalar!(
+pub struct Requeued {
+    pub id: i64,
+    pub job_id: i64,
+    pub attempt: i32,
+}
+
+/// Puts every running visit back in the queue without counting a failure, with `reason` as its
+/// last error: run at start-up, when no session can be open.
+pub async fn requeue_running(e: impl PgExecutor<'_>, reason: &str) -> sqlx::Result<Vec<Requeued>> {
+    sqlx::query_as!(
+        Requeued,
         "update visits set status = 'queued', agent_id = null, lease_expires_at = null,
-                last_error = 'coordinator restarted'
-         where status = 'running' returning id"
+                last_error = $1
+         where status = 'running' returning id, job_id, attempt",
+        reason
     )
     .fetch_all(e)
     .await

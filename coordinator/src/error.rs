@@ -33,6 +33,9 @@ pub enum Error {
     Database(#[from] sqlx::Error),
     #[error("{0}")]
     Unavailable(&'static str),
+    /// Too many failed log-ins: retry after this many seconds.
+    #[error("too many failed log-ins; try again in {0} s")]
+    TooManyRequests(u64),
     #[error("{0}")]
     Internal(String),
 }
@@ -51,6 +54,7 @@ impl Error {
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::Gone(_) => StatusCode::GONE,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Database(e) if is_unique_violation(e) => StatusCode::CONFLICT,
             Self::Database(_) | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -58,6 +62,15 @@ impl Error {
 }
 
 impl Error {
+    /// A unique violation as a conflict with `message`; other errors as they are.
+    pub fn conflict(e: sqlx::Error, message: &str) -> Self {
+        if is_unique_violation(&e) {
+            Self::Conflict(message.into())
+        } else {
+            e.into()
+        }
+    }
+
     /// The body is not declared as JSON.
     pub fn not_json() -> Self {
         Self::Rejected {
@@ -106,6 +119,13 @@ impl IntoResponse for Error {
             }
             _ => serde_json::json!({ "error": self.to_string() }),
         };
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        if let Self::TooManyRequests(seconds) = self {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(seconds),
+            );
+        }
+        response
     }
 }

@@ -18,6 +18,7 @@ mod error;
 mod http;
 mod scheduler;
 mod session;
+pub mod throttle;
 mod web;
 
 pub use config::Settings;
@@ -32,11 +33,16 @@ pub struct AppState {
     sessions: Arc<Sessions>,
     /// Woken when a visit may have been queued (Postgres NOTIFY, or a local change).
     work: Arc<Notify>,
+    /// Failed log-ins per account and per client address.
+    logins: Arc<throttle::LoginThrottle>,
 }
 
 impl AppState {
     pub fn new(db: db::Db, keys: auth::Keys, settings: Settings) -> Self {
+        let logins =
+            throttle::LoginThrottle::new(settings.login_per_account, settings.login_per_address);
         Self {
+            logins: Arc::new(logins),
             db,
             keys: Arc::new(keys),
             settings: Arc::new(settings),
@@ -123,9 +129,25 @@ pub fn spawn_background(state: &AppState) {
 
 /// Requeues visits left running by a previous coordinator process (their sessions died with it).
 pub async fn recover(state: &AppState) -> Result<(), sqlx::Error> {
-    let requeued = db::requeue_running(&state.db).await?;
+    const REASON: &str = "coordinator restarted";
+    let mut tx = state.db.begin().await?;
+    let requeued = db::requeue_running(&mut *tx, REASON).await?;
+    for v in &requeued {
+        db::job_event(
+            &mut *tx,
+            v.job_id,
+            "visit.requeued",
+            serde_json::json!({ "visit_id": v.id, "attempt": v.attempt, "reason": REASON }),
+        )
+        .await?;
+    }
+    tx.commit().await?;
     if !requeued.is_empty() {
-        tracing::info!(visits = ?requeued, "re-queued visits left running by the previous process");
+        let visits: Vec<i64> = requeued.iter().map(|v| v.id).collect();
+        tracing::info!(
+            ?visits,
+            "re-queued visits left running by the previous process"
+        );
         state.work.notify_waiters();
     }
     Ok(())
@@ -166,7 +188,9 @@ pub async fn create_admin(db: &db::Db, email: &str, password: &str) -> Result<i6
     http::check_new_user(email, password)?;
     let hash = auth::hash_password(password)?;
     let mut tx = db.begin().await?;
-    let user = db::create_user(&mut *tx, email, &hash, "platform_admin", None).await?;
+    let user = db::create_user(&mut *tx, email, &hash, "platform_admin", None)
+        .await
+        .map_err(|e| Error::conflict(e, "a user with this email exists"))?;
     db::audit(
         &mut *tx,
         "cli",
@@ -207,8 +231,10 @@ pub fn tls_config(
 pub fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only on a terminal: not in files, pipes or the journal.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if format == "json" {
         let _ = builder.json().try_init();

@@ -68,6 +68,11 @@ struct Serve {
     /// binary (for working on web/).
     #[arg(long, env = "MEDSPLIT_WEB_DIR")]
     web_dir: Option<PathBuf>,
+    /// Behind a reverse proxy: the header it puts the client's address in (e.g.
+    /// X-Forwarded-For; its last address is used), for throttling failed log-ins per address.
+    /// Set it only when every request comes through that proxy.
+    #[arg(long, env = "MEDSPLIT_CLIENT_ADDRESS_HEADER")]
+    client_address_header: Option<axum::http::HeaderName>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -77,10 +82,26 @@ fn main() -> std::process::ExitCode {
     match runtime.block_on(try_main(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", report(&e));
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each said once (a cause whose message its error already
+/// includes, as sqlx's and io's do, is left out).
+fn report(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let message = cause.to_string();
+        if !out.contains(&message) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&message);
+        }
+    }
+    out
 }
 
 async fn try_main(cli: Cli) -> anyhow::Result<()> {
@@ -129,6 +150,7 @@ async fn serve(url: &str, args: Serve) -> anyhow::Result<()> {
         lease: Duration::from_secs(args.lease_seconds.max(1)),
         max_message_bytes: args.max_message_bytes,
         web_dir: args.web_dir,
+        client_address_header: args.client_address_header,
         ..Settings::default()
     };
     let state = AppState::new(db, keys, settings);
@@ -153,7 +175,8 @@ async fn serve(url: &str, args: Serve) -> anyhow::Result<()> {
     });
     println!("medsplit-coordinator listening on {scheme}://{addr}");
     tracing::info!(%addr, scheme, "listening");
-    let service = app.into_make_service();
+    // The peer's address reaches the handlers (log-in throttling per client address).
+    let service = app.into_make_service_with_connect_info::<SocketAddr>();
     // Training steps are small request/response exchanges: send every frame at once.
     let nodelay = axum_server::accept::NoDelayAcceptor::new();
     match tls {

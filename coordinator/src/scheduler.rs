@@ -41,6 +41,7 @@ pub async fn sweep_forever(state: AppState) {
         }
         if purged_at.elapsed() >= std::time::Duration::from_secs(60) {
             purged_at = tokio::time::Instant::now();
+            state.logins.prune();
             if let Err(e) = crate::db::purge_web_sessions(&state.db).await {
                 tracing::warn!(error = %e, "purging expired dashboard sessions failed");
             }

@@ -164,3 +164,41 @@ fn an_idle_agent_stops_on_sigterm_without_speaking_of_a_visit() {
     assert!(!log.contains("will be retried"), "{log}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn logs_to_a_pipe_carry_no_colours() {
+    use std::io::{BufRead, BufReader};
+    let dir = std::env::temp_dir().join(format!("medsplit-agent-logs-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let state = dir.join("state");
+    let identity = medsplit_agent::state::Identity {
+        coordinator: "http://127.0.0.1:9".into(),
+        agent_id: 1,
+        hospital_id: 1,
+        credential: "c".into(),
+    };
+    medsplit_agent::state::save(&state, &identity, &medsplit_agent::state::new_key()).unwrap();
+    let config = dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = {:?}\n[[sources]]\nformat = \"synthetic\"\nsamples = 50\nseed = 1\n",
+            state.display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_medsplit-agent"))
+        .args(["run", "--config", config.to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let line = lines
+        .find_map(|l| l.ok().filter(|l| l.contains("agent starting")))
+        .expect("the agent logged its start");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!line.contains('\u{1b}'), "ANSI escapes in {line:?}");
+    assert!(line.contains("INFO"), "{line:?}");
+}

@@ -1,5 +1,7 @@
 //! Log-in: bearer tokens for API clients, session cookies for the dashboard, and the caller.
 
+use std::net::IpAddr;
+
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -9,9 +11,10 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::{Body, audit};
+use super::{Body, ClientAddress, audit};
 use crate::auth::{self, Principal, Role};
 use crate::error::{Error, Result};
+use crate::throttle::Scope;
 use crate::{AppState, db};
 
 pub(super) fn router() -> Router<AppState> {
@@ -38,7 +41,17 @@ struct Session {
 }
 
 /// Checks an email and password; the user's id, role and hospital if they match an active user.
-async fn check_password(s: &AppState, body: &Login) -> Result<(i64, Role, Option<i64>)> {
+/// Failed log-ins are throttled per account and per client address ([`crate::throttle`]): a
+/// log-in during a lockout gets 429 without its password being checked, and each lockout is
+/// audited when it starts.
+async fn check_password(
+    s: &AppState,
+    body: &Login,
+    client: Option<IpAddr>,
+) -> Result<(i64, Role, Option<i64>)> {
+    if let Some(wait) = s.logins.locked(&body.email, client) {
+        return Err(Error::TooManyRequests(whole_seconds(wait)));
+    }
     let creds = db::credentials(&s.db, &body.email).await?;
     // Verify against a fixed hash when the user is unknown, so timing does not tell.
     let hash = creds.as_ref().map(|c| c.password_hash.clone()).unwrap_or_else(|| {
@@ -49,19 +62,55 @@ async fn check_password(s: &AppState, body: &Login) -> Result<(i64, Role, Option
     let ok = tokio::task::spawn_blocking(move || auth::verify_password(&password, &hash))
         .await
         .map_err(|e| Error::Internal(e.to_string()))?;
-    let creds = creds
-        .filter(|c| ok && !c.disabled)
-        .ok_or(Error::Unauthenticated)?;
+    let Some(creds) = creds.filter(|c| ok && !c.disabled) else {
+        return Err(failed_login(s, &body.email, client).await?);
+    };
     let role = Role::parse(&creds.role).ok_or(Error::Internal("unknown role".into()))?;
     if !db::user_active(&s.db, creds.id).await? {
-        return Err(Error::Unauthenticated);
+        return Err(failed_login(s, &body.email, client).await?);
     }
     Ok((creds.id, role, creds.hospital_id))
 }
 
+fn whole_seconds(d: std::time::Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// Counts a failed log-in; the error to answer with (429 if it started a lockout).
+async fn failed_login(s: &AppState, email: &str, client: Option<IpAddr>) -> Result<Error> {
+    let lockouts = s.logins.failed(email, client);
+    let actor = match client {
+        Some(ip) => format!("client:{ip}"),
+        None => "client:unknown".to_string(),
+    };
+    for l in &lockouts {
+        let (target, scope) = match &l.scope {
+            Scope::Account(account) => (format!("account:{account}"), "account"),
+            Scope::Address(ip) => (format!("address:{ip}"), "address"),
+        };
+        tracing::warn!(%target, seconds = l.retry_after.as_secs(), "log-in lockout");
+        db::audit(
+            &s.db,
+            &actor,
+            "login.lockout",
+            &target,
+            json!({ "scope": scope, "retry_after_seconds": whole_seconds(l.retry_after) }),
+        )
+        .await?;
+    }
+    Ok(match lockouts.iter().map(|l| l.retry_after).max() {
+        Some(wait) => Error::TooManyRequests(whole_seconds(wait)),
+        None => Error::Unauthenticated,
+    })
+}
+
 /// A bearer token for API clients (the `medsplit` CLI, scripts).
-async fn login(State(s): State<AppState>, Body(body): Body<Login>) -> Result<Json<Session>> {
-    let (user_id, role, hospital_id) = check_password(&s, &body).await?;
+async fn login(
+    State(s): State<AppState>,
+    ClientAddress(client): ClientAddress,
+    Body(body): Body<Login>,
+) -> Result<Json<Session>> {
+    let (user_id, role, hospital_id) = check_password(&s, &body, client).await?;
     let token = s
         .keys
         .issue(user_id, role, hospital_id, auth::USER_TOKEN_SECONDS);
@@ -95,12 +144,13 @@ async fn whoami(s: &AppState, p: &Principal) -> Result<serde_json::Value> {
 async fn web_login(
     State(s): State<AppState>,
     headers: axum::http::HeaderMap,
+    ClientAddress(client): ClientAddress,
     Body(body): Body<Login>,
 ) -> Result<Response> {
     if !auth::same_origin(&headers) {
         return Err(Error::Forbidden("cross-site log-in refused"));
     }
-    let (user_id, role, hospital) = check_password(&s, &body).await?;
+    let (user_id, role, hospital) = check_password(&s, &body, client).await?;
     let token = auth::new_secret();
     let expires_at = Utc::now() + chrono::Duration::seconds(auth::WEB_SESSION_SECONDS);
     let principal = Principal {

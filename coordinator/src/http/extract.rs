@@ -1,8 +1,12 @@
 //! The extractors of the handlers: a JSON body, path and query parameters. Each refuses in the
 //! API's JSON error shape, and each passes its text through the [`text`](super::text) check.
 
+use std::net::{IpAddr, SocketAddr};
+
 use axum::body::Bytes;
-use axum::extract::{FromRequest, FromRequestParts, OptionalFromRequest, RawPathParams, Request};
+use axum::extract::{
+    ConnectInfo, FromRequest, FromRequestParts, OptionalFromRequest, RawPathParams, Request,
+};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, header};
 use medsplit_engine::api::FieldError;
@@ -116,5 +120,34 @@ impl<T: DeserializeOwned> FromRequestParts<AppState> for Query<T> {
         }
         let axum::extract::Query(value) = axum::extract::Query::<T>::try_from_uri(&parts.uri)?;
         Ok(Query(value))
+    }
+}
+
+/// The client's address: the last one in the header that a reverse proxy sets
+/// (`Settings::client_address_header`), or else the peer's.
+pub struct ClientAddress(pub Option<IpAddr>);
+
+impl FromRequestParts<AppState> for ClientAddress {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self> {
+        if let Some(name) = &state.settings.client_address_header {
+            let last = parts
+                .headers
+                .get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .next_back()
+                .map(str::trim);
+            let ip = last.and_then(|a| {
+                a.parse::<IpAddr>()
+                    .ok()
+                    .or_else(|| a.parse::<SocketAddr>().ok().map(|s| s.ip()))
+            });
+            return Ok(ClientAddress(ip));
+        }
+        let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>();
+        Ok(ClientAddress(peer.map(|c| c.0.ip())))
     }
 }

@@ -23,7 +23,7 @@ pub(crate) mod text;
 mod users;
 mod visits;
 
-pub use extract::{Body, Path, Query, parse_body};
+pub use extract::{Body, ClientAddress, Path, Query, parse_body};
 pub use users::check_new_user;
 
 /// The OpenAPI document, committed beside the code.
@@ -115,8 +115,5 @@ fn check_name(field: &str, name: &str) -> Result<()> {
 }
 
 fn conflict(e: sqlx::Error, message: &str) -> Error {
-    match &e {
-        sqlx::Error::Database(d) if d.is_unique_violation() => Error::Conflict(message.into()),
-        _ => e.into(),
-    }
+    Error::conflict(e, message)
 }
