@@ -82,7 +82,7 @@ async fn every_error_is_json(pool: Pool) {
             http.post(url("/v1/hospitals"))
                 .bearer_auth(admin)
                 .header("content-type", "application/json")
-                .body(format!(r#"{{"name": "{}"}}"#, "x".repeat(2 << 20))),
+                .body(format!(r#"{{"name": "{}"}}"#, "x".repeat((1 << 20) + 64))),
             413,
         ),
         (
