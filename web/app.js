@@ -153,14 +153,13 @@ const MODEL_LABELS = {
   m1: 'M1 (cut 256)', m1_wide: 'M1 wide (cut 512)', m1_tail: 'M1 with a client tail (16 encrypted outputs)',
 };
 
-// A job's model: a preset name, or the spec's table (its preset, or its own blocks and tail).
+// A job's model: a preset name, or the spec's table (named while it is exactly its preset).
 function modelLabel(model) {
-  if (typeof model === 'string') return MODEL_LABELS[model] ?? model;
-  if (model && model.preset) return MODEL_LABELS[model.preset] ?? model.preset;
-  if (!model || !Array.isArray(model.blocks)) return 'unknown';
-  const blocks = model.blocks.map((b) => `${b.channels}×k${b.kernel}/${b.pool}`).join(', ');
-  return `custom: conv ${blocks}${model.tail ? `, tail ${model.tail}` : ''}`;
+  const preset = typeof model === 'string' ? model : model?.preset;
+  return preset ? (MODEL_LABELS[preset] ?? preset) : 'Custom';
 }
+const CLASS_WEIGHT_LABELS = { uniform: 'Uniform', balanced: 'Balanced' };
+const LOCAL_WORK_LABELS = { epochs: 'Epochs (whole passes)', steps: 'Steps (batches)' };
 const OPTIMIZER_LABELS = { adam: 'Adam', sgd: 'SGD' };
 const FAILURE_LABELS = { skip: 'Skip the visit, go on', fail: 'Fail the whole job' };
 const STATUS_LABELS = {
@@ -992,7 +991,7 @@ function consentPage(page) {
       timeEl(job.created_at)),
     job.spec.insecure_plaintext ? h('p', { class: 'warning' }, h('strong', {}, 'Plaintext (HE off): '),
       'this job turns encryption off. The coordinator would see your hospital’s activations and gradients.') : null,
-    specSummary(job.spec),
+    specSummary(job.spec, job.network),
     consentList(job),
     h('div', { class: 'actions' },
       h('button', { type: 'button', 'data-focus-key': `approve-${job.id}`, onclick: guard(() => decide(job, 'approve')) },
@@ -1034,14 +1033,18 @@ function consentPage(page) {
 // ---------------------------------------------------------------------------------------------
 // Jobs: shared pieces
 
-function specSummary(spec) {
+/** What a job asks of each hospital: its network, where each layer runs, how it trains. */
+function specSummary(spec, network) {
   const opt = spec.server_optimizer ?? { kind: 'adam', lr: 0.001 };
   const items = [
     ['Model', modelLabel(spec.model)],
+    ...networkItems(spec.model, network),
     ['Hospitals, in visit order', h('ol', { class: 'inline-list' }, spec.hospitals.map((n) => h('li', {}, n)))],
     ['Rounds', spec.rounds],
-    ['Local epochs', spec.local_epochs],
+    ['Local work per visit', localWork(spec)],
     ['Batch size', spec.batch_size],
+    ['Class weights', classWeightsText(spec.class_weights)],
+    ['Client learning rate', `Adam, ${spec.client_lr ?? 0.001}`],
     ['Test accuracy', `every ${spec.eval_every === 1 ? 'round' : `${spec.eval_every} rounds`} and after the last`],
     ['Seed', spec.seed],
     ['Server optimiser', `${OPTIMIZER_LABELS[opt.kind] ?? opt.kind}, learning rate ${opt.lr}`],
@@ -1049,7 +1052,38 @@ function specSummary(spec) {
     ['When a visit keeps failing', FAILURE_LABELS[spec.on_failure] ?? spec.on_failure],
     ['Encryption', encryptionBadge(spec)],
   ];
-  return h('dl', { class: 'spec' }, items.map(([k, v]) => h('div', {}, h('dt', {}, k), h('dd', {}, v))));
+  return h('dl', { class: 'spec' }, items.map(([k, v, wide]) =>
+    h('div', { class: wide ? 'wide' : null }, h('dt', {}, k), h('dd', {}, v))));
+}
+
+/** The layers of a job's network (the spec's model table and the API's shapes of it). */
+function networkItems(model, network) {
+  if (!model || typeof model !== 'object' || !network) return [];
+  const blocks = (model.blocks ?? []).map((b) => `${b.channels} channels, kernel ${b.kernel}, pool ${b.pool}`);
+  return [
+    ['Convolution blocks (at the hospital)', blocks.join('; '), true],
+    ['Cut layer', `${network.cut_width} values per beat, encrypted`],
+    ['Coordinator’s layer', `Linear ${network.cut_width} → ${network.server_outputs}, on ciphertexts`],
+    ['Client tail (at the hospital)', model.tail
+      ? `LeakyReLU, Linear ${model.tail} → ${network.classes} classes`
+      : `None: the coordinator’s layer gives the ${network.classes} class scores`],
+  ];
+}
+
+function localWork(spec) {
+  if (spec.local_steps != null) {
+    const beats = spec.local_steps * spec.batch_size;
+    return `${spec.local_steps} batch${spec.local_steps === 1 ? '' : 'es'} (${beats} beats), continuing through the data from visit to visit`;
+  }
+  const n = spec.local_epochs;
+  return `${n} pass${n === 1 ? '' : 'es'} over the hospital’s training data`;
+}
+
+function classWeightsText(weights) {
+  if (weights == null || weights === 'uniform') return 'Uniform';
+  if (weights === 'balanced') return 'Balanced: each hospital weighs its classes inversely to their frequency';
+  if (Array.isArray(weights.fixed)) return `Fixed: ${weights.fixed.join(', ')} (in the label set’s order)`;
+  return JSON.stringify(weights);
 }
 
 function consentList(job) {
@@ -1123,6 +1157,7 @@ const INT_FIELDS = [
   // [JobSpec field, id, label, default, min, max, hint]
   ['rounds', 'job-rounds', 'Rounds', 3, 1, 1000, 'Each round visits every hospital once, in order.'],
   ['local_epochs', 'job-local-epochs', 'Local epochs', 1, 1, 100, 'Passes over a hospital’s training data per visit.'],
+  ['local_steps', 'job-local-steps', 'Local steps', 100, 1, 1000000, 'Batches per visit; the next visit goes on through the data where this one stopped.'],
   ['batch_size', 'job-batch-size', 'Batch size', 4, 1, 256, 'Samples per encrypted batch (1–256).'],
   ['eval_every', 'job-eval-every', 'Evaluate every (rounds)', 1, 1, 1000, 'Test accuracy is also measured after the last round.'],
   ['max_attempts', 'job-max-attempts', 'Attempts per visit', 3, 1, 20, 'Tries a visit gets before the failure policy applies.'],
@@ -1165,18 +1200,33 @@ function newJobPage(page) {
   insecure.addEventListener('change', () => { insecureWarning.hidden = !insecure.checked; });
   const picker = hospitalPicker();
   const submit = h('button', { type: 'submit', id: 'job-submit' }, 'Submit job');
-  const intField = ([key, , label, , , , hint]) => field(label, ints[key], hint);
+  const clientLr = input('job-client-lr', 'client_lr', { inputmode: 'decimal', value: '0.001', autocomplete: 'off' });
+  const classWeights = select('job-class-weights', 'class_weights', Object.entries(CLASS_WEIGHT_LABELS), 'uniform');
+  const work = select('job-local-work', 'local_work', Object.entries(LOCAL_WORK_LABELS), 'epochs');
+  const intFields = Object.fromEntries(INT_FIELDS.map(([key, , label, , , , hint]) => [key, field(label, ints[key], hint)]));
+  const steps = () => work.value === 'steps';
+  const syncWork = () => {
+    intFields.local_epochs.hidden = steps();
+    intFields.local_steps.hidden = !steps();
+  };
+  work.addEventListener('change', syncWork);
+  syncWork();
 
   const form = h('form', { id: 'job-form', class: 'job-form', novalidate: true },
     h('fieldset', { class: 'group' }, h('legend', {}, 'Job'),
-      h('div', { class: 'form-grid' }, field('Name', name), field('Model', model))),
+      h('div', { class: 'form-grid' }, field('Name', name),
+        field('Model', model, 'M1: two convolution blocks at the hospital, one encrypted linear layer at the coordinator. The tail adds LeakyReLU and a linear layer at the hospital after it.'))),
     picker.el,
     h('fieldset', { class: 'group' }, h('legend', {}, 'Training'),
-      h('div', { class: 'form-grid' }, INT_FIELDS.slice(0, 4).map(intField),
+      h('div', { class: 'form-grid' }, intFields.rounds,
+        field('Local work per visit', work, 'Shorter visits and more rounds help hospitals with different class mixes.'),
+        intFields.local_epochs, intFields.local_steps, intFields.batch_size, intFields.eval_every,
+        field('Class weights', classWeights, 'Uniform: every class weighs 1. Balanced: each hospital weighs its classes inversely to their frequency in its own data.'),
+        field('Client learning rate', clientLr, 'The hospitals’ Adam: greater than 0, at most 1.'),
         field('Seed', seed, `Seeds the initial weights and the data order: 0 to ${MAX_SEED}.`),
         field('Server optimiser', optimizer), field('Server learning rate', lr, 'Greater than 0, at most 1.'))),
     h('fieldset', { class: 'group' }, h('legend', {}, 'Failures and security'),
-      h('div', { class: 'form-grid' }, intField(INT_FIELDS[4]), field('When a visit keeps failing', onFailure)),
+      h('div', { class: 'form-grid' }, intFields.max_attempts, field('When a visit keeps failing', onFailure)),
       checkField('Turn off encryption (insecure plaintext, for debugging only)', insecure), insecureWarning),
     h('div', { class: 'actions' }, submit));
   const errors = formErrors(form);
@@ -1185,7 +1235,11 @@ function newJobPage(page) {
     name: name.value,
     model: model.value,
     hospitals: picker.order(),
-    ...Object.fromEntries(INT_FIELDS.map(([key]) => [key, parseInteger(ints[key].value)])),
+    // Epochs or steps: the other count is left out (the API's default).
+    ...Object.fromEntries(INT_FIELDS.filter(([key]) => key !== (steps() ? 'local_epochs' : 'local_steps'))
+      .map(([key]) => [key, parseInteger(ints[key].value)])),
+    client_lr: parseDecimal(clientLr.value),
+    class_weights: classWeights.value,
     seed: parseSeed(seed.value),
     server_optimizer: { kind: optimizer.value, lr: parseDecimal(lr.value) },
     on_failure: onFailure.value,
@@ -1198,7 +1252,9 @@ function newJobPage(page) {
       const i = Number(path.match(/\[(\d+)\]/)?.[1]);
       return { el: picker.fieldset, focus: picker.focusTarget(Number.isNaN(i) ? null : i) };
     }
+    if (path === 'model' || path.startsWith('model.')) return model;
     const controls = { name, model, seed, on_failure: onFailure, insecure_plaintext: insecure, ...ints,
+      client_lr: clientLr, class_weights: classWeights,
       'server_optimizer.lr': lr, 'server_optimizer.kind': optimizer, server_optimizer: optimizer };
     return controls[path] ?? null;
   };
@@ -1262,9 +1318,8 @@ function validateSpec(spec) {
   if (typeof spec.seed === 'string' && /^\s*\d+\s*$/.test(spec.seed)) {
     found.push(['seed', `must be between 0 and ${MAX_SEED} (2^53 - 1), got ${BigInt(spec.seed.trim())}`]);
   }
-  const rate = spec.server_optimizer.lr;
-  if (typeof rate === 'number' && !(rate > 0 && rate <= 1)) {
-    found.push(['server_optimizer.lr', `must be in (0, 1], got ${rate}`]);
+  for (const [path, rate] of [['server_optimizer.lr', spec.server_optimizer.lr], ['client_lr', spec.client_lr]]) {
+    if (typeof rate === 'number' && !(rate > 0 && rate <= 1)) found.push([path, `must be in (0, 1], got ${rate}`]);
   }
   return found;
 }
@@ -1400,7 +1455,7 @@ function jobPage(page, id) {
     }, 'Cancel job') : null));
     const visit = metrics.visits.find((v) => v.id === job.current?.visit_id) ?? null;
     patchIfChanged(activity, [job, visit], () => activityView(job, visit));
-    patchIfChanged(summary, job.spec, () => specSummary(job.spec));
+    patchIfChanged(summary, [job.spec, job.network], () => specSummary(job.spec, job.network));
     patchIfChanged(timeline, [job.hospitals, metrics.visits], () => timelineView(job, metrics.visits));
     const evaluated = metrics.visits.filter((v) => v.test_evaluation)
       .map((v) => ({ round: v.round, position: v.position, hospital: v.hospital, evaluation: v.test_evaluation }));

@@ -133,6 +133,51 @@ async fn three_agents_train_a_cyclic_encrypted_job(pool: Pool) {
     }
 }
 
+/// A job that configures its model and its local work: the M1-with-tail preset, balanced class
+/// weights, its own client learning rate, and a fixed number of batches per visit. Every visit
+/// trains exactly `local_steps` batches (not passes over the hospital's data), and the job reads
+/// back as it was asked for, under its preset's name.
+#[sqlx::test(migrator = "medsplit_coordinator::MIGRATOR")]
+async fn a_configured_job_trains_its_local_steps_per_visit(pool: Pool) {
+    let p = Platform::new(&pool, 2, &[]).await;
+    let agents: Vec<_> = futures_util::future::join_all((0..2).map(|i| p.enrol(i))).await;
+    let running: Vec<_> = agents.iter().map(|a| a.spawn()).collect();
+    let mut body = spec(&["h0", "h1"], 2);
+    body["model"] = json!("m1_tail");
+    body["class_weights"] = json!("balanced");
+    body["client_lr"] = json!(0.002);
+    body["local_steps"] = json!(3);
+    let id = p.approved_job(body).await;
+    let job = p.wait_job(id, Duration::from_secs(240)).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    let s = &job["spec"];
+    assert_eq!(s["model"]["preset"], "m1_tail", "{s}");
+    assert_eq!(s["model"]["tail"], 16);
+    assert_eq!(
+        (&s["class_weights"], &s["client_lr"], &s["local_steps"]),
+        (&json!("balanced"), &json!(0.002), &json!(3))
+    );
+    let m = p
+        .researcher
+        .ok("GET", &format!("/v1/jobs/{id}/metrics"), None)
+        .await;
+    let visits = m["visits"].as_array().unwrap();
+    assert_eq!(visits.len(), 4);
+    for v in visits {
+        // 3 steps of 8 beats; a pass over a hospital's 160 or 192 training beats would be more.
+        assert_eq!(v["train_samples"], 3 * 8, "{v}");
+        assert!(
+            v["test_accuracy"]
+                .as_f64()
+                .is_some_and(|a| (0.0..=1.0).contains(&a))
+        );
+    }
+    for r in running {
+        r.stop.send_replace(true);
+        r.task.await.unwrap().unwrap();
+    }
+}
+
 /// Each visit's stored confusion matrix counts its test set, and REST derives the clinical
 /// figures from it: per visit, and pooled over each round's hospitals.
 async fn check_test_metrics(pool: &Pool, job: i64, m: &serde_json::Value) {
@@ -604,6 +649,30 @@ async fn malformed_job_specs_name_the_field(pool: Pool) {
         (
             json!({ "name": "j", "hospitals": ["h0"], "server_optimizer": { "kind": "adam", "lr": -1.0 } }),
             "server_optimizer.lr",
+        ),
+        (
+            json!({ "name": "j", "hospitals": ["h0"], "model": { "blocks": [{ "channels": 8, "kernel": 4, "pool": 2 }] } }),
+            "model.blocks[0].kernel",
+        ),
+        (
+            json!({ "name": "j", "hospitals": ["h0"], "model": { "preset": "m1", "tail": 500 } }),
+            "model.tail",
+        ),
+        (
+            json!({ "name": "j", "hospitals": ["h0"], "local_steps": 0 }),
+            "local_steps",
+        ),
+        (
+            json!({ "name": "j", "hospitals": ["h0"], "client_lr": 2.0 }),
+            "client_lr",
+        ),
+        (
+            json!({ "name": "j", "hospitals": ["h0"], "class_weights": { "fixed": [1.0, 2.0] } }),
+            "class_weights",
+        ),
+        (
+            json!({ "name": "j", "hospitals": ["h0"], "class_weights": "inverse" }),
+            "class_weights",
         ),
     ];
     for (body, field) in cases {

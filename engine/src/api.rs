@@ -121,12 +121,20 @@ impl<'de> Deserialize<'de> for ModelSpec {
             ) -> Result<ModelSpec, A::Error> {
                 let t = Table::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
                 let base = t.preset.unwrap_or_default().spec();
-                let custom = t.blocks.is_some() || t.tail.is_some() || t.leaky_slope.is_some();
-                Ok(ModelSpec {
-                    preset: if custom { None } else { t.preset },
-                    blocks: t.blocks.unwrap_or(base.blocks),
+                let model = ModelSpec {
+                    preset: None,
+                    blocks: t.blocks.unwrap_or_else(|| base.blocks.clone()),
                     tail: t.tail.or(base.tail),
                     leaky_slope: t.leaky_slope.unwrap_or(base.leaky_slope),
+                };
+                // The preset's name stays while the table says no more than the preset (as a
+                // stored spec, written out in full, does).
+                let same = model.blocks == base.blocks
+                    && model.tail == base.tail
+                    && model.leaky_slope == base.leaky_slope;
+                Ok(ModelSpec {
+                    preset: t.preset.filter(|_| same),
+                    ..model
                 })
             }
         }
@@ -249,9 +257,11 @@ impl FieldError {
 impl JobSpec {
     /// The whole-number fields and their allowed ranges (inclusive). The dashboard's job form
     /// checks the same ranges (`web/app.js`, `INT_FIELDS`; a test compares them).
-    pub const RANGES: [(&'static str, u32, u32); 5] = [
+    /// `local_steps` is checked when it is set.
+    pub const RANGES: [(&'static str, u32, u32); 6] = [
         ("rounds", 1, 1000),
         ("local_epochs", 1, 100),
+        ("local_steps", 1, 1_000_000),
         ("batch_size", 1, 256),
         ("eval_every", 1, 1000),
         ("max_attempts", 1, 20),
@@ -278,14 +288,17 @@ impl JobSpec {
             }
         }
         let values = [
-            self.rounds,
-            self.local_epochs,
-            self.batch_size,
-            self.eval_every,
-            self.max_attempts,
+            Some(self.rounds),
+            Some(self.local_epochs),
+            self.local_steps,
+            Some(self.batch_size),
+            Some(self.eval_every),
+            Some(self.max_attempts),
         ];
         for ((field, lo, hi), value) in Self::RANGES.into_iter().zip(values) {
-            if !(lo..=hi).contains(&value) {
+            if let Some(value) = value
+                && !(lo..=hi).contains(&value)
+            {
                 return Err(FieldError::new(
                     field,
                     format!("must be between {lo} and {hi}, got {value}"),
@@ -312,14 +325,6 @@ impl JobSpec {
                     format!("must be in (0, 1], got {lr}"),
                 ));
             }
-        }
-        if let Some(steps) = self.local_steps
-            && !(1..=1_000_000).contains(&steps)
-        {
-            return Err(FieldError::new(
-                "local_steps",
-                format!("must be between 1 and 1000000, got {steps}"),
-            ));
         }
         let config = self.model_config();
         config
@@ -505,6 +510,15 @@ mod tests {
         let tail = spec(r#""m1_tail""#).unwrap();
         assert_eq!(tail.model_config().server_outputs(), 16);
         assert_eq!(tail.model.preset, Some(ModelName::M1Tail));
+        // As stored and returned: written out in full, read back with its preset's name.
+        let stored = serde_json::to_string(&tail).unwrap();
+        assert!(
+            stored.contains(r#""model":{"preset":"m1_tail","blocks":"#),
+            "{stored}"
+        );
+        assert_eq!(serde_json::from_str::<JobSpec>(&stored).unwrap(), tail);
+        let widened = spec(r#"{"preset": "m1_tail", "tail": 32}"#).unwrap();
+        assert_eq!((widened.model.preset, widened.model.tail), (None, Some(32)));
 
         let custom = spec(
             r#"{"blocks": [{"channels": 8, "kernel": 9, "pool": 4}, {"channels": 4, "kernel": 3, "pool": 2}], "tail": 8}"#,

@@ -19,6 +19,52 @@ pub fn epoch_order(len: usize, seed: u64, epoch: usize) -> Vec<usize> {
     order
 }
 
+/// An endless run of training samples: the epoch orders [`epoch_order`]`(len, seed, 0)`,
+/// `(len, seed, 1)`, … one after another. Visits that train a number of batches rather than
+/// whole epochs take their batches from it, each where the previous one stopped.
+#[derive(Clone, Debug)]
+pub struct SampleStream {
+    len: usize,
+    seed: u64,
+    epoch: usize,
+    order: Vec<usize>,
+    /// The next sample's place in `order`.
+    at: usize,
+}
+
+impl SampleStream {
+    /// The stream over `len` samples from its sample `start` on; `None` when `len` is 0.
+    pub fn starting_at(len: usize, seed: u64, start: u64) -> Option<Self> {
+        if len == 0 {
+            return None;
+        }
+        let epoch = (start / len as u64) as usize;
+        Some(Self {
+            len,
+            seed,
+            epoch,
+            order: epoch_order(len, seed, epoch),
+            at: (start % len as u64) as usize,
+        })
+    }
+
+    /// The next `n` samples (crossing into the next epoch's order when this one runs out).
+    pub fn take(&mut self, n: usize) -> Vec<usize> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            if self.at == self.len {
+                self.epoch += 1;
+                self.order = epoch_order(self.len, self.seed, self.epoch);
+                self.at = 0;
+            }
+            let k = (n - out.len()).min(self.len - self.at);
+            out.extend_from_slice(&self.order[self.at..self.at + k]);
+            self.at += k;
+        }
+        out
+    }
+}
+
 /// Gathers the rows `indices` of `data` (waveform then side features) into one batch.
 ///
 /// # Shapes
@@ -117,5 +163,29 @@ fn expect_len(what: &'static str, expected: usize, got: usize) -> Result<(), Pro
             expected,
             got,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sample_stream_runs_through_the_epoch_orders_from_any_start() {
+        let (len, seed) = (10, 7);
+        let stream: Vec<usize> = (0..4).flat_map(|e| epoch_order(len, seed, e)).collect();
+        for start in [0usize, 3, 10, 17, 29] {
+            let mut s = SampleStream::starting_at(len, seed, start as u64).unwrap();
+            let mut got = s.take(4);
+            got.extend(s.take(7));
+            got.extend(s.take(0));
+            assert_eq!(got, stream[start..start + 11], "from {start}");
+        }
+        // Every epoch visits every sample once.
+        let mut s = SampleStream::starting_at(len, seed, 20).unwrap();
+        let mut epoch = s.take(len);
+        epoch.sort_unstable();
+        assert_eq!(epoch, (0..len).collect::<Vec<_>>());
+        assert!(SampleStream::starting_at(0, seed, 0).is_none());
     }
 }

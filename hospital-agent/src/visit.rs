@@ -1,5 +1,5 @@
 //! One visit: open the handed-over weights, train `local_epochs` passes over the local training
-//! set through the coordinator's encrypted server layer, measure the test set's confusion matrix
+//! set (or `local_steps` batches) through the coordinator's encrypted server layer, measure the test set's confusion matrix
 //! through the same path, seal the weights to the agents that may train next, and report.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,7 +15,7 @@ use medsplit_engine::api::{
 use medsplit_engine::metrics::Confusion;
 use medsplit_engine::model::Objective;
 use medsplit_engine::protocol::{ClientEvent, ClientSession, Privacy};
-use medsplit_engine::training::{Totals, epoch_order, gather};
+use medsplit_engine::training::{SampleStream, Totals, epoch_order, gather};
 use medsplit_engine::wfdb::CLASS_SYMBOLS;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -88,20 +88,19 @@ pub async fn run(
     let mut ws = coordinator.session(a.visit_id, a.attempt).await?;
     let mut link = Link::default();
 
-    let epochs = a.spec.local_epochs;
     let batch_size = a.spec.batch_size as usize;
-    let total = data.train.len() as u64;
+    let mut work = LocalWork::new(a, data.train.len())?;
+    let epochs = work.epochs;
+    let total = work.samples;
     let mut train = Totals::default();
     let mut epoch_seconds = Vec::new();
     for epoch in 1..=epochs {
         observer.epoch_started(epoch, epochs, total);
         let started = Instant::now();
-        let seed = a.spec.seed ^ ((a.round as u64) << 32 | a.position as u64);
-        let order = epoch_order(data.train.len(), seed, epoch as usize - 1);
         let mut totals = Totals::default();
         let mut next_report = 0u64;
-        for batch in order.chunks(batch_size) {
-            let (beats, labels) = gather(&data.train, batch);
+        for batch in work.batches(epoch) {
+            let (beats, labels) = gather(&data.train, &batch);
             let mut out = client.start(&beats, &labels, true)?;
             let stats = loop {
                 let reply = link.exchange(&mut ws, &mut client, out).await?;
@@ -216,6 +215,83 @@ pub async fn run(
     })
 }
 
+/// The batches a visit trains, as indices into the hospital's training split.
+///
+/// With `local_epochs` (the default): that many passes, each a seeded shuffle drawn from the job's
+/// seed, the round and the hospital's place in the visit order; the last batch of a pass may be
+/// smaller. With `local_steps`: one run of exactly that many full batches, taken from the
+/// hospital's [`SampleStream`] (seeded by the job's seed and the hospital's place alone), which
+/// each visit continues where the last round's stopped: the visit of round `r` starts at sample
+/// `r · steps · batch_size` of the stream. Progress counts that run as a single epoch.
+struct LocalWork {
+    /// Epochs the visit reports (1 for a run of steps).
+    epochs: u32,
+    /// Samples each epoch trains.
+    samples: u64,
+    batch_size: usize,
+    source: Source,
+}
+
+enum Source {
+    Passes { len: usize, seed: u64 },
+    Steps { steps: u32, stream: SampleStream },
+}
+
+impl LocalWork {
+    /// The work of visit `a` over a training split of `len` samples.
+    fn new(a: &VisitAssignment, len: usize) -> Result<Self, AgentError> {
+        let spec = &a.spec;
+        let batch_size = spec.batch_size.max(1) as usize;
+        let position = u64::from(a.position);
+        Ok(match spec.local_steps {
+            None => Self {
+                epochs: spec.local_epochs,
+                samples: len as u64,
+                batch_size,
+                source: Source::Passes {
+                    len,
+                    seed: spec.seed ^ (u64::from(a.round) << 32 | position),
+                },
+            },
+            Some(steps) => {
+                let per_visit = u64::from(steps) * batch_size as u64;
+                let stream = SampleStream::starting_at(
+                    len,
+                    spec.seed ^ position,
+                    u64::from(a.round) * per_visit,
+                )
+                .ok_or_else(|| {
+                    AgentError::Session(
+                        "the hospital has no training beats to take steps on".into(),
+                    )
+                })?;
+                Self {
+                    epochs: 1,
+                    samples: per_visit,
+                    batch_size,
+                    source: Source::Steps { steps, stream },
+                }
+            }
+        })
+    }
+
+    /// The batches of epoch `epoch` (from 1), in training order.
+    fn batches(&mut self, epoch: u32) -> Box<dyn Iterator<Item = Vec<usize>> + Send + '_> {
+        let b = self.batch_size;
+        match &mut self.source {
+            Source::Passes { len, seed } => {
+                let order = epoch_order(*len, *seed, epoch as usize - 1);
+                Box::new(
+                    (0..order.len())
+                        .step_by(b)
+                        .map(move |i| order[i..(i + b).min(order.len())].to_vec()),
+                )
+            }
+            Source::Steps { steps, stream } => Box::new((0..*steps).map(move |_| stream.take(b))),
+        }
+    }
+}
+
 fn decode(s: &str) -> Result<Vec<u8>, AgentError> {
     B64.decode(s)
         .map_err(|_| AgentError::Session("the coordinator sent malformed base64".into()))
@@ -323,5 +399,93 @@ impl Link {
             }
             _ => Err(AgentError::Session("expected a binary reply".into())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use medsplit_engine::api::JobSpec;
+
+    fn visit(spec: &str, round: u32, position: u32) -> VisitAssignment {
+        let spec: JobSpec = serde_json::from_str(&format!(
+            r#"{{"name": "j", "hospitals": ["a", "b"], "seed": 5, "batch_size": 8{spec}}}"#
+        ))
+        .unwrap();
+        spec.validate().unwrap();
+        VisitAssignment {
+            visit_id: 1,
+            attempt: 1,
+            job_id: 1,
+            round,
+            position,
+            spec,
+            handoff: None,
+            recipients: Vec::new(),
+            lease_seconds: 30,
+        }
+    }
+
+    /// Every batch of the visit, epoch by epoch.
+    fn plan(spec: &str, round: u32, position: u32, len: usize) -> Vec<Vec<Vec<usize>>> {
+        let mut work = LocalWork::new(&visit(spec, round, position), len).unwrap();
+        let epochs: Vec<Vec<Vec<usize>>> = (1..=work.epochs)
+            .map(|e| work.batches(e).collect())
+            .collect();
+        for e in &epochs {
+            assert_eq!(e.iter().map(Vec::len).sum::<usize>() as u64, work.samples);
+        }
+        epochs
+    }
+
+    #[test]
+    fn local_steps_train_that_many_full_batches_continuing_from_visit_to_visit() {
+        let len = 30;
+        let steps = r#", "local_steps": 5, "local_epochs": 4"#;
+        let visits: Vec<Vec<Vec<usize>>> = (0..3)
+            .map(|round| {
+                let mut epochs = plan(steps, round, 1, len);
+                assert_eq!(epochs.len(), 1, "a run of steps reports as one epoch");
+                epochs.pop().unwrap()
+            })
+            .collect();
+        for batches in &visits {
+            assert_eq!(
+                batches.len(),
+                5,
+                "local_steps batches, not local_epochs passes"
+            );
+            assert!(batches.iter().all(|b| b.len() == 8));
+        }
+        assert_ne!(
+            visits[0], visits[1],
+            "the next visit goes on through the data"
+        );
+        // The visits, one after another, are the hospital's stream: the orders of its passes.
+        let stream = SampleStream::starting_at(len, 5 ^ 1, 0)
+            .unwrap()
+            .take(3 * 40);
+        assert_eq!(visits.concat().concat(), stream);
+        let mut first_pass = stream[..len].to_vec();
+        first_pass.sort_unstable();
+        assert_eq!(first_pass, (0..len).collect::<Vec<_>>());
+        // Each hospital has its own stream.
+        assert_ne!(plan(steps, 0, 0, len)[0], visits[0]);
+        assert!(LocalWork::new(&visit(steps, 0, 0), 0).is_err());
+    }
+
+    #[test]
+    fn local_epochs_are_seeded_passes_per_round() {
+        let len = 30;
+        let epochs = plan(r#", "local_epochs": 2"#, 1, 1, len);
+        assert_eq!(epochs.len(), 2);
+        for (e, batches) in epochs.iter().enumerate() {
+            assert_eq!(
+                batches.iter().map(Vec::len).collect::<Vec<_>>(),
+                [8, 8, 8, 6]
+            );
+            assert_eq!(batches.concat(), epoch_order(len, 5 ^ (1 << 32 | 1), e));
+        }
+        assert_ne!(plan(r#", "local_epochs": 2"#, 2, 1, len), epochs);
     }
 }

@@ -37,6 +37,7 @@ fn the_demo_trains_a_cyclic_job_across_real_processes() {
     // Each round: the kind of split, every hospital's accuracy next to its majority-class
     // rate, and per-class figures of the pooled matrix.
     for needle in [
+        "model m1 (conv 16×k7/2 → conv 8×k5/2 → cut 256 (encrypted) → server 5)",
         "round  1: test sets split by beat",
         "round  2: test sets split by beat",
         "accuracy   majority  macro-F1  bal. acc.",

@@ -223,6 +223,29 @@ async function testResults(page, jobUrl) {
     (await page.locator('#results-table caption').textContent()).startsWith(`Round ${ROUNDS}:`));
 }
 
+/** The entries of the job summary under `root`: term → text. */
+async function specEntries(root) {
+  return Object.fromEntries(await root.locator('.spec > div').evaluateAll((items) =>
+    items.map((d) => [d.querySelector('dt').textContent.trim(), d.querySelector('dd').textContent.trim()])));
+}
+
+/** The summary of the configured job says what each hospital is asked to train. */
+function configuredSummary(entries, where) {
+  const expected = {
+    Model: 'M1 with a client tail (16 encrypted outputs)',
+    'Convolution blocks (at the hospital)': '16 channels, kernel 7, pool 2; 8 channels, kernel 5, pool 2',
+    'Cut layer': '256 values per beat, encrypted',
+    'Coordinator’s layer': 'Linear 256 → 16, on ciphertexts',
+    'Client tail (at the hospital)': 'LeakyReLU, Linear 16 → 5 classes',
+    'Local work per visit': '50 batches (200 beats), continuing through the data from visit to visit',
+    'Class weights': 'Balanced: each hospital weighs its classes inversely to their frequency',
+    'Client learning rate': 'Adam, 0.002',
+  };
+  for (const [term, text] of Object.entries(expected)) {
+    check(entries[term] === text, `${where}: ${term} is "${entries[term]}", expected "${text}"`);
+  }
+}
+
 async function main() {
   mkdirSync(SHOTS, { recursive: true });
   const browser = await chromium.launch({
@@ -452,12 +475,38 @@ async function walkthrough(browser) {
   await researcher.getByRole('link', { name: 'Arrhythmia M1, cyclic' }).waitFor();
   await shot(researcher, 'researcher-jobs');
 
-  step('researcher cancels a second job before it starts');
+  step('researcher configures a second job: preset, class weights, client learning rate, local steps');
+  const CONFIGURED = 'Tail model, cancelled before consent';
   await researcher.goto('/jobs/new');
-  await researcher.locator('#job-name').fill('Cancelled before consent');
+  await researcher.locator('#job-name').fill(CONFIGURED);
   await researcher.getByRole('checkbox', { name: HOSPITAL }).check();
+  await researcher.getByLabel('Model').selectOption('m1_tail');
+  await researcher.getByLabel('Class weights').selectOption('balanced');
+  check(await researcher.locator('#job-local-steps').isHidden(), 'local steps hidden while epochs are chosen');
+  await researcher.getByLabel('Local work per visit').selectOption('steps');
+  check(await researcher.locator('#job-local-epochs').isHidden(), 'local epochs hidden once steps are chosen');
+  await researcher.locator('#job-local-steps').fill('50');
+  await researcher.locator('#job-client-lr').fill('2');
+  await researcher.getByRole('button', { name: 'Submit job' }).click();
+  const lrMessage = await fieldError('job-client-lr');
+  check(lrMessage.includes('must be in (0, 1], got 2'), `client learning rate error next to the field: ${lrMessage}`);
+  await researcher.locator('#job-client-lr').fill('0.002');
   await researcher.getByRole('button', { name: 'Submit job' }).click();
   await researcher.waitForURL(/\/jobs\/\d+$/);
+  const configuredId = researcher.url().split('/').pop();
+  const sent = await researcher.evaluate(async (id) => (await fetch(`/v1/jobs/${id}`)).json(), configuredId);
+  check(sent.spec.model.preset === 'm1_tail' && sent.spec.local_steps === 50 && sent.spec.local_epochs === 1
+    && sent.spec.class_weights === 'balanced' && sent.spec.client_lr === 0.002, `the form sent: ${JSON.stringify(sent.spec)}`);
+  await researcher.locator('.spec').waitFor();
+  configuredSummary(await specEntries(researcher.locator('main')), 'job page');
+
+  step('the hospital admin sees the same on the consent card');
+  const configuredCard = ward.getByRole('region', { name: CONFIGURED });
+  await configuredCard.locator('.spec').waitFor();
+  configuredSummary(await specEntries(configuredCard), 'consent card');
+  await accessibility(ward, 'hospital-consent-configured');
+
+  step('researcher cancels it before it starts');
   await researcher.getByRole('button', { name: 'Cancel job' }).click();
   await until('the job to show as cancelled', async () =>
     /cancelled/i.test(await researcher.locator('.job-status').first().textContent()));

@@ -34,6 +34,7 @@ pub struct JobView {
     /// The owner's e-mail address: who asks the hospitals' consent.
     owner: String,
     spec: JobSpec,
+    network: Network,
     hospitals: Vec<db::JobHospital>,
     visits_done: usize,
     visits_total: usize,
@@ -42,6 +43,27 @@ pub struct JobView {
     created_at: DateTime<Utc>,
     started_at: Option<DateTime<Utc>>,
     finished_at: Option<DateTime<Utc>>,
+}
+
+/// The shapes of the network the spec describes: what the coordinator's encrypted layer sees.
+#[derive(Serialize)]
+struct Network {
+    /// Values per beat at the cut layer, encrypted on their way to the coordinator.
+    cut_width: usize,
+    /// Outputs of the coordinator's layer (the client tail's input, or the logits).
+    server_outputs: usize,
+    classes: usize,
+}
+
+impl Network {
+    fn of(spec: &JobSpec) -> Self {
+        let config = spec.model_config();
+        Self {
+            cut_width: config.cut_width().0,
+            server_outputs: config.server_outputs(),
+            classes: config.classes,
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -81,6 +103,7 @@ async fn job_view(e: &db::Db, job: db::JobRow) -> Result<JobView> {
         owner_id: job.owner_id,
         owner: job.owner,
         visits_total: (job.spec.rounds as usize) * hospitals.len(),
+        network: Network::of(&job.spec),
         spec: job.spec.0,
         hospitals,
         visits_done: done,

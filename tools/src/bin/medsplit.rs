@@ -112,13 +112,7 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
             println!("logged in as {email}");
         }
         Cmd::Submit { spec, watch } => {
-            let text =
-                std::fs::read_to_string(&spec).with_context(|| spec.display().to_string())?;
-            let body: Value = if spec.extension().is_some_and(|e| e == "toml") {
-                toml::from_str(&text).with_context(|| spec.display().to_string())?
-            } else {
-                serde_json::from_str(&text).with_context(|| spec.display().to_string())?
-            };
+            let body = medsplit_tools::spec::read(&spec)?;
             let r = rest()?;
             let job = r.call("POST", "/v1/jobs", Some(body)).await?;
             let id = job["id"].as_i64().unwrap_or_default();
@@ -129,14 +123,18 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Jobs => {
             let jobs = rest()?.call("GET", "/v1/jobs", None).await?;
-            println!("{:>5}  {:<10}  {:>7}  name", "id", "status", "visits");
+            println!(
+                "{:>5}  {:<10}  {:>7}  {:<8}  name",
+                "id", "status", "visits", "model"
+            );
             for j in jobs.as_array().into_iter().flatten() {
                 println!(
-                    "{:>5}  {:<10}  {:>3}/{:<3}  {}",
+                    "{:>5}  {:<10}  {:>3}/{:<3}  {:<8}  {}",
                     j["id"],
                     j["status"].as_str().unwrap_or(""),
                     j["visits_done"],
                     j["visits_total"],
+                    medsplit_tools::spec::model_name(&j["spec"]),
                     j["name"].as_str().unwrap_or("")
                 );
             }
@@ -219,6 +217,12 @@ async fn follow(r: &Rest, id: i64) -> anyhow::Result<Value> {
             .progress_chars("=> "),
     );
     bar.set_prefix(format!("job {id}"));
+    let job = r.call("GET", &format!("/v1/jobs/{id}"), None).await?;
+    println!(
+        "job {id} {:?}: {}",
+        job["name"].as_str().unwrap_or(""),
+        medsplit_tools::spec::describe(&job)
+    );
     let mut printed_rounds = 0usize;
     let mut last_line = String::new();
     loop {
