@@ -177,6 +177,9 @@ async fn every_text_field_refuses_control_and_formatting_characters(pool: Pool) 
         "post /v1/jobs name",
         "post /v1/jobs hospitals[0]",
         "post /v1/jobs server_optimizer.kind",
+        "post /v1/jobs model",
+        "post /v1/jobs model.preset",
+        "post /v1/jobs class_weights",
         "post /v1/jobs/{id}/consent decision",
     ] {
         assert!(
