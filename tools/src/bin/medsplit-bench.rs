@@ -202,8 +202,6 @@ struct Setup {
     evaluation: EvalKind,
     labels: LabelSet,
     preprocessing: String,
-    /// The preprocessing as a job spec names it.
-    preprocessing_spec: Preprocessing,
     model: ModelSpec,
     config: ModelConfig,
     weights: ClassWeights,
@@ -409,7 +407,6 @@ fn load(args: &Args) -> anyhow::Result<Setup> {
         evaluation,
         labels,
         preprocessing: preprocessing_spec.describe(),
-        preprocessing_spec,
         model,
         config,
         weights,
@@ -896,8 +893,6 @@ mod websocket {
                 Some(json!({
                     "name": format!("bench {}", mode.name()),
                     "model": setup.model,
-                    "labels": setup.labels,
-                    "preprocessing": setup.preprocessing_spec,
                     "class_weights": setup.weights,
                     "client_lr": setup.client_lr,
                     "hospitals": ["bench"],
