@@ -158,6 +158,11 @@ function modelLabel(model) {
   const preset = typeof model === 'string' ? model : model?.preset;
   return preset ? (MODEL_LABELS[preset] ?? preset) : 'Custom';
 }
+const LABEL_SET_LABELS = { aami: 'AAMI: N, S, V, F, Q', papers: 'The papers’: N, L, R, A, V' };
+const PREPROCESSING_LABELS = {
+  papers: 'The papers’ (as pre-cut beat files)',
+  inter_patient: 'Inter-patient (baseline removed, RR-interval features)',
+};
 const CLASS_WEIGHT_LABELS = { uniform: 'Uniform', balanced: 'Balanced' };
 const LOCAL_WORK_LABELS = { epochs: 'Epochs (whole passes)', steps: 'Steps (batches)' };
 const OPTIMIZER_LABELS = { adam: 'Adam', sgd: 'SGD' };
@@ -1037,6 +1042,8 @@ function consentPage(page) {
 function specSummary(spec, network) {
   const opt = spec.server_optimizer ?? { kind: 'adam', lr: 0.001 };
   const items = [
+    ['Labels', LABEL_SET_LABELS[spec.labels ?? 'aami'] ?? spec.labels],
+    ...inputItems(network),
     ['Model', modelLabel(spec.model)],
     ...networkItems(spec.model, network),
     ['Hospitals, in visit order', h('ol', { class: 'inline-list' }, spec.hospitals.map((n) => h('li', {}, n)))],
@@ -1054,6 +1061,18 @@ function specSummary(spec, network) {
   ];
   return h('dl', { class: 'spec' }, items.map(([k, v, wide]) =>
     h('div', { class: wide ? 'wide' : null }, h('dt', {}, k), h('dd', {}, v))));
+}
+
+/** How each hospital cuts its beats for the job (from the API's view of the network). */
+function inputItems(network) {
+  if (!network) return [];
+  const features = network.features
+    ? `, then ${network.features} RR-interval features`
+    : '';
+  return [
+    ['Preprocessing', PREPROCESSING_LABELS[network.preprocessing] ?? network.preprocessing],
+    ['Input per beat', `${network.beat_len} samples${features}`],
+  ];
 }
 
 /** The layers of a job's network (the spec's model table and the API's shapes of it). */
@@ -1188,6 +1207,8 @@ function parseDecimal(text) {
 function newJobPage(page) {
   const name = input('job-name', 'name', { autocomplete: 'off', maxlength: '200' });
   const model = select('job-model', 'model', Object.entries(MODEL_LABELS), 'm1');
+  const labels = select('job-labels', 'labels', Object.entries(LABEL_SET_LABELS), 'aami');
+  const preprocessing = select('job-preprocessing', 'preprocessing', Object.entries(PREPROCESSING_LABELS), 'papers');
   const ints = Object.fromEntries(INT_FIELDS.map(([key, id, , def]) =>
     [key, input(id, key, { inputmode: 'numeric', value: def, autocomplete: 'off' })]));
   const seed = input('job-seed', 'seed', { inputmode: 'numeric', value: '0', autocomplete: 'off' });
@@ -1215,7 +1236,9 @@ function newJobPage(page) {
   const form = h('form', { id: 'job-form', class: 'job-form', novalidate: true },
     h('fieldset', { class: 'group' }, h('legend', {}, 'Job'),
       h('div', { class: 'form-grid' }, field('Name', name),
-        field('Model', model, 'M1: two convolution blocks at the hospital, one encrypted linear layer at the coordinator. The tail adds LeakyReLU and a linear layer at the hospital after it.'))),
+        field('Model', model, 'M1: two convolution blocks at the hospital, one encrypted linear layer at the coordinator. The tail adds LeakyReLU and a linear layer at the hospital after it.'),
+        field('Label set', labels, 'The classes every hospital labels its beats with. AAMI: normal, supraventricular, ventricular, fusion, unclassifiable.'),
+        field('Preprocessing', preprocessing, 'How every hospital cuts its beats. Pre-cut beat files hold the papers’ preprocessing; the inter-patient one adds four RR-interval features to the encrypted cut layer.'))),
     picker.el,
     h('fieldset', { class: 'group' }, h('legend', {}, 'Training'),
       h('div', { class: 'form-grid' }, intFields.rounds,
@@ -1234,6 +1257,8 @@ function newJobPage(page) {
   const spec = () => ({
     name: name.value,
     model: model.value,
+    labels: labels.value,
+    preprocessing: preprocessing.value,
     hospitals: picker.order(),
     // Epochs or steps: the other count is left out (the API's default).
     ...Object.fromEntries(INT_FIELDS.filter(([key]) => key !== (steps() ? 'local_epochs' : 'local_steps'))
@@ -1253,7 +1278,8 @@ function newJobPage(page) {
       return { el: picker.fieldset, focus: picker.focusTarget(Number.isNaN(i) ? null : i) };
     }
     if (path === 'model' || path.startsWith('model.')) return model;
-    const controls = { name, model, seed, on_failure: onFailure, insecure_plaintext: insecure, ...ints,
+    if (path === 'preprocessing' || path.startsWith('preprocessing.')) return preprocessing;
+    const controls = { name, model, labels, seed, on_failure: onFailure, insecure_plaintext: insecure, ...ints,
       client_lr: clientLr, class_weights: classWeights,
       'server_optimizer.lr': lr, 'server_optimizer.kind': optimizer, server_optimizer: optimizer };
     return controls[path] ?? null;

@@ -33,8 +33,8 @@ struct Visit {
     attempt: i32,
     agent_id: i64,
     job_id: i64,
-    /// Classes of the job's model.
-    classes: usize,
+    /// The classes of the job's label set, in label order.
+    classes: Vec<String>,
     /// Whether this visit's round measures the test set.
     evaluates: bool,
 }
@@ -86,7 +86,12 @@ pub async fn upgrade(
         attempt: q.attempt,
         agent_id: p.id,
         job_id: job.id,
-        classes: config.classes,
+        classes: spec
+            .labels
+            .class_names()
+            .iter()
+            .map(|c| c.to_string())
+            .collect(),
         evaluates: u32::try_from(visit.round).is_ok_and(|r| spec.evaluates(r)),
     };
     let limit = s.settings.max_message_bytes;
@@ -327,7 +332,7 @@ fn check_report(r: &VisitReport, visit: &Visit, agents: &[db::JobAgent]) -> Resu
 }
 
 /// The test measurement: present exactly when the round measures the test set, one row and
-/// column per class of the job's model, counts that sum to `test_samples`, and the accuracy
+/// column per class of the job's label set (its names, in its order), counts that sum to `test_samples`, and the accuracy
 /// they give.
 fn check_test(r: &VisitReport, visit: &Visit) -> Result<Option<(EvalKind, Confusion)>> {
     let Some(t) = &r.test_evaluation else {
@@ -356,13 +361,13 @@ fn check_test(r: &VisitReport, visit: &Visit) -> Result<Option<(EvalKind, Confus
     let confusion = t
         .confusion()
         .map_err(|e| FieldError::new("test_evaluation", e.to_string()))?;
-    if confusion.classes().len() != visit.classes {
+    if confusion.classes() != visit.classes.as_slice() {
         return Err(FieldError::new(
             "test_evaluation.classes",
             format!(
-                "the job's model has {} classes, got {}",
-                visit.classes,
-                confusion.classes().len()
+                "must be the job's label set's classes {}, got {}",
+                visit.classes.join(" "),
+                confusion.classes().join(" ")
             ),
         )
         .into());

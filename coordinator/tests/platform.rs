@@ -674,6 +674,31 @@ async fn malformed_job_specs_name_the_field(pool: Pool) {
             json!({ "name": "j", "hospitals": ["h0"], "class_weights": "inverse" }),
             "class_weights",
         ),
+        (
+            json!({ "name": "j", "hospitals": ["h0"], "labels": "mitbih" }),
+            "labels",
+        ),
+        (
+            json!({ "name": "j", "hospitals": ["h0"], "preprocessing": "raw" }),
+            "preprocessing",
+        ),
+        (
+            json!({ "name": "j", "hospitals": ["h0"], "preprocessing": { "beat_len": 0 } }),
+            "preprocessing.beat_len",
+        ),
+        (
+            json!({ "name": "j", "hospitals": ["h0"], "preprocessing": { "preset": "inter_patient", "before_s": 20 } }),
+            "preprocessing.before_s",
+        ),
+        (
+            json!({ "name": "j", "hospitals": ["h0"], "preprocessing": { "rr": { "local_beats": 0 } } }),
+            "preprocessing.rr.local_beats",
+        ),
+        // Within the preprocessing's limits, but a cut wider than the HE packing holds.
+        (
+            json!({ "name": "j", "hospitals": ["h0"], "preprocessing": { "beat_len": 4096 } }),
+            "model",
+        ),
     ];
     for (body, field) in cases {
         let (status, v) = p.researcher.post("/v1/jobs", body.clone()).await;
@@ -702,6 +727,96 @@ async fn malformed_job_specs_name_the_field(pool: Pool) {
         0,
         "nothing stored"
     );
+}
+
+/// A job names its label set and preprocessing; the API returns both as stored (the
+/// preprocessing in full) and the inputs and shapes they give the network.
+#[sqlx::test(migrator = "medsplit_coordinator::MIGRATOR")]
+async fn labels_and_preprocessing_round_trip_through_the_api(pool: Pool) {
+    let p = Platform::new(&pool, 1, &[]).await;
+    let body = json!({
+        "name": "inter-patient", "hospitals": ["h0"], "model": "m1",
+        "labels": "papers",
+        "preprocessing": { "preset": "inter_patient", "beat_len": 256, "normalisation": "beat" },
+    });
+    let (status, created) = p.researcher.post("/v1/jobs", body).await;
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_i64().unwrap();
+    let job = p
+        .researcher
+        .ok("GET", &format!("/v1/jobs/{id}"), None)
+        .await;
+    let spec = &job["spec"];
+    assert_eq!(spec["labels"], "papers");
+    let pre = &spec["preprocessing"];
+    assert_eq!(
+        (
+            &pre["lead"],
+            &pre["beat_len"],
+            &pre["normalisation"],
+            &pre["rr"]
+        ),
+        (
+            &json!("MLII"),
+            &json!(256),
+            &json!("beat"),
+            &json!({ "local_beats": 10 })
+        ),
+        "{pre}"
+    );
+    assert_eq!(
+        pre["baseline"],
+        json!({ "median": { "first_s": 0.2, "second_s": 0.6 } })
+    );
+    let net = &job["network"];
+    assert_eq!(
+        net["preprocessing"],
+        "custom (256 samples from 0.25 s before to 0.45 s after the peak, RR features)"
+    );
+    assert_eq!(
+        (&net["beat_len"], &net["features"]),
+        (&json!(256), &json!(4))
+    );
+    // M1 keeps 8 channels of 256 / 4 samples; the 4 RR features join them at the cut.
+    assert_eq!(net["cut_width"], 8 * 64 + 4);
+    assert_eq!(net["class_names"], json!(["N", "L", "R", "A", "V"]));
+    // What the API returned is a spec it accepts again, meaning the same job.
+    let mut again = spec.clone();
+    again["name"] = json!("again");
+    let (status, copy) = p.researcher.post("/v1/jobs", again).await;
+    assert_eq!(status, 201, "{copy}");
+    assert_eq!(copy["spec"]["preprocessing"], *pre);
+    assert_eq!(copy["network"], *net);
+
+    // Left out: AAMI labels and the papers' preprocessing, by name.
+    let (status, plain) = p
+        .researcher
+        .post("/v1/jobs", json!({ "name": "plain", "hospitals": ["h0"] }))
+        .await;
+    assert_eq!(status, 201, "{plain}");
+    assert_eq!(plain["spec"]["labels"], "aami");
+    assert_eq!(plain["spec"]["preprocessing"]["denoise"], true);
+    assert_eq!(plain["network"]["preprocessing"], "papers");
+    assert_eq!(
+        plain["network"]["class_names"],
+        json!(["N", "S", "V", "F", "Q"])
+    );
+    assert_eq!(
+        (
+            &plain["network"]["features"],
+            &plain["network"]["cut_width"]
+        ),
+        (&json!(0), &json!(256))
+    );
+    let (status, named) = p
+        .researcher
+        .post(
+            "/v1/jobs",
+            json!({ "name": "named", "hospitals": ["h0"], "preprocessing": "inter_patient" }),
+        )
+        .await;
+    assert_eq!(status, 201, "{named}");
+    assert_eq!(named["network"]["preprocessing"], "inter_patient");
 }
 
 #[sqlx::test(migrator = "medsplit_coordinator::MIGRATOR")]
@@ -895,7 +1010,9 @@ async fn a_malformed_test_confusion_closes_the_session_with_its_reason(pool: Poo
     let p = Platform::new(&pool, 1, &[]).await;
     let a = p.enrol(0).await;
     let c = a.coordinator();
-    let id = p.approved_job(spec(&["h0"], 1)).await;
+    let mut job = spec(&["h0"], 1);
+    job["labels"] = json!("papers");
+    let id = p.approved_job(job).await;
     let v = c.claim(Duration::from_secs(5)).await.unwrap().unwrap();
     let classes = json!(["N", "L", "R", "A", "V"]);
     let good = json!([
@@ -933,14 +1050,23 @@ async fn a_malformed_test_confusion_closes_the_session_with_its_reason(pool: Poo
             ),
             "test_evaluation: the confusion matrix has 1 rows for 5 classes",
         ),
-        // Fewer classes than the job's model.
+        // Fewer classes than the job's label set.
         (
             report(
                 json!(1.0),
                 2,
                 json!({ "kind": "beat", "classes": ["N", "V"], "confusion": [[1, 0], [0, 1]] }),
             ),
-            "test_evaluation.classes: the job's model has 5 classes, got 2",
+            "test_evaluation.classes: must be the job's label set's classes N L R A V, got N V",
+        ),
+        // As many classes, but another label set's.
+        (
+            report(
+                json!(1.0),
+                9,
+                json!({ "kind": "beat", "classes": ["N", "S", "V", "F", "Q"], "confusion": good }),
+            ),
+            "test_evaluation.classes: must be the job's label set's classes N L R A V, got N S V F Q",
         ),
         // An accuracy the counts do not give.
         (

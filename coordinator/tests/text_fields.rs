@@ -180,6 +180,11 @@ async fn every_text_field_refuses_control_and_formatting_characters(pool: Pool) 
         "post /v1/jobs model",
         "post /v1/jobs model.preset",
         "post /v1/jobs class_weights",
+        "post /v1/jobs labels",
+        "post /v1/jobs preprocessing",
+        "post /v1/jobs preprocessing.preset",
+        "post /v1/jobs preprocessing.lead",
+        "post /v1/jobs preprocessing.baseline",
         "post /v1/jobs/{id}/consent decision",
     ] {
         assert!(

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::metrics::{Confusion, EvalKind, MetricsError};
 use crate::model::{ConvBlock, ModelConfig, ServerOptimizer};
+use crate::preprocess::{LabelSet, Preprocessing};
 
 /// A named model: the client's convolution blocks and the optional client tail.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -188,6 +189,13 @@ pub struct JobSpec {
     pub name: String,
     #[serde(default)]
     pub model: ModelSpec,
+    /// The classes every hospital labels its beats with (default AAMI).
+    #[serde(default)]
+    pub labels: LabelSet,
+    /// How every hospital cuts its beats into model input rows: a preset name or an object
+    /// (default the papers' preset, which pre-cut beat files hold).
+    #[serde(default)]
+    pub preprocessing: Preprocessing,
     /// Hospital names, in the order every round visits them.
     pub hospitals: Vec<String>,
     #[serde(default = "one")]
@@ -326,10 +334,12 @@ impl JobSpec {
                 ));
             }
         }
+        self.preprocessing.validate().map_err(|e| FieldError {
+            field: format!("preprocessing.{}", e.field),
+            message: e.message,
+        })?;
         let config = self.model_config();
-        config
-            .validate()
-            .map_err(|e| FieldError::new(model_field(&e), e.to_string()))?;
+        config.validate().map_err(|e| model_error(&e, &config))?;
         crate::model::Objective {
             client_lr: self.client_lr,
             class_weights: self.class_weights.for_counts(&vec![1; config.classes]),
@@ -342,12 +352,37 @@ impl JobSpec {
     /// The network this job trains: its model on the inputs its preprocessing makes, with its
     /// label set's classes.
     pub fn model_config(&self) -> ModelConfig {
-        self.model.config(128, 0, 5)
+        self.model.config(
+            self.preprocessing.beat_len,
+            self.preprocessing.feature_len(),
+            self.labels.num_classes(),
+        )
     }
 
     /// Whether the visits of `round` (0-based) end with a test-accuracy measurement.
     pub fn evaluates(&self, round: u32) -> bool {
         (round + 1).is_multiple_of(self.eval_every) || round + 1 == self.rounds
+    }
+}
+
+/// A model error as a field error of the spec. A cut wider than the HE packing holds comes from
+/// the model and the preprocessing's beat length together: the message names both.
+fn model_error(e: &crate::model::ModelError, config: &ModelConfig) -> FieldError {
+    use crate::model::ModelError as E;
+    match e {
+        E::TooLarge { field, max, got } if field == "cut width" => FieldError::new(
+            "model",
+            format!(
+                "the cut layer would hold {got} values per beat ({} from the convolution blocks \
+                 on {}-sample beats, {} side features), at most {max}: shorten \
+                 preprocessing.beat_len or pool more in model.blocks",
+                config.conv_width(),
+                config.beat_len,
+                config.features
+            ),
+        ),
+        E::BeatLen(_) => FieldError::new("preprocessing.beat_len", e.to_string()),
+        _ => FieldError::new(model_field(e), e.to_string()),
     }
 }
 
@@ -541,6 +576,130 @@ mod tests {
         assert_eq!(bad.validate().unwrap_err().field, "model.tail");
         let bad = spec(r#"{"preset": "m1", "tail": 500}"#).unwrap();
         assert_eq!(bad.validate().unwrap_err().field, "model.tail");
+    }
+
+    #[test]
+    fn labels_and_preprocessing_default_to_aami_and_the_papers_preset() {
+        let s = spec(r#""m1""#).unwrap();
+        assert_eq!(s.labels, LabelSet::Aami);
+        assert_eq!(s.preprocessing, Preprocessing::papers());
+        assert_eq!(s.model_config(), ModelConfig::m1());
+        // As stored: both written out, read back the same.
+        let stored = serde_json::to_string(&s).unwrap();
+        assert!(stored.contains(r#""labels":"aami""#), "{stored}");
+        assert!(
+            stored.contains(r#""preprocessing":{"lead":null,"#),
+            "{stored}"
+        );
+        assert_eq!(serde_json::from_str::<JobSpec>(&stored).unwrap(), s);
+    }
+
+    #[test]
+    fn preprocessing_is_a_preset_name_or_an_object_and_shapes_the_model() {
+        let with = |extra: &str| {
+            serde_json::from_str::<JobSpec>(&format!(
+                r#"{{"name": "j", "hospitals": ["a"], "model": "m1_tail"{extra}}}"#
+            ))
+            .map_err(|e| e.to_string())
+        };
+        let named = with(r#", "labels": "papers", "preprocessing": "inter_patient""#).unwrap();
+        assert_eq!(named.labels, LabelSet::Papers);
+        assert_eq!(named.preprocessing, Preprocessing::inter_patient());
+        named.validate().unwrap();
+        let config = named.model_config();
+        assert_eq!(
+            (config.beat_len, config.features, config.classes),
+            (128, 4, 5)
+        );
+        assert_eq!(
+            config.cut_width().0,
+            256 + 4,
+            "the RR features join the cut layer"
+        );
+
+        let object =
+            with(r#", "preprocessing": {"preset": "inter_patient", "beat_len": 256, "rr": null}"#)
+                .unwrap();
+        object.validate().unwrap();
+        let config = object.model_config();
+        assert_eq!((config.beat_len, config.features), (256, 0));
+        assert_eq!(config.cut_width().0, 512);
+        assert_eq!(object.preprocessing.lead.as_deref(), Some("MLII"));
+        let stored = serde_json::to_string(&object).unwrap();
+        assert_eq!(serde_json::from_str::<JobSpec>(&stored).unwrap(), object);
+
+        assert!(
+            with(r#", "preprocessing": "raw""#)
+                .unwrap_err()
+                .contains("unknown preprocessing preset \"raw\"")
+        );
+        assert!(
+            with(r#", "preprocessing": {"window": 3}"#)
+                .unwrap_err()
+                .contains("window")
+        );
+        assert!(
+            with(r#", "labels": "mitbih""#)
+                .unwrap_err()
+                .contains("mitbih")
+        );
+    }
+
+    #[test]
+    fn bad_preprocessing_fields_are_named_under_preprocessing() {
+        let mut s = spec(r#""m1""#).unwrap();
+        s.preprocessing.before_s = -1.0;
+        assert_eq!(s.validate().unwrap_err().field, "preprocessing.before_s");
+        s.preprocessing = Preprocessing::inter_patient();
+        s.preprocessing.baseline = crate::preprocess::Baseline::Median {
+            first_s: 0.2,
+            second_s: 0.0,
+        };
+        assert_eq!(
+            s.validate().unwrap_err().field,
+            "preprocessing.baseline.median.second_s"
+        );
+        s.preprocessing = Preprocessing::papers();
+        s.preprocessing.beat_len = Preprocessing::MAX_BEAT_LEN + 1;
+        assert_eq!(s.validate().unwrap_err().field, "preprocessing.beat_len");
+        s.preprocessing.beat_len = 0;
+        assert_eq!(s.validate().unwrap_err().field, "preprocessing.beat_len");
+    }
+
+    /// The HE packing holds a cut of at most `model::MAX_CUT` values (he.rs tests every shape up
+    /// to it): a beat length the preprocessing allows but the model cannot pack is refused.
+    #[test]
+    fn a_beat_length_whose_cut_does_not_pack_is_refused() {
+        let mut s = spec(r#""m1""#).unwrap();
+        // M1 keeps 8 channels of beat_len / 4 samples: 1024 samples give the widest cut.
+        s.preprocessing.beat_len = 1024;
+        s.validate().unwrap();
+        assert_eq!(s.model_config().cut_width().0, crate::model::MAX_CUT);
+        s.preprocessing.beat_len = Preprocessing::MAX_BEAT_LEN;
+        let err = s.validate().unwrap_err();
+        assert_eq!(err.field, "model");
+        assert!(
+            err.message.contains("8192 values per beat")
+                && err.message.contains("preprocessing.beat_len"),
+            "{err}"
+        );
+        // The RR features count too: 1024 samples and 4 features are 4 values too many.
+        s.preprocessing = Preprocessing::inter_patient();
+        s.preprocessing.beat_len = 1024;
+        let err = s.validate().unwrap_err();
+        assert_eq!(err.field, "model");
+        assert!(err.message.contains("2052 values per beat"), "{err}");
+        // Pooling more packs it again.
+        s.model.blocks[1].pool = 4;
+        s.model.preset = None;
+        s.validate().unwrap();
+        // Every allowed beat length either packs or is refused by validation.
+        for beat_len in (1..=Preprocessing::MAX_BEAT_LEN).step_by(7) {
+            s.preprocessing.beat_len = beat_len;
+            if s.validate().is_ok() {
+                assert!(s.model_config().cut_width().0 <= crate::model::MAX_CUT);
+            }
+        }
     }
 
     #[test]

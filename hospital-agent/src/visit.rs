@@ -16,7 +16,6 @@ use medsplit_engine::metrics::Confusion;
 use medsplit_engine::model::Objective;
 use medsplit_engine::protocol::{ClientEvent, ClientSession, Privacy};
 use medsplit_engine::training::{SampleStream, Totals, epoch_order, gather};
-use medsplit_engine::wfdb::CLASS_SYMBOLS;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::client::{Coordinator, Session};
@@ -59,15 +58,19 @@ pub async fn run(
     observer: &mut dyn Observer,
 ) -> Result<VisitSummary, AgentError> {
     let config = a.spec.model_config();
-    if data.train.beat_len() != config.beat_len || data.train.num_classes() != config.classes {
+    let have = (
+        data.train.beat_len(),
+        data.train.feature_len(),
+        data.train.num_classes(),
+    );
+    if have != (config.beat_len, config.features, config.classes) {
         return Err(AgentError::Session(format!(
-            "local data has {}-sample beats in {} classes; the job's model needs {} and {}",
-            data.train.beat_len(),
-            data.train.num_classes(),
-            config.beat_len,
-            config.classes
+            "local data has {}-sample beats with {} side features in {} classes; the job's \
+             model needs {}, {} and {}",
+            have.0, have.1, have.2, config.beat_len, config.features, config.classes
         )));
     }
+    let class_names = a.spec.labels.class_names();
     let privacy = if a.spec.insecure_plaintext {
         Privacy::Plaintext
     } else {
@@ -136,7 +139,7 @@ pub async fn run(
     let mut test = None;
     if a.spec.evaluates(a.round) {
         observer.evaluating(data.test.len() as u64);
-        let mut confusion = Confusion::new(CLASS_SYMBOLS)
+        let mut confusion = Confusion::new(class_names)
             .map_err(|e| AgentError::Session(format!("class names: {e}")))?;
         let indices: Vec<usize> = (0..data.test.len()).collect();
         for batch in indices.chunks(batch_size.max(16)) {
@@ -148,8 +151,7 @@ pub async fn run(
                     "unexpected reply to an evaluation".into(),
                 ));
             };
-            if predicted.len() != labels.len()
-                || predicted.iter().any(|&p| p >= CLASS_SYMBOLS.len())
+            if predicted.len() != labels.len() || predicted.iter().any(|&p| p >= class_names.len())
             {
                 return Err(AgentError::Session(
                     "the evaluation's predictions do not fit the batch".into(),

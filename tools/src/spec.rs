@@ -5,24 +5,79 @@ use std::path::Path;
 
 use anyhow::{Context, bail};
 use medsplit_engine::api::JobSpec;
+use medsplit_engine::preprocess::{LabelSet, Preprocessing};
 use serde_json::Value;
+
+/// Fields given on the command line, replacing the spec file's.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    /// The label set: `aami` or `papers`.
+    pub labels: Option<String>,
+    /// The preprocessing: a preset name (`papers`, `inter_patient`) or a JSON object
+    /// (`{"preset": "inter_patient", "beat_len": 256}`).
+    pub preprocessing: Option<String>,
+}
+
+impl Overrides {
+    fn apply(&self, body: &mut Value) -> anyhow::Result<()> {
+        let Some(object) = body.as_object_mut() else {
+            bail!("a job spec must be a table (TOML) or an object (JSON)");
+        };
+        if let Some(labels) = &self.labels {
+            let value = Value::String(labels.clone());
+            serde_json::from_value::<LabelSet>(value.clone())
+                .map_err(|e| anyhow::anyhow!("--labels: {e}"))?;
+            object.insert("labels".into(), value);
+        }
+        if let Some(p) = &self.preprocessing {
+            let value = if p.trim_start().starts_with('{') {
+                serde_json::from_str(p).context("--preprocessing: not a JSON object")?
+            } else {
+                Value::String(p.clone())
+            };
+            serde_json::from_value::<Preprocessing>(value.clone())
+                .map_err(|e| anyhow::anyhow!("--preprocessing: {e}"))?;
+            object.insert("preprocessing".into(), value);
+        }
+        Ok(())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.labels.is_none() && self.preprocessing.is_none()
+    }
+}
 
 /// Reads a job spec file (`.toml`, else JSON): the body to submit, after the checks the
 /// coordinator makes (unknown fields, types, ranges, the model's limits), so that a mistake is
 /// reported with its line or field before anything is sent.
 pub fn read(path: &Path) -> anyhow::Result<Value> {
+    read_with(path, &Overrides::default())
+}
+
+/// [`read`], with fields replaced by `overrides` (before the checks).
+pub fn read_with(path: &Path, overrides: &Overrides) -> anyhow::Result<Value> {
     let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
     let toml = path.extension().is_some_and(|e| e == "toml");
-    parse(&text, toml).with_context(|| path.display().to_string())
+    parse_with(&text, toml, overrides).with_context(|| path.display().to_string())
 }
 
 /// [`read`] on text: TOML when `toml`, else JSON.
 pub fn parse(text: &str, toml: bool) -> anyhow::Result<Value> {
-    let (body, spec): (Value, JobSpec) = if toml {
+    parse_with(text, toml, &Overrides::default())
+}
+
+/// [`read_with`] on text.
+pub fn parse_with(text: &str, toml: bool, overrides: &Overrides) -> anyhow::Result<Value> {
+    // The file alone first, so that its mistakes come with their line.
+    let (mut body, mut spec): (Value, JobSpec) = if toml {
         (toml::from_str(text)?, toml::from_str(text)?)
     } else {
         (serde_json::from_str(text)?, serde_json::from_str(text)?)
     };
+    if !overrides.is_empty() {
+        overrides.apply(&mut body)?;
+        spec = serde_json::from_value(body.clone())?;
+    }
     if let Err(e) = spec.validate() {
         bail!("{e}");
     }
@@ -72,8 +127,11 @@ pub fn describe(job: &Value) -> String {
         Value::Null => "uniform".into(),
         other => other.to_string(),
     };
+    let labels = spec["labels"].as_str().unwrap_or("aami");
+    let preprocessing = net["preprocessing"].as_str().unwrap_or("papers");
     format!(
-        "model {} ({}); {work}; class weights {weights}; client lr {}",
+        "model {} ({}); labels {labels}; preprocessing {preprocessing}; {work}; class weights \
+         {weights}; client lr {}",
         model_name(spec),
         layers.join(" → "),
         spec["client_lr"]
@@ -108,6 +166,9 @@ mod tests {
         assert_eq!(spec.model.preset, None, "the example replaces the tail");
         assert_eq!(spec.model_config().server_outputs(), 32);
         assert_eq!(body["model"]["preset"], "m1_tail");
+        assert_eq!(spec.labels, LabelSet::Aami);
+        assert_eq!(spec.preprocessing, Preprocessing::inter_patient());
+        assert_eq!(spec.model_config().cut_width().0, 260);
     }
 
     #[test]
@@ -147,6 +208,85 @@ mod tests {
     }
 
     #[test]
+    fn labels_and_preprocessing_come_from_the_file_or_the_command_line() {
+        let base = "name = \"j\"\nhospitals = [\"a\"]\n";
+        let file = parse(
+            &format!("{base}labels = \"papers\"\npreprocessing = \"inter_patient\"\n"),
+            true,
+        )
+        .unwrap();
+        let spec: JobSpec = serde_json::from_value(file).unwrap();
+        assert_eq!(spec.labels, LabelSet::Papers);
+        assert_eq!(spec.preprocessing, Preprocessing::inter_patient());
+
+        let table = "[preprocessing]\npreset = \"inter_patient\"\nbeat_len = 256\n";
+        let spec: JobSpec =
+            serde_json::from_value(parse(&format!("{base}{table}"), true).unwrap()).unwrap();
+        assert_eq!(spec.preprocessing.beat_len, 256);
+        assert_eq!(spec.preprocessing.feature_len(), 4);
+
+        let flags = Overrides {
+            labels: Some("papers".into()),
+            preprocessing: Some(r#"{"preset": "inter_patient", "rr": null}"#.into()),
+        };
+        let body =
+            parse_with(&format!("{base}preprocessing = \"papers\"\n"), true, &flags).unwrap();
+        assert_eq!(body["labels"], "papers");
+        let spec: JobSpec = serde_json::from_value(body).unwrap();
+        assert_eq!(spec.preprocessing.rr, None);
+        assert_eq!(spec.preprocessing.lead.as_deref(), Some("MLII"));
+        let named = Overrides {
+            preprocessing: Some("inter_patient".into()),
+            ..Overrides::default()
+        };
+        assert_eq!(
+            parse_with(base, true, &named).unwrap()["preprocessing"],
+            "inter_patient"
+        );
+
+        for (flags, needle) in [
+            (
+                Overrides {
+                    labels: Some("mitbih".into()),
+                    ..Overrides::default()
+                },
+                "--labels: unknown variant `mitbih`",
+            ),
+            (
+                Overrides {
+                    preprocessing: Some("raw".into()),
+                    ..Overrides::default()
+                },
+                "--preprocessing: unknown preprocessing preset \"raw\"",
+            ),
+            (
+                Overrides {
+                    preprocessing: Some("{\"beat_len\": ".into()),
+                    ..Overrides::default()
+                },
+                "--preprocessing: not a JSON object",
+            ),
+            (
+                Overrides {
+                    preprocessing: Some(r#"{"beat_len": 4096}"#.into()),
+                    ..Overrides::default()
+                },
+                "model: the cut layer would hold 8192 values",
+            ),
+            (
+                Overrides {
+                    preprocessing: Some(r#"{"after_s": -1}"#.into()),
+                    ..Overrides::default()
+                },
+                "preprocessing.after_s",
+            ),
+        ] {
+            let err = format!("{:#}", parse_with(base, true, &flags).unwrap_err());
+            assert!(err.contains(needle), "{flags:?}: {err}");
+        }
+    }
+
+    #[test]
     fn jobs_are_described_by_their_model_and_local_work() {
         let job = json!({
             "spec": {
@@ -154,15 +294,17 @@ mod tests {
                     { "channels": 16, "kernel": 7, "pool": 2 },
                     { "channels": 8, "kernel": 5, "pool": 2 }], "tail": 16, "leaky_slope": 0.01 },
                 "local_epochs": 1, "local_steps": 50, "batch_size": 4,
-                "class_weights": "balanced", "client_lr": 0.002,
+                "class_weights": "balanced", "client_lr": 0.002, "labels": "aami",
             },
-            "network": { "cut_width": 256, "server_outputs": 16, "classes": 5 },
+            "network": { "cut_width": 260, "server_outputs": 16, "classes": 5,
+                "preprocessing": "inter_patient" },
         });
         assert_eq!(model_name(&job["spec"]), "m1_tail");
         assert_eq!(
             describe(&job),
-            "model m1_tail (conv 16×k7/2 → conv 8×k5/2 → cut 256 (encrypted) → server 16 → \
-             client tail → 5); 50 steps of 4 beats per visit; class weights balanced; client lr 0.002"
+            "model m1_tail (conv 16×k7/2 → conv 8×k5/2 → cut 260 (encrypted) → server 16 → \
+             client tail → 5); labels aami; preprocessing inter_patient; 50 steps of 4 beats per \
+             visit; class weights balanced; client lr 0.002"
         );
         assert_eq!(model_name(&json!({ "model": { "blocks": [] } })), "custom");
         assert_eq!(model_name(&json!({ "model": "m1" })), "m1");

@@ -232,10 +232,13 @@ async function specEntries(root) {
 /** The summary of the configured job says what each hospital is asked to train. */
 function configuredSummary(entries, where) {
   const expected = {
+    Labels: 'The papers’: N, L, R, A, V',
+    Preprocessing: 'Inter-patient (baseline removed, RR-interval features)',
+    'Input per beat': '128 samples, then 4 RR-interval features',
     Model: 'M1 with a client tail (16 encrypted outputs)',
     'Convolution blocks (at the hospital)': '16 channels, kernel 7, pool 2; 8 channels, kernel 5, pool 2',
-    'Cut layer': '256 values per beat, encrypted',
-    'Coordinator’s layer': 'Linear 256 → 16, on ciphertexts',
+    'Cut layer': '260 values per beat, encrypted',
+    'Coordinator’s layer': 'Linear 260 → 16, on ciphertexts',
     'Client tail (at the hospital)': 'LeakyReLU, Linear 16 → 5 classes',
     'Local work per visit': '50 batches (200 beats), continuing through the data from visit to visit',
     'Class weights': 'Balanced: each hospital weighs its classes inversely to their frequency',
@@ -475,12 +478,16 @@ async function walkthrough(browser) {
   await researcher.getByRole('link', { name: 'Arrhythmia M1, cyclic' }).waitFor();
   await shot(researcher, 'researcher-jobs');
 
-  step('researcher configures a second job: preset, class weights, client learning rate, local steps');
+  step('researcher configures a second job: labels, preprocessing, preset, class weights, client learning rate, local steps');
   const CONFIGURED = 'Tail model, cancelled before consent';
   await researcher.goto('/jobs/new');
   await researcher.locator('#job-name').fill(CONFIGURED);
   await researcher.getByRole('checkbox', { name: HOSPITAL }).check();
   await researcher.getByLabel('Model').selectOption('m1_tail');
+  check(await researcher.getByLabel('Label set').inputValue() === 'aami', 'the label set is AAMI unless chosen');
+  check(await researcher.getByLabel('Preprocessing').inputValue() === 'papers', 'the papers’ preprocessing unless chosen');
+  await researcher.getByLabel('Label set').selectOption('papers');
+  await researcher.getByLabel('Preprocessing').selectOption('inter_patient');
   await researcher.getByLabel('Class weights').selectOption('balanced');
   check(await researcher.locator('#job-local-steps').isHidden(), 'local steps hidden while epochs are chosen');
   await researcher.getByLabel('Local work per visit').selectOption('steps');
@@ -496,7 +503,10 @@ async function walkthrough(browser) {
   const configuredId = researcher.url().split('/').pop();
   const sent = await researcher.evaluate(async (id) => (await fetch(`/v1/jobs/${id}`)).json(), configuredId);
   check(sent.spec.model.preset === 'm1_tail' && sent.spec.local_steps === 50 && sent.spec.local_epochs === 1
-    && sent.spec.class_weights === 'balanced' && sent.spec.client_lr === 0.002, `the form sent: ${JSON.stringify(sent.spec)}`);
+    && sent.spec.class_weights === 'balanced' && sent.spec.client_lr === 0.002
+    && sent.spec.labels === 'papers' && sent.spec.preprocessing.lead === 'MLII'
+    && sent.spec.preprocessing.rr?.local_beats === 10 && sent.network.preprocessing === 'inter_patient',
+  `the form sent: ${JSON.stringify(sent.spec)}`);
   await researcher.locator('.spec').waitFor();
   configuredSummary(await specEntries(researcher.locator('main')), 'job page');
 

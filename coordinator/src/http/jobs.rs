@@ -45,23 +45,35 @@ pub struct JobView {
     finished_at: Option<DateTime<Utc>>,
 }
 
-/// The shapes of the network the spec describes: what the coordinator's encrypted layer sees.
+/// The shapes of the network the spec describes: what the coordinator's encrypted layer sees,
+/// and the inputs each hospital cuts for it.
 #[derive(Serialize)]
 struct Network {
+    /// The job's preprocessing in a few words: its preset's name, or `custom (…)`.
+    preprocessing: String,
+    /// Waveform samples per beat and side features (RR intervals) after them, per input row.
+    beat_len: usize,
+    features: usize,
     /// Values per beat at the cut layer, encrypted on their way to the coordinator.
     cut_width: usize,
     /// Outputs of the coordinator's layer (the client tail's input, or the logits).
     server_outputs: usize,
     classes: usize,
+    /// The label set's class names, in label order.
+    class_names: Vec<&'static str>,
 }
 
 impl Network {
     fn of(spec: &JobSpec) -> Self {
         let config = spec.model_config();
         Self {
+            preprocessing: spec.preprocessing.describe(),
+            beat_len: config.beat_len,
+            features: config.features,
             cut_width: config.cut_width().0,
             server_outputs: config.server_outputs(),
             classes: config.classes,
+            class_names: spec.labels.class_names().to_vec(),
         }
     }
 }

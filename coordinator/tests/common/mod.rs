@@ -407,9 +407,11 @@ impl TestAgent {
     }
 }
 
+/// A small job on the papers' label set and preprocessing (those of the synthetic beats).
 pub fn spec(hospitals: &[&str], rounds: u32) -> Value {
     json!({
         "name": "test job",
+        "labels": "papers",
         "hospitals": hospitals,
         "rounds": rounds,
         "batch_size": 8,

@@ -43,6 +43,13 @@ enum Cmd {
     /// Submit a job from a JSON or TOML spec file.
     Submit {
         spec: PathBuf,
+        /// The label set, replacing the file's: `aami` or `papers`.
+        #[arg(long)]
+        labels: Option<String>,
+        /// The preprocessing, replacing the file's: a preset (`papers`, `inter_patient`) or a
+        /// JSON object (`{"preset": "inter_patient", "beat_len": 256}`).
+        #[arg(long)]
+        preprocessing: Option<String>,
         /// Follow it until it ends.
         #[arg(long)]
         watch: bool,
@@ -111,8 +118,17 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
             save_session(r.token.as_deref().unwrap_or_default())?;
             println!("logged in as {email}");
         }
-        Cmd::Submit { spec, watch } => {
-            let body = medsplit_tools::spec::read(&spec)?;
+        Cmd::Submit {
+            spec,
+            labels,
+            preprocessing,
+            watch,
+        } => {
+            let overrides = medsplit_tools::spec::Overrides {
+                labels,
+                preprocessing,
+            };
+            let body = medsplit_tools::spec::read_with(&spec, &overrides)?;
             let r = rest()?;
             let job = r.call("POST", "/v1/jobs", Some(body)).await?;
             let id = job["id"].as_i64().unwrap_or_default();
