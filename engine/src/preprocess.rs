@@ -18,7 +18,9 @@
 //!    ([`Resampling`]), at whatever rate the record was sampled.
 //! 6. Optionally the papers' wavelet **denoising** ([`Preprocessing::denoise`]), then the
 //!    per-beat normalisation ([`Normalisation::Beat`]).
-//! 7. Optionally the **RR-interval features** ([`RrFeatures`], [`rr_features`]) appended after
+//! 7. Optionally the patient's **typical beat** (the median of the record's beats, sample by
+//!    sample) is subtracted from every beat ([`Template`]).
+//! 8. Optionally the **RR-interval features** ([`RrFeatures`], [`rr_features`]) appended after
 //!    the waveform: a row is `beat_len` waveform samples then [`Preprocessing::feature_len`]
 //!    features.
 //!
@@ -189,6 +191,21 @@ pub enum Normalisation {
     Beat,
 }
 
+/// Whether the patient's typical beat is taken out of every beat.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Template {
+    /// The beat as cut.
+    #[default]
+    None,
+    /// Every waveform sample minus the median of that sample over all the record's beats (of
+    /// the label set): the patient's typical beat. What remains is how a beat differs from the
+    /// patient's usual one, so the usual beat of a patient with a bundle-branch block looks
+    /// like any patient's usual beat. It uses no labels: a new patient's record is treated the
+    /// same way.
+    Subtract,
+}
+
 /// RR-interval side features (see [`rr_features`] for exact definitions).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -225,6 +242,8 @@ pub struct Preprocessing {
     pub denoise: bool,
     /// RR-interval features after the waveform, or none.
     pub rr: Option<RrFeatures>,
+    /// Subtract the patient's typical beat ([`Template`]); absent in a job spec: none.
+    pub template: Template,
 }
 
 /// The named presets.
@@ -284,6 +303,7 @@ impl Preprocessing {
             normalisation: Normalisation::RecordMinMax,
             denoise: true,
             rr: None,
+            template: Template::None,
         }
     }
 
@@ -307,6 +327,7 @@ impl Preprocessing {
             normalisation: Normalisation::RecordPeak,
             denoise: false,
             rr: Some(RrFeatures { local_beats: 10 }),
+            template: Template::None,
         }
     }
 
@@ -334,10 +355,11 @@ impl Preprocessing {
                 self.beat_len,
                 self.before_s,
                 self.after_s,
-                if self.rr.is_some() {
-                    ", RR features"
-                } else {
-                    ""
+                match (self.rr.is_some(), self.template) {
+                    (true, Template::Subtract) => ", typical beat subtracted, RR features",
+                    (false, Template::Subtract) => ", typical beat subtracted",
+                    (true, Template::None) => ", RR features",
+                    (false, Template::None) => "",
                 }
             ),
         }
@@ -432,6 +454,7 @@ struct PartialPreprocessing {
     denoise: Option<bool>,
     #[serde(default, deserialize_with = "present")]
     rr: Option<Option<RrFeatures>>,
+    template: Option<Template>,
 }
 
 /// A field that may be given as `null`: `Some(None)` when it is, `None` when it is absent.
@@ -459,6 +482,7 @@ impl PartialPreprocessing {
             normalisation: self.normalisation.unwrap_or(base.normalisation),
             denoise: self.denoise.unwrap_or(base.denoise),
             rr: self.rr.unwrap_or(base.rr),
+            template: self.template.unwrap_or(base.template),
         }
     }
 }
@@ -710,6 +734,31 @@ fn standardise(beat: &mut [f64]) {
     }
 }
 
+/// Subtracts from the waveform part (the first `beat_len` values) of every row of `rows` the
+/// median over the rows of each sample ([`Template::Subtract`]).
+///
+/// # Shapes
+/// `rows`: `[beats, row_len]`, `row_len >= beat_len`.
+fn subtract_typical_beat(rows: &mut [f32], row_len: usize, beat_len: usize) {
+    let beats = rows.len() / row_len;
+    if beats == 0 {
+        return;
+    }
+    let mut column = Vec::with_capacity(beats);
+    let typical: Vec<f32> = (0..beat_len)
+        .map(|j| {
+            column.clear();
+            column.extend(rows.chunks_exact(row_len).map(|r| r[j]));
+            *column.select_nth_unstable_by(beats / 2, f32::total_cmp).1
+        })
+        .collect();
+    for row in rows.chunks_exact_mut(row_len) {
+        for (v, t) in row[..beat_len].iter_mut().zip(&typical) {
+            *v -= t;
+        }
+    }
+}
+
 /// Median of `values` (the upper one for an even count); `None` when empty.
 fn median_of(mut values: Vec<f64>) -> Option<f64> {
     if values.is_empty() {
@@ -928,6 +977,9 @@ pub fn extract(
         }
         classes.push(class);
         peaks.push(annotations[index].sample);
+    }
+    if p.template == Template::Subtract {
+        subtract_typical_beat(&mut rows, row_len, p.beat_len);
     }
     let beats = classes.len();
     let names = if beats == 0 {
@@ -1474,6 +1526,46 @@ mod tests {
         fusion[2] = ann(fusion[2].sample, 6);
         let count = |labels| extract(&record, &fusion, &p, labels).unwrap().0.len();
         assert_eq!((count(LabelSet::Aami), count(LabelSet::Papers)), (9, 8));
+    }
+
+    #[test]
+    fn the_typical_beat_is_the_sample_wise_median_and_is_subtracted() {
+        let fs = 360.0;
+        let record = record("tmpl", fs, "MLII", synthetic_ecg(fs, 10.0, &RHYTHM));
+        let annotations = rhythm_annotations(fs);
+        let plain = Preprocessing::inter_patient();
+        let subtracted = Preprocessing {
+            template: Template::Subtract,
+            ..plain.clone()
+        };
+        let (a, _) = extract(&record, &annotations, &plain, LabelSet::Aami).unwrap();
+        let (b, _) = extract(&record, &annotations, &subtracted, LabelSet::Aami).unwrap();
+        assert_eq!((a.len(), a.row_len()), (b.len(), b.row_len()));
+        for j in 0..a.beat_len() {
+            let mut column: Vec<f32> = (0..a.len()).map(|i| a.beat(i)[j]).collect();
+            column.sort_by(f32::total_cmp);
+            let median = column[a.len() / 2];
+            for i in 0..a.len() {
+                assert!(
+                    (b.beat(i)[j] - (a.beat(i)[j] - median)).abs() < 1e-6,
+                    "{i} {j}"
+                );
+            }
+        }
+        // The side features are left as they were.
+        assert_eq!(a.features(3), b.features(3));
+        // A job spec names it; presets have none.
+        let p: Preprocessing =
+            serde_json::from_str(r#"{"preset": "inter_patient", "template": "subtract"}"#).unwrap();
+        assert_eq!(p, subtracted);
+        assert_eq!(p.preset(), None);
+        assert!(
+            p.describe().contains("typical beat subtracted"),
+            "{}",
+            p.describe()
+        );
+        let err = serde_json::from_str::<Preprocessing>(r#"{"template": "mean"}"#).unwrap_err();
+        assert!(err.to_string().contains("mean"), "{err}");
     }
 
     #[test]

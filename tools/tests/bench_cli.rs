@@ -101,7 +101,13 @@ fn bench_runs_through_a_real_coordinator_over_websocket() {
         ])
         .args([
             "--modes",
-            "split,split-he",
+            "split,split-he,cyclic-he",
+            "--hospitals",
+            "2",
+            "--rounds",
+            "3",
+            "--local-steps",
+            "5",
             "--transport",
             "websocket",
             "--json",
@@ -109,20 +115,35 @@ fn bench_runs_through_a_real_coordinator_over_websocket() {
         .arg(&json)
         .output()
         .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let results = report["results"].as_array().unwrap();
-    assert_eq!(results.len(), 2);
-    for r in results {
+    assert_eq!(results.len(), 3);
+    for (r, epochs) in results.iter().zip([2, 2, 3]) {
         assert_eq!(r["transport"], "websocket");
-        assert_eq!(r["epoch_seconds"].as_array().unwrap().len(), 2);
+        assert_eq!(r["epoch_seconds"].as_array().unwrap().len(), epochs);
         let acc = r["test_accuracy"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&acc));
+        let support: u64 = r["metrics"]["confusion"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|row| row.as_array().unwrap())
+            .map(|v| v.as_u64().unwrap())
+            .sum();
+        assert_eq!(support, 50, "every test beat is counted once");
     }
+    // Cyclic: two hospitals, each with its own agent, three rounds of five batches per visit,
+    // the client weights handed from agent to agent through the coordinator.
+    let cyclic = &results[2];
+    assert_eq!(cyclic["mode"], "cyclic-he");
+    assert_eq!(
+        (cyclic["epochs"].as_u64(), cyclic["local_steps"].as_u64()),
+        (Some(3), Some(5))
+    );
+    assert_eq!(cyclic["hospitals"].as_array().unwrap().len(), 2);
+    assert!(stderr.contains("in 6 visits"), "{stderr}");
     // Encryption costs traffic: split-he moves far more bytes than plaintext split.
     let up = |i: usize| {
         results[i]["bytes_client_to_server_per_epoch"]
@@ -250,4 +271,40 @@ fn inter_patient_benchmark_reports_clinical_metrics_by_patient() {
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// In-process cyclic-he with `--local-steps`: each visit trains that many batches, so twice the
+/// steps move twice the traffic per round.
+#[test]
+fn cyclic_visits_train_the_local_steps_asked_for() {
+    let dir = std::env::temp_dir().join(format!("medsplit-bench-steps-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = |steps: &str| {
+        let json = dir.join(format!("steps-{steps}.json"));
+        let output = Command::new(env!("CARGO_BIN_EXE_medsplit-bench"))
+            .args(["--synthetic-train", "120", "--synthetic-test", "40"])
+            .args(["--modes", "cyclic-he", "--hospitals", "2", "--rounds", "2"])
+            .args(["--local-steps", steps, "--json"])
+            .arg(&json)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{stderr}");
+        assert!(stderr.contains("beats dealt in turn"), "{stderr}");
+        let report: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        let r = report["results"][0].clone();
+        assert_eq!(
+            (r["epochs"].as_u64(), r["local_steps"].as_u64()),
+            (Some(2), steps.parse().ok())
+        );
+        r["bytes_client_to_server_per_epoch"].as_u64().unwrap() as f64
+    };
+    let (few, more) = (run("3"), run("6"));
+    let ratio = more / few;
+    assert!(
+        (1.9..2.1).contains(&ratio),
+        "{few} vs {more} bytes up per round"
+    );
+    std::fs::remove_dir_all(&dir).ok();
 }

@@ -19,11 +19,11 @@ use medsplit_engine::api::{ClassWeights, ModelName, ModelSpec};
 use medsplit_engine::data::{self, Dataset};
 use medsplit_engine::metrics::{Confusion, EvalKind};
 use medsplit_engine::model::{ModelConfig, Objective, ServerOptimizer};
-use medsplit_engine::preprocess::{LabelSet, Preprocessing, Preset};
+use medsplit_engine::preprocess::{LabelSet, Preprocessing};
 use medsplit_engine::protocol::{
     ClientSession, InProcess, LocalModel, Privacy, ServerSession, Trainer,
 };
-use medsplit_engine::training::{epoch_order, evaluate, train_epoch};
+use medsplit_engine::training::{SampleStream, epoch_order, evaluate, train_epoch};
 use medsplit_engine::wfdb;
 use serde::Serialize;
 
@@ -89,19 +89,26 @@ struct Args {
     /// Learning rate of the client's Adam.
     #[arg(long, default_value_t = 1e-3)]
     client_lr: f64,
-    /// Model preset: m1, m1_wide, m1_tail (default: m1 for --data, m1_tail for --records).
+    /// Model: a preset (m1, m1_wide, m1_tail) or a job spec's model object as JSON, e.g.
+    /// '{"preset": "m1_tail", "tail": 32}' (default: m1 for --data, m1_tail for --records).
     #[arg(long)]
     model: Option<String>,
     /// Shorthand for --model m1_wide.
     #[arg(long)]
     wide: bool,
-    /// Preprocessing preset for --records: papers or inter_patient (default).
+    /// Preprocessing for --records: a preset (papers, inter_patient) or a job spec's
+    /// preprocessing object as JSON, e.g. '{"preset": "inter_patient", "template": "subtract"}'.
     #[arg(long, default_value = "inter_patient")]
     preprocessing: String,
-    /// Class weights of the loss: uniform, or balanced (n / (classes · n_c), capped).
+    /// Class weights of the loss: uniform, balanced (n / (classes · n_c), capped), or a job
+    /// spec's class_weights as JSON ('{"fixed": [1, 4, 4, 1, 1]}').
     /// Default: uniform for --data and synthetic beats, balanced for --records.
-    #[arg(long, value_enum)]
-    class_weights: Option<WeightsKind>,
+    #[arg(long)]
+    class_weights: Option<String>,
+    /// cyclic-he: batches per visit, going on through the hospital's beats from round to round,
+    /// instead of one pass over them.
+    #[arg(long)]
+    local_steps: Option<usize>,
     /// Worker threads of the tensor backend (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -125,12 +132,6 @@ enum Transport {
 enum SplitKind {
     InterPatient,
     Ds1Cv,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum)]
-enum WeightsKind {
-    Uniform,
-    Balanced,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum)]
@@ -181,6 +182,9 @@ struct ModeResult {
     transport: String,
     batch_size: usize,
     epochs: usize,
+    /// cyclic-he: batches per visit (absent: one pass over the hospital's beats per visit).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    local_steps: Option<usize>,
     seconds_per_epoch: f64,
     test_accuracy: f64,
     bytes_client_to_server_per_epoch: u64,
@@ -201,7 +205,7 @@ struct Setup {
     name: String,
     evaluation: EvalKind,
     labels: LabelSet,
-    preprocessing: String,
+    preprocessing: Preprocessing,
     model: ModelSpec,
     config: ModelConfig,
     weights: ClassWeights,
@@ -233,8 +237,16 @@ fn main() {
 }
 
 fn try_main(args: Args) -> anyhow::Result<()> {
-    if args.epochs == 0 || args.batch_size == 0 || args.hospitals == 0 || args.folds < 2 {
-        bail!("--epochs, --batch-size and --hospitals must be at least 1, --folds at least 2");
+    if args.epochs == 0
+        || args.batch_size == 0
+        || args.hospitals == 0
+        || args.folds < 2
+        || args.rounds == Some(0)
+        || args.local_steps == Some(0)
+    {
+        bail!(
+            "--epochs, --batch-size, --hospitals, --rounds and --local-steps must be at least 1, --folds at least 2"
+        );
     }
     if let Some(threads) = args.threads {
         rayon::ThreadPoolBuilder::new()
@@ -268,11 +280,6 @@ fn try_main(args: Args) -> anyhow::Result<()> {
             continue;
         }
         if args.transport == Transport::Websocket {
-            if mode == Mode::CyclicHe {
-                bail!(
-                    "cyclic-he runs in process only; --transport websocket takes split and split-he"
-                );
-            }
             // The coordinator on its own multi-threaded runtime, the agent on this thread, as
             // two processes would run.
             let coordinator = tokio::runtime::Runtime::new()?;
@@ -308,7 +315,7 @@ fn try_main(args: Args) -> anyhow::Result<()> {
             dataset: setup.name.clone(),
             evaluation: setup.evaluation,
             labels: setup.classes().iter().map(|c| c.to_string()).collect(),
-            preprocessing: setup.preprocessing.clone(),
+            preprocessing: setup.preprocessing.describe(),
             model: setup.model.clone(),
             class_weights: setup.weights.clone(),
             train_samples: setup.train.len(),
@@ -326,37 +333,26 @@ fn try_main(args: Args) -> anyhow::Result<()> {
 }
 
 fn load(args: &Args) -> anyhow::Result<Setup> {
-    let preset = match (&args.model, args.wide) {
+    let model: ModelSpec = match (&args.model, args.wide) {
         (Some(_), true) => bail!("--wide and --model are exclusive"),
-        (_, true) => ModelName::M1Wide,
-        (Some(name), false) => ModelName::ALL
-            .into_iter()
-            .find(|m| m.as_str() == name)
-            .with_context(|| format!("unknown --model {name:?}: m1, m1_wide or m1_tail"))?,
-        (None, false) if args.records.is_some() => ModelName::M1Tail,
-        (None, false) => ModelName::M1,
+        (_, true) => ModelName::M1Wide.spec(),
+        (Some(text), false) => spec_value(text).context("--model")?,
+        (None, false) if args.records.is_some() => ModelName::M1Tail.spec(),
+        (None, false) => ModelName::M1.spec(),
     };
-    let model = preset.spec();
     let optimizer = match args.server_optimizer {
         OptimizerKind::Adam => ServerOptimizer::Adam { lr: args.server_lr },
         OptimizerKind::Sgd => ServerOptimizer::Sgd { lr: args.server_lr },
     };
-    let weights = match args.class_weights {
-        Some(WeightsKind::Balanced) => ClassWeights::Balanced,
-        Some(WeightsKind::Uniform) => ClassWeights::Uniform,
+    let weights = match &args.class_weights {
+        Some(text) => spec_value(text).context("--class-weights")?,
         None if args.records.is_some() => ClassWeights::Balanced,
         None => ClassWeights::Uniform,
     };
     let (name, evaluation, labels, preprocessing_spec, train, test) =
         if let Some(dir) = &args.records {
-            let p = Preset::parse(&args.preprocessing)
-                .with_context(|| {
-                    format!(
-                        "unknown --preprocessing {:?}: papers or inter_patient",
-                        args.preprocessing
-                    )
-                })?
-                .preprocessing();
+            let p: Preprocessing = spec_value(&args.preprocessing).context("--preprocessing")?;
+            p.validate().context("--preprocessing")?;
             let labels = LabelSet::Aami;
             let started = Instant::now();
             let train = records(dir, &DS1, &p, labels)?;
@@ -406,7 +402,7 @@ fn load(args: &Args) -> anyhow::Result<Setup> {
         name,
         evaluation,
         labels,
-        preprocessing: preprocessing_spec.describe(),
+        preprocessing: preprocessing_spec,
         model,
         config,
         weights,
@@ -415,6 +411,19 @@ fn load(args: &Args) -> anyhow::Result<Setup> {
         train,
         test,
     })
+}
+
+/// A job spec value from the command line: JSON, or a bare name taken as a JSON string
+/// (`inter_patient` for `"inter_patient"`).
+fn spec_value<T: serde::de::DeserializeOwned>(text: &str) -> anyhow::Result<T> {
+    let text = text.trim();
+    if text.starts_with(['{', '[', '"']) {
+        Ok(serde_json::from_str(text)?)
+    } else {
+        Ok(serde_json::from_value(serde_json::Value::String(
+            text.to_owned(),
+        ))?)
+    }
 }
 
 /// The beats of `names` in `dir`, one patient per record.
@@ -491,6 +500,7 @@ fn run_mode(
         transport: "in-process".into(),
         batch_size: args.batch_size,
         epochs: args.epochs,
+        local_steps: None,
         seconds_per_epoch: median(&epoch_seconds),
         test_accuracy: metrics.accuracy(),
         bytes_client_to_server_per_epoch: traffic.client_to_server / epochs,
@@ -570,24 +580,7 @@ fn patient_names(data: &Dataset, patients: &[u32]) -> Vec<String> {
 /// fresh optimiser, as the agents and the coordinator do), trains one pass over that hospital's
 /// beats with its own class weights, and hands both on.
 fn cyclic(setup: &Setup, args: &Args) -> anyhow::Result<ModeResult> {
-    let groups = deal_patients(&setup.train, args.hospitals, 1);
-    let hospitals: Vec<Dataset> = groups
-        .iter()
-        .map(|g| of_patients(&setup.train, g))
-        .collect::<anyhow::Result<_>>()?;
-    let names: Vec<Vec<String>> = groups
-        .iter()
-        .map(|g| patient_names(&setup.train, g))
-        .collect();
-    for (h, (n, d)) in names.iter().zip(&hospitals).enumerate() {
-        eprintln!(
-            "hospital {}: patients {} ({} beats, classes {:?})",
-            h + 1,
-            n.join(" "),
-            d.len(),
-            d.class_counts()
-        );
-    }
+    let (hospitals, names) = hospitals(setup, args)?;
     let rounds = args.rounds.unwrap_or(args.epochs);
     let config = &setup.config;
     let mut client_parameters: Option<Vec<f32>> = None;
@@ -613,8 +606,7 @@ fn cyclic(setup: &Setup, args: &Args) -> anyhow::Result<ModeResult> {
                 Some(p) => ServerSession::resume(config, Privacy::Encrypted, setup.optimizer, p)?,
             };
             let mut visit = InProcess::from_sessions(client, server);
-            let seed = args.seed ^ ((round as u64) << 32 | h as u64);
-            let order = epoch_order(data.len(), seed, 0);
+            let order = visit_order(data.len(), args, round, h)?;
             let label = format!("cyclic-he round {}/{rounds} hospital {}", round + 1, h + 1);
             let (_, totals) = timed_epoch(&mut visit, data, &order, args.batch_size, &label)?;
             loss.0 += totals.loss_sum;
@@ -644,6 +636,7 @@ fn cyclic(setup: &Setup, args: &Args) -> anyhow::Result<ModeResult> {
         transport: "in-process".into(),
         batch_size: args.batch_size,
         epochs: rounds,
+        local_steps: args.local_steps,
         seconds_per_epoch: median(&epoch_seconds),
         test_accuracy: metrics.accuracy(),
         bytes_client_to_server_per_epoch: traffic.0 / rounds_u,
@@ -653,6 +646,66 @@ fn cyclic(setup: &Setup, args: &Args) -> anyhow::Result<ModeResult> {
         hospitals: names,
         folds: Vec::new(),
         metrics,
+    })
+}
+
+/// DS1's patients dealt to `--hospitals` hospitals (by patient, S beats spread first), printed:
+/// each hospital's beats and its patients' names.
+fn hospitals(setup: &Setup, args: &Args) -> anyhow::Result<(Vec<Dataset>, Vec<Vec<String>>)> {
+    let train = &setup.train;
+    if train.patient_names().len() < args.hospitals {
+        // Beats without enough patients (the synthetic beat set is one unknown patient): every
+        // hospital gets every `--hospitals`-th beat.
+        eprintln!(
+            "{} patients for {} hospitals: beats dealt in turn",
+            train.patient_names().len(),
+            args.hospitals
+        );
+        let hospitals: Vec<Dataset> = (0..args.hospitals)
+            .map(|h| {
+                let rows: Vec<usize> = (h..train.len()).step_by(args.hospitals).collect();
+                train.select(&rows)
+            })
+            .collect::<Result<_, _>>()?;
+        let names = hospitals
+            .iter()
+            .map(|d| d.patient_names().to_vec())
+            .collect();
+        return Ok((hospitals, names));
+    }
+    let groups = deal_patients(train, args.hospitals, 1);
+    let hospitals: Vec<Dataset> = groups
+        .iter()
+        .map(|g| of_patients(&setup.train, g))
+        .collect::<anyhow::Result<_>>()?;
+    let names: Vec<Vec<String>> = groups
+        .iter()
+        .map(|g| patient_names(&setup.train, g))
+        .collect();
+    for (h, (n, d)) in names.iter().zip(&hospitals).enumerate() {
+        eprintln!(
+            "hospital {}: patients {} ({} beats, classes {:?})",
+            h + 1,
+            n.join(" "),
+            d.len(),
+            d.class_counts()
+        );
+    }
+    Ok((hospitals, names))
+}
+
+/// The samples hospital `h` (0-based) trains on in `round` of a cyclic run, in order, as its
+/// agent would take them: one seeded pass, or `--local-steps` batches going on from where the
+/// previous round's visit stopped.
+fn visit_order(len: usize, args: &Args, round: usize, h: usize) -> anyhow::Result<Vec<usize>> {
+    Ok(match args.local_steps {
+        None => epoch_order(len, args.seed ^ ((round as u64) << 32 | h as u64), 0),
+        Some(steps) => {
+            let per_visit = steps * args.batch_size;
+            SampleStream::starting_at(len, args.seed ^ h as u64, (round * per_visit) as u64)
+                .with_context(|| format!("hospital {} has no training beats", h + 1))?
+                .take(per_visit)
+        }
     })
 }
 
@@ -697,6 +750,7 @@ fn cross_validate(mode: Mode, setup: &Setup, args: &Args) -> anyhow::Result<Mode
         transport: "in-process".into(),
         batch_size: args.batch_size,
         epochs: args.epochs,
+        local_steps: None,
         seconds_per_epoch: median(&epoch_seconds),
         test_accuracy: pooled.accuracy(),
         bytes_client_to_server_per_epoch: 0,
@@ -855,6 +909,11 @@ mod websocket {
         }
     }
 
+    /// Trains `mode` through a real coordinator (its own Postgres) and in-process agents on
+    /// loopback, as a deployment would: split and split-he with one hospital holding the whole
+    /// training set; cyclic-he with `--hospitals` hospitals, each with its own agent and its
+    /// patients, the client weights sealed from one to the next. Every visit of the last round
+    /// measures the test set; the result is the last visit's, the model the cycle ends with.
     pub async fn run(
         mode: Mode,
         setup: &Setup,
@@ -863,9 +922,18 @@ mod websocket {
     ) -> anyhow::Result<ModeResult> {
         if mode == Mode::Local {
             bail!(
-                "--transport websocket needs a split mode (split, split-he): local training has no network"
+                "--transport websocket needs a split mode (split, split-he, cyclic-he): local training has no network"
             );
         }
+        let (hospitals, patients) = if mode == Mode::CyclicHe {
+            super::hospitals(setup, args)?
+        } else {
+            (vec![setup.train.clone()], Vec::new())
+        };
+        let rounds = match mode {
+            Mode::CyclicHe => args.rounds.unwrap_or(args.epochs),
+            _ => 1,
+        };
         let dir = std::env::temp_dir().join(format!("medsplit-bench-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
@@ -876,7 +944,6 @@ mod websocket {
         let admin = Rest::new(&url)
             .login("bench@medsplit.local", PASSWORD)
             .await?;
-        let hospital_admin = local::hospital_with_admin(&admin, "bench", PASSWORD).await?;
         let researcher = local::create_user(
             &admin,
             "researcher@bench.local",
@@ -885,7 +952,21 @@ mod websocket {
             None,
         )
         .await?;
-        let (coordinator, key) = local::enrol_in_process(&url, &hospital_admin, "bench").await?;
+        let names: Vec<String> = (1..=hospitals.len())
+            .map(|h| format!("bench-{h}"))
+            .collect();
+        let mut agents = Vec::new();
+        let mut hospital_admins = Vec::new();
+        for name in &names {
+            let hospital_admin = local::hospital_with_admin(&admin, name, PASSWORD).await?;
+            let (coordinator, key) = local::enrol_in_process(&url, &hospital_admin, name).await?;
+            agents.push((Arc::new(coordinator), key));
+            hospital_admins.push(hospital_admin);
+        }
+        let (local_epochs, local_steps) = match mode {
+            Mode::CyclicHe => (1, args.local_steps),
+            _ => (args.epochs, None),
+        };
         let job = researcher
             .call(
                 "POST",
@@ -893,11 +974,15 @@ mod websocket {
                 Some(json!({
                     "name": format!("bench {}", mode.name()),
                     "model": setup.model,
+                    "labels": setup.labels,
+                    "preprocessing": setup.preprocessing,
                     "class_weights": setup.weights,
                     "client_lr": setup.client_lr,
-                    "hospitals": ["bench"],
-                    "rounds": 1,
-                    "local_epochs": args.epochs,
+                    "hospitals": names,
+                    "rounds": rounds,
+                    "local_epochs": local_epochs,
+                    "local_steps": local_steps,
+                    "eval_every": rounds,
                     "batch_size": args.batch_size,
                     "seed": args.seed,
                     "server_optimizer": setup.optimizer,
@@ -906,42 +991,72 @@ mod websocket {
             )
             .await?;
         let id = job["id"].as_i64().unwrap_or_default();
-        hospital_admin
-            .call(
-                "POST",
-                &format!("/v1/jobs/{id}/consent"),
-                Some(json!({ "decision": "approve" })),
-            )
-            .await?;
-        let assignment = coordinator
-            .claim(Duration::from_secs(10))
-            .await?
-            .context("the coordinator offered no visit")?;
-        let data = LocalData {
-            train: setup.train.clone(),
-            test: setup.test.clone(),
-        };
+        for hospital_admin in &hospital_admins {
+            hospital_admin
+                .call(
+                    "POST",
+                    &format!("/v1/jobs/{id}/consent"),
+                    Some(json!({ "decision": "approve" })),
+                )
+                .await?;
+        }
         let mut progress = Progress {
             mode: mode.name(),
             final_loss: f64::NAN,
         };
-        // Keep the lease while training, as the agent daemon does.
-        let coordinator = Arc::new(coordinator);
-        let beat = coordinator.keep_lease((assignment.visit_id, assignment.attempt));
-        let summary = visit::run(&coordinator, &key, &assignment, &data, &mut progress).await;
-        beat.abort();
-        let summary = summary?;
+        let mut epoch_seconds = Vec::new();
+        let mut traffic = (0u64, 0u64);
+        let mut last = None;
+        for round in 0..rounds {
+            let started = std::time::Instant::now();
+            for (h, ((coordinator, key), train)) in agents.iter().zip(&hospitals).enumerate() {
+                let assignment = coordinator
+                    .claim(Duration::from_secs(30))
+                    .await?
+                    .with_context(|| {
+                        format!("the coordinator offered hospital {} no visit", h + 1)
+                    })?;
+                let data = LocalData {
+                    train: train.clone(),
+                    test: setup.test.clone(),
+                };
+                // Keep the lease while training, as the agent daemon does.
+                let beat = coordinator.keep_lease((assignment.visit_id, assignment.attempt));
+                let summary = visit::run(coordinator, key, &assignment, &data, &mut progress).await;
+                beat.abort();
+                let summary =
+                    summary.with_context(|| format!("round {} hospital {}", round + 1, h + 1))?;
+                traffic.0 += summary.train_bytes_up;
+                traffic.1 += summary.train_bytes_down;
+                if mode != Mode::CyclicHe {
+                    epoch_seconds.extend(&summary.epoch_seconds);
+                }
+                last = Some(summary);
+            }
+            if mode == Mode::CyclicHe {
+                let seconds = started.elapsed().as_secs_f64();
+                epoch_seconds.push(seconds);
+                eprintln!(
+                    "cyclic-he round {}/{rounds} (websocket): loss {:.4}, {seconds:.2} s",
+                    round + 1,
+                    progress.final_loss
+                );
+            }
+        }
+        let summary = last.context("no visit ran")?;
         let metrics = summary.test.clone().context("no test metrics measured")?;
         let stored = researcher
             .call("GET", &format!("/v1/jobs/{id}/metrics"), None)
             .await?;
-        let visit = &stored["visits"][0];
+        let visits = stored["visits"].as_array().cloned().unwrap_or_default();
+        let sum = |key: &str| visits.iter().filter_map(|v| v[key].as_f64()).sum::<f64>();
         eprintln!(
-            "{:>8} coordinator: {:.2} s computing over {} messages in a {:.2} s visit",
+            "{:>8} coordinator: {:.2} s computing over {} messages in {} visits, {:.2} s of visits",
             mode.name(),
-            visit["server_seconds"].as_f64().unwrap_or(0.0),
-            visit["messages"].as_i64().unwrap_or(0),
-            visit["wall_seconds"].as_f64().unwrap_or(0.0)
+            sum("server_seconds"),
+            sum("messages"),
+            visits.len(),
+            sum("wall_seconds")
         );
         print_metrics(
             &format!("{} (websocket)", mode.name()),
@@ -951,19 +1066,24 @@ mod websocket {
         server.abort();
         drop(pg);
         let _ = std::fs::remove_dir_all(&dir);
-        let epochs = args.epochs as u64;
+        let epochs = match mode {
+            Mode::CyclicHe => rounds,
+            _ => args.epochs,
+        };
+        let per_epoch = epochs.max(1) as u64;
         Ok(ModeResult {
             mode: mode.name().into(),
             transport: "websocket".into(),
             batch_size: args.batch_size,
-            epochs: args.epochs,
-            seconds_per_epoch: median(&summary.epoch_seconds),
+            epochs,
+            local_steps,
+            seconds_per_epoch: median(&epoch_seconds),
             test_accuracy: metrics.accuracy(),
-            bytes_client_to_server_per_epoch: summary.train_bytes_up / epochs,
-            bytes_server_to_client_per_epoch: summary.train_bytes_down / epochs,
-            epoch_seconds: summary.epoch_seconds,
+            bytes_client_to_server_per_epoch: traffic.0 / per_epoch,
+            bytes_server_to_client_per_epoch: traffic.1 / per_epoch,
+            epoch_seconds,
             final_train_loss: progress.final_loss,
-            hospitals: Vec::new(),
+            hospitals: patients,
             folds: Vec::new(),
             metrics,
         })
