@@ -1751,7 +1751,8 @@ function eventText({ kind, detail: d = {} }, job, visits) {
         d.test_accuracy == null ? null : `, test accuracy ${fmtPct(d.test_accuracy)}`,
         `; ${fmtMB(d.bytes_up)} up, ${fmtMB(d.bytes_down)} down`].filter(Boolean).join('');
     case 'visit.failed':
-      return `${visit(d.visit_id)}: ${d.failures} failed attempt${d.failures === 1 ? '' : 's'}${d.retry ? '; it will be retried' : ''}`;
+      return [visit(d.visit_id), d.refused ? ': refused by the hospital' : `: ${d.failures} failed attempt${d.failures === 1 ? '' : 's'}`,
+        d.retry ? '; it will be retried' : '', d.error ? ` (${d.error})` : ''].join('');
     case 'visit.skipped':
       return `${visit(d.visit_id)} skipped`;
     case 'job.failed':

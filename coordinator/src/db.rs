@@ -1011,6 +1011,35 @@ pub async fn release_visit(
     Ok(r.rows_affected() == 1)
 }
 
+/// Ends this attempt of a running visit for good: the hospital's data cannot give what the job
+/// asks, so retrying cannot help. Its failure is counted and `reason` kept as its last error;
+/// the caller applies the job's policy ([`crate::scheduler::apply_failure`]). `None` when this
+/// attempt no longer holds the visit.
+pub async fn refuse_visit(
+    tx: &mut sqlx::PgConnection,
+    visit_id: i64,
+    attempt: i32,
+    agent_id: i64,
+    reason: &str,
+) -> sqlx::Result<Option<Expired>> {
+    sqlx::query_as!(
+        Expired,
+        "update visits v set failures = v.failures + 1, agent_id = null, lease_expires_at = null,
+                status = 'queued', last_error = $4
+         from jobs j
+         where j.id = v.job_id and v.id = $1 and v.attempt = $2 and v.agent_id = $3
+           and v.status = 'running'
+         returning v.id, v.job_id, v.seq, v.hospital_id, v.failures, j.max_attempts, j.on_failure,
+                   v.last_error",
+        visit_id,
+        attempt,
+        agent_id,
+        reason
+    )
+    .fetch_optional(&mut *tx)
+    .await
+}
+
 pub struct Requeued {
     pub id: i64,
     pub job_id: i64,
@@ -1039,6 +1068,8 @@ pub struct Expired {
     pub failures: i32,
     pub max_attempts: i32,
     pub on_failure: String,
+    /// Why the attempt ended, when the agent said (its release) or the coordinator knows.
+    pub last_error: Option<String>,
 }
 
 /// Running visits whose lease has expired, locked for this transaction; their failure count is
@@ -1055,7 +1086,8 @@ pub async fn take_expired(tx: &mut sqlx::PgConnection) -> sqlx::Result<Vec<Expir
                 status = 'queued'
          from expired e, jobs j
          where v.id = e.id and j.id = v.job_id
-         returning v.id, v.job_id, v.seq, v.hospital_id, v.failures, j.max_attempts, j.on_failure"
+         returning v.id, v.job_id, v.seq, v.hospital_id, v.failures, j.max_attempts, j.on_failure,
+                   v.last_error"
     )
     .fetch_all(&mut *tx)
     .await

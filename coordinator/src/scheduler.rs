@@ -61,49 +61,68 @@ pub async fn sweep(state: &AppState) -> Result<(), sqlx::Error> {
         state
             .sessions
             .stop_where(medsplit_engine::api::close::FENCED, |id, _| id == v.id);
-        let exhausted = v.failures >= v.max_attempts;
-        db::job_event(
-            &mut *tx,
-            v.job_id,
-            "visit.failed",
-            json!({ "visit_id": v.id, "seq": v.seq, "failures": v.failures, "retry": !exhausted }),
-        )
-        .await?;
-        if !exhausted {
-            db::notify_queued(&mut *tx, v.job_id).await?;
-        } else if v.on_failure == "skip" {
-            db::skip_visit(&mut *tx, v.id).await?;
-            db::job_event(
-                &mut *tx,
-                v.job_id,
-                "visit.skipped",
-                json!({ "visit_id": v.id }),
-            )
-            .await?;
-            if db::advance(&mut tx, v.job_id).await? {
-                db::job_event(&mut *tx, v.job_id, "job.completed", json!({})).await?;
-            }
-        } else {
-            let reason = format!(
-                "visit {} (hospital {}) failed {} times",
-                v.id, v.hospital_id, v.failures
-            );
-            db::end_job(&mut tx, v.job_id, "failed", Some(&reason)).await?;
-            db::job_event(
-                &mut *tx,
-                v.job_id,
-                "job.failed",
-                json!({ "reason": reason }),
-            )
-            .await?;
-            state
-                .sessions
-                .stop_where(medsplit_engine::api::close::FENCED, |_, o| {
-                    o.job_id == v.job_id
-                });
-        }
+        apply_failure(state, &mut tx, v, false).await?;
     }
     tx.commit().await?;
     state.work.notify_waiters();
+    Ok(())
+}
+
+/// What follows a failed attempt of visit `v` (already re-queued, its failure counted): another
+/// attempt, or once it has had `max_attempts` (at once when the hospital `refused` it) the job's
+/// policy. The events and the job's error carry the attempt's last error.
+pub async fn apply_failure(
+    state: &AppState,
+    tx: &mut sqlx::PgConnection,
+    v: &db::Expired,
+    refused: bool,
+) -> Result<(), sqlx::Error> {
+    let exhausted = refused || v.failures >= v.max_attempts;
+    db::job_event(
+        &mut *tx,
+        v.job_id,
+        "visit.failed",
+        json!({ "visit_id": v.id, "seq": v.seq, "failures": v.failures, "retry": !exhausted,
+                "refused": refused, "error": v.last_error }),
+    )
+    .await?;
+    if !exhausted {
+        db::notify_queued(&mut *tx, v.job_id).await?;
+    } else if v.on_failure == "skip" {
+        db::skip_visit(&mut *tx, v.id).await?;
+        db::job_event(
+            &mut *tx,
+            v.job_id,
+            "visit.skipped",
+            json!({ "visit_id": v.id }),
+        )
+        .await?;
+        if db::advance(&mut *tx, v.job_id).await? {
+            db::job_event(&mut *tx, v.job_id, "job.completed", json!({})).await?;
+        }
+    } else {
+        let what = match (refused, v.failures) {
+            (true, _) => "was refused".to_owned(),
+            (false, 1) => "failed once".to_owned(),
+            (false, n) => format!("failed {n} times"),
+        };
+        let mut reason = format!("visit {} (hospital {}) {what}", v.id, v.hospital_id);
+        if let Some(e) = &v.last_error {
+            reason.push_str(&format!(": {e}"));
+        }
+        db::end_job(&mut *tx, v.job_id, "failed", Some(&reason)).await?;
+        db::job_event(
+            &mut *tx,
+            v.job_id,
+            "job.failed",
+            json!({ "reason": reason }),
+        )
+        .await?;
+        state
+            .sessions
+            .stop_where(medsplit_engine::api::close::FENCED, |_, o| {
+                o.job_id == v.job_id
+            });
+    }
     Ok(())
 }

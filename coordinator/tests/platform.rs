@@ -891,6 +891,93 @@ async fn expired_leases_are_retried_and_fenced(pool: Pool) {
     running.task.await.unwrap().unwrap();
 }
 
+/// A visit the hospital's data cannot serve is refused: no retry, the job's policy applies at
+/// once, and the researcher reads the reason in the job's error, its events and the visit.
+#[sqlx::test(migrator = "medsplit_coordinator::MIGRATOR")]
+async fn a_refused_visit_is_not_retried_and_its_reason_reaches_the_job(pool: Pool) {
+    let p = Platform::new(&pool, 2, &[]).await;
+    let c = p.enrol(0).await.coordinator();
+    let reason = "this hospital's data cannot give what the job asks: its labels are AAMI";
+    let mut s = spec(&["h0"], 1);
+    s["max_attempts"] = json!(5);
+    s["on_failure"] = json!("fail");
+    let id = p.approved_job(s).await;
+    let v = c.claim(Duration::from_secs(5)).await.unwrap().unwrap();
+    assert_eq!(v.attempt, 1);
+    c.refuse(v.visit_id, v.attempt, reason).await.unwrap();
+    let job = p.wait_job(id, Duration::from_secs(20)).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    let error = job["error"].as_str().unwrap();
+    assert!(
+        error.starts_with(&format!("visit {} (hospital ", v.visit_id))
+            && error.contains(") was refused: ")
+            && error.ends_with(reason),
+        "{error}"
+    );
+    let events = p
+        .researcher
+        .ok("GET", &format!("/v1/jobs/{id}/events"), None)
+        .await;
+    let failed: Vec<_> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "visit.failed")
+        .collect();
+    assert_eq!(failed.len(), 1, "{events}");
+    let d = &failed[0]["detail"];
+    assert_eq!(
+        (&d["error"], &d["retry"], &d["refused"], &d["failures"]),
+        (&json!(reason), &json!(false), &json!(true), &json!(1))
+    );
+
+    // Skipped at once: the round goes on at the next hospital, the visit keeps its reason.
+    let a1 = p.enrol(1).await;
+    let running = a1.spawn();
+    let mut s = spec(&["h0", "h1"], 1);
+    s["max_attempts"] = json!(5);
+    let id = p.approved_job(s).await;
+    let v = c.claim(Duration::from_secs(5)).await.unwrap().unwrap();
+    c.refuse(v.visit_id, v.attempt, reason).await.unwrap();
+    let job = p.wait_job(id, Duration::from_secs(120)).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    let m = p
+        .researcher
+        .ok("GET", &format!("/v1/jobs/{id}/metrics"), None)
+        .await;
+    let visits = m["visits"].as_array().unwrap();
+    assert_eq!(
+        (
+            &visits[0]["status"],
+            &visits[0]["attempt"],
+            &visits[0]["last_error"]
+        ),
+        (&json!("skipped"), &json!(1), &json!(reason)),
+        "{m}"
+    );
+    assert_eq!(visits[1]["status"], "completed");
+    // A plain release is still retried.
+    let mut s = spec(&["h0"], 1);
+    s["max_attempts"] = json!(2);
+    let id = p.approved_job(s).await;
+    let v = c.claim(Duration::from_secs(5)).await.unwrap().unwrap();
+    c.release(v.visit_id, v.attempt, "network trouble")
+        .await
+        .unwrap();
+    let again = c.claim(Duration::from_secs(10)).await.unwrap().unwrap();
+    assert_eq!((again.visit_id, again.attempt), (v.visit_id, 2));
+    c.refuse(again.visit_id, again.attempt, reason)
+        .await
+        .unwrap();
+    let job = p.wait_job(id, Duration::from_secs(20)).await;
+    assert_eq!(
+        job["status"], "completed",
+        "skipped, the job's only visit: {job}"
+    );
+    running.stop.send_replace(true);
+    running.task.await.unwrap().unwrap();
+}
+
 #[sqlx::test(migrator = "medsplit_coordinator::MIGRATOR")]
 async fn a_killed_agent_s_visit_is_retried(pool: Pool) {
     let p = Platform::new(&pool, 1, &[]).await;

@@ -254,11 +254,27 @@ impl Coordinator {
     /// Gives a visit back (it will be retried). The coordinator refuses control characters in
     /// any text, so those of the reason (line breaks of an error chain) become spaces.
     pub async fn release(&self, visit: i64, attempt: i32, reason: &str) -> Result<(), AgentError> {
+        self.give_back(visit, attempt, reason, false).await
+    }
+
+    /// Refuses a visit that this hospital's data cannot serve: given back for good (no retry;
+    /// the job's failure policy applies), with the reason for the researcher.
+    pub async fn refuse(&self, visit: i64, attempt: i32, reason: &str) -> Result<(), AgentError> {
+        self.give_back(visit, attempt, reason, true).await
+    }
+
+    async fn give_back(
+        &self,
+        visit: i64,
+        attempt: i32,
+        reason: &str,
+        refused: bool,
+    ) -> Result<(), AgentError> {
         let reason: String = reason
             .chars()
             .map(|c| if c.is_control() { ' ' } else { c })
             .collect();
-        let body = serde_json::json!({ "attempt": attempt, "reason": reason });
+        let body = serde_json::json!({ "attempt": attempt, "reason": reason, "refused": refused });
         match self
             .post(&format!("/v1/visits/{visit}/release"), &body)
             .await

@@ -132,6 +132,10 @@ async fn heartbeat(
 pub struct Release {
     pub attempt: i32,
     pub reason: String,
+    /// The hospital's data cannot give what the job asks: retrying cannot help, so the job's
+    /// `on_failure` applies at once.
+    #[serde(default)]
+    pub refused: bool,
 }
 
 async fn release(
@@ -142,6 +146,20 @@ async fn release(
 ) -> Result<StatusCode> {
     p.require(Role::Agent)?;
     let reason: String = body.reason.chars().take(500).collect();
+    if body.refused {
+        let mut tx = s.db.begin().await?;
+        let Some(visit) = db::refuse_visit(&mut tx, id, body.attempt, p.id, &reason).await? else {
+            return Err(Error::Conflict(
+                "this attempt no longer holds the visit".into(),
+            ));
+        };
+        crate::scheduler::apply_failure(&s, &mut tx, &visit, true).await?;
+        tx.commit().await?;
+        s.sessions
+            .stop_where(medsplit_engine::api::close::FENCED, |v, _| v == id);
+        s.work.notify_waiters();
+        return Ok(StatusCode::NO_CONTENT);
+    }
     if !db::release_visit(&s.db, id, body.attempt, p.id, &reason).await? {
         return Err(Error::Conflict(
             "this attempt no longer holds the visit".into(),
