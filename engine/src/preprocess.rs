@@ -212,6 +212,10 @@ pub enum Template {
 pub struct RrFeatures {
     /// Intervals averaged for the local RR feature.
     pub local_beats: usize,
+    /// Two more features of the current rhythm ([`RHYTHM_FEATURE_NAMES`], [`rhythm_features`]):
+    /// how premature the beat is against the local rhythm, and how irregular that rhythm is.
+    #[serde(default)]
+    pub rhythm: bool,
 }
 
 /// Number of RR features per beat: previous, next, local, record.
@@ -219,6 +223,10 @@ pub const RR_FEATURES: usize = 4;
 /// Names of the RR features, in row order.
 pub const RR_FEATURE_NAMES: [&str; RR_FEATURES] =
     ["rr_previous", "rr_next", "rr_local", "rr_record_s"];
+/// Number of rhythm features ([`RrFeatures::rhythm`]), after the RR features.
+pub const RHYTHM_FEATURES: usize = 2;
+/// Names of the rhythm features, in row order.
+pub const RHYTHM_FEATURE_NAMES: [&str; RHYTHM_FEATURES] = ["rr_ratio", "rr_irregularity"];
 
 /// How beats are cut from a record and turned into model input rows. Serialises as a full
 /// object; deserialises from a preset name or an object whose missing fields come from its
@@ -326,7 +334,10 @@ impl Preprocessing {
             },
             normalisation: Normalisation::RecordPeak,
             denoise: false,
-            rr: Some(RrFeatures { local_beats: 10 }),
+            rr: Some(RrFeatures {
+                local_beats: 10,
+                rhythm: false,
+            }),
             template: Template::None,
         }
     }
@@ -338,7 +349,11 @@ impl Preprocessing {
 
     /// Side features per row after the waveform.
     pub fn feature_len(&self) -> usize {
-        if self.rr.is_some() { RR_FEATURES } else { 0 }
+        match self.rr {
+            None => 0,
+            Some(RrFeatures { rhythm: false, .. }) => RR_FEATURES,
+            Some(RrFeatures { rhythm: true, .. }) => RR_FEATURES + RHYTHM_FEATURES,
+        }
     }
 
     /// Values per row: `beat_len + feature_len`.
@@ -582,6 +597,52 @@ pub fn rr_features(peaks: &[u64], fs: f64, local_beats: usize) -> Vec<[f64; RR_F
                 (prefix[i] - prefix[first]) / (i - first) as f64
             };
             [previous / scale, next / scale, local / scale, mean]
+        })
+        .collect()
+}
+
+/// The rhythm features of every beat of a record ([`RrFeatures::rhythm`]), given its beats'
+/// R-peak samples in time order. With `RR_i` and the local mean `L_i` (the mean of the last
+/// `local_beats` intervals ending at beat `i`) as in [`rr_features`], beat `i` gets:
+///
+/// 0. `rr_ratio` = `RR_i / L_i`: below 1 for a beat that comes early in the current rhythm,
+///    whatever the patient's heart rate (1 for the first beat).
+/// 1. `rr_irregularity` = the mean of `|RR_j - RR_(j-1)|` over the same window, divided by
+///    `L_i`: near 0 in a steady rhythm, large in atrial fibrillation, where an early beat is
+///    the rule rather than a sign of an ectopic beat (0 while there are fewer than two
+///    intervals).
+///
+/// # Shapes
+/// `peaks`: `[n]`; returns `[n]` rows of [`RHYTHM_FEATURES`].
+pub fn rhythm_features(peaks: &[u64], fs: f64, local_beats: usize) -> Vec<[f64; RHYTHM_FEATURES]> {
+    let n = peaks.len();
+    if n < 2 {
+        return vec![[1.0, 0.0]; n];
+    }
+    let intervals: Vec<f64> = peaks
+        .windows(2)
+        .map(|w| (w[1] as f64 - w[0] as f64) / fs)
+        .collect();
+    let local_beats = local_beats.max(1);
+    (0..n)
+        .map(|i| {
+            if i == 0 {
+                return [1.0, 0.0];
+            }
+            // Intervals RR_(first+1) ..= RR_i are intervals[first..i].
+            let first = i.saturating_sub(local_beats);
+            let window = &intervals[first..i];
+            let local = window.iter().sum::<f64>() / window.len() as f64;
+            if local <= 0.0 {
+                return [1.0, 0.0];
+            }
+            let changes: Vec<f64> = window.windows(2).map(|w| (w[1] - w[0]).abs()).collect();
+            let irregularity = if changes.is_empty() {
+                0.0
+            } else {
+                changes.iter().sum::<f64>() / changes.len() as f64 / local
+            };
+            [intervals[i - 1] / local, irregularity]
         })
         .collect()
 }
@@ -928,7 +989,10 @@ pub fn extract(
             .iter()
             .map(|&i| annotations[i].sample)
             .collect();
-        rr_features(&peaks, fs, rr.local_beats)
+        let rhythm = rr
+            .rhythm
+            .then(|| rhythm_features(&peaks, fs, rr.local_beats));
+        (rr_features(&peaks, fs, rr.local_beats), rhythm)
     });
     let row_len = p.row_len();
     let mut rows = Vec::with_capacity(candidates.len() * row_len);
@@ -970,10 +1034,13 @@ pub fn extract(
             standardise(&mut beat);
         }
         rows.extend(beat.iter().map(|&v| v as f32));
-        if let Some(features) = &rr {
+        if let Some((features, rhythm)) = &rr {
             // Every label-set symbol is a beat symbol, so the annotation is in the list.
             let position = beat_annotations.partition_point(|&i| i < index);
             rows.extend(features[position].iter().map(|&v| v as f32));
+            if let Some(rhythm) = rhythm {
+                rows.extend(rhythm[position].iter().map(|&v| v as f32));
+            }
         }
         classes.push(class);
         peaks.push(annotations[index].sample);
@@ -1214,7 +1281,13 @@ mod tests {
         );
         // Without a preset, missing fields come from the default (the papers').
         let defaulted = parse(r#"{"rr": {"local_beats": 5}}"#).unwrap();
-        assert_eq!(defaulted.rr, Some(RrFeatures { local_beats: 5 }));
+        assert_eq!(
+            defaulted.rr,
+            Some(RrFeatures {
+                local_beats: 5,
+                rhythm: false
+            })
+        );
         assert_eq!(defaulted.beat_len, Preprocessing::papers().beat_len);
         let lead_zero = parse(r#"{"preset": "inter_patient", "lead": null}"#).unwrap();
         assert_eq!(lead_zero.lead, None);
@@ -1280,7 +1353,12 @@ mod tests {
             "baseline.median.first_s",
         );
         check(
-            |p| p.rr = Some(RrFeatures { local_beats: 0 }),
+            |p| {
+                p.rr = Some(RrFeatures {
+                    local_beats: 0,
+                    rhythm: false,
+                })
+            },
             "rr.local_beats",
         );
         check(|p| p.lead = Some(" ".into()), "lead");
@@ -1319,6 +1397,48 @@ mod tests {
                 .flatten()
                 .all(|v| v.is_finite())
         );
+    }
+
+    #[test]
+    fn rhythm_features_of_a_steady_and_an_irregular_rhythm() {
+        let fs = 100.0;
+        // Steady at 1 s, then a beat 0.5 s early: its ratio is 0.5, the irregularity shows.
+        let steady: Vec<u64> = vec![0, 100, 200, 300, 400, 450];
+        let f = rhythm_features(&steady, fs, 3);
+        assert_eq!(f[0], [1.0, 0.0]);
+        assert!(
+            (f[3][0] - 1.0).abs() < 1e-12 && f[3][1].abs() < 1e-12,
+            "{:?}",
+            f[3]
+        );
+        // Beat 5: window RR 1, 1, 0.5 (mean 5/6); changes 0, 0.5 (mean 0.25).
+        let local = 2.5 / 3.0;
+        assert!((f[5][0] - 0.5 / local).abs() < 1e-12, "{:?}", f[5]);
+        assert!((f[5][1] - 0.25 / local).abs() < 1e-12, "{:?}", f[5]);
+        // Fewer than two beats: neutral values.
+        assert_eq!(rhythm_features(&[7], fs, 3), vec![[1.0, 0.0]]);
+        // In rows: after the four RR features.
+        let record = record("rh", 360.0, "MLII", synthetic_ecg(360.0, 10.0, &RHYTHM));
+        let mut p = Preprocessing::inter_patient();
+        p.rr = Some(RrFeatures {
+            local_beats: 10,
+            rhythm: true,
+        });
+        let (beats, _) = extract(&record, &rhythm_annotations(360.0), &p, LabelSet::Aami).unwrap();
+        assert_eq!(beats.feature_len(), RR_FEATURES + RHYTHM_FEATURES);
+        let times: Vec<u64> = RHYTHM.iter().map(|&(t, _)| (t * 360.0) as u64).collect();
+        let want = rhythm_features(&times, 360.0, 10);
+        for (i, w) in want.iter().enumerate() {
+            let got = &beats.features(i)[RR_FEATURES..];
+            assert!(
+                (f64::from(got[0]) - w[0]).abs() < 1e-6 && (f64::from(got[1]) - w[1]).abs() < 1e-6
+            );
+        }
+        let parsed: Preprocessing = serde_json::from_str(
+            r#"{"preset": "inter_patient", "rr": {"local_beats": 10, "rhythm": true}}"#,
+        )
+        .unwrap();
+        assert_eq!(parsed, p);
     }
 
     #[test]
