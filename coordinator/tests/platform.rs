@@ -71,9 +71,18 @@ async fn three_agents_train_a_cyclic_encrypted_job(pool: Pool) {
             assert!((0.0..=1.0).contains(&acc));
         }
     }
-    // Synthetic classes are easy: after two rounds the model must have learned something.
-    let last = rounds[1]["mean_test_accuracy"].as_f64().unwrap();
-    assert!(last > 0.5, "mean test accuracy after 2 rounds: {last}");
+    // Each hospital tests on a patient it never trained on, which two short rounds need not
+    // get right; but the model learns: the training loss falls from round 1 to round 2.
+    let mean_loss = |round: &serde_json::Value| {
+        let hospitals = round["hospitals"].as_array().unwrap();
+        let sum: f64 = hospitals
+            .iter()
+            .map(|h| h["train_loss"].as_f64().unwrap())
+            .sum();
+        sum / hospitals.len() as f64
+    };
+    let (first, second) = (mean_loss(&rounds[0]), mean_loss(&rounds[1]));
+    assert!(second < first, "training loss {first} then {second}");
     for v in m["visits"].as_array().unwrap() {
         assert_eq!(v["status"], "completed");
         assert_eq!(v["attempt"], 1, "no visit retried in a clean run");
@@ -164,7 +173,7 @@ async fn a_configured_job_trains_its_local_steps_per_visit(pool: Pool) {
     let visits = m["visits"].as_array().unwrap();
     assert_eq!(visits.len(), 4);
     for v in visits {
-        // 3 steps of 8 beats; a pass over a hospital's 160 or 192 training beats would be more.
+        // 3 steps of 8 beats; a pass over a hospital's 150-odd training beats would be more.
         assert_eq!(v["train_samples"], 3 * 8, "{v}");
         assert!(
             v["test_accuracy"]
@@ -198,7 +207,7 @@ async fn check_test_metrics(pool: &Pool, job: i64, m: &serde_json::Value) {
             "visit {id}: the confusion counts the test set"
         );
         assert_eq!(*classes, 5);
-        assert_eq!(kind, "beat", "the agents' split is by beat");
+        assert_eq!(kind, "patient", "the agents' split is by patient");
     }
     let unit = |v: &serde_json::Value| {
         let x = v.as_f64().unwrap_or(-1.0);
@@ -207,7 +216,7 @@ async fn check_test_metrics(pool: &Pool, job: i64, m: &serde_json::Value) {
     };
     for v in m["visits"].as_array().unwrap() {
         let e = &v["test_evaluation"];
-        assert_eq!(e["kind"], "beat");
+        assert_eq!(e["kind"], "patient");
         let classes: Vec<&str> = e["classes"]
             .as_array()
             .unwrap()
@@ -258,7 +267,7 @@ async fn check_test_metrics(pool: &Pool, job: i64, m: &serde_json::Value) {
         }
         let got = &r["pooled_test_evaluation"];
         assert_eq!(got["confusion"], json!(pooled), "round {round}");
-        assert_eq!(got["kind"], "beat");
+        assert_eq!(got["kind"], "patient");
         for (h, v) in r["hospitals"].as_array().unwrap().iter().zip(&of_round) {
             assert_eq!(
                 h["test_majority_rate"],

@@ -27,6 +27,10 @@ pub enum AgentError {
     Data(#[from] DataError),
     #[error(transparent)]
     Wfdb(#[from] medsplit_engine::wfdb::WfdbError),
+    /// The hospital's data cannot give what a job asks (its preprocessing or label set): the
+    /// visit is refused with this reason, other jobs go on.
+    #[error("this hospital's data cannot give what the job asks: {0}")]
+    Unsupported(String),
     #[error("coordinator unreachable: {0}")]
     Http(#[from] reqwest::Error),
     #[error("enrolment refused: {0}")]

@@ -5,8 +5,9 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use medsplit_agent::client::{Coordinator, Endpoint};
-use medsplit_agent::config::Config;
+use medsplit_agent::config::{Config, Survey};
 use medsplit_agent::state;
+use medsplit_engine::preprocess::{LabelSet, Preprocessing};
 
 #[derive(Parser)]
 #[command(version, about = "MedSplit hospital agent")]
@@ -121,7 +122,8 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
         Command::Run { config } => {
             let config = Config::load(&config)?;
             let state = state::load(&config.state_dir)?;
-            let data = config.load_data()?;
+            report(&config.survey()?);
+            let data = config.load_data(&Preprocessing::papers(), LabelSet::Papers)?;
             tracing::info!(
                 agent = state.identity.agent_id,
                 train = data.train.len(),
@@ -150,4 +152,38 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Logs what the agent holds before it connects: each source's beats, patients and classes,
+/// then the held-out split.
+fn report(survey: &Survey) {
+    for s in &survey.sources {
+        let classes: Vec<String> = s
+            .class_counts
+            .iter()
+            .map(|(name, count)| format!("{name} {count}"))
+            .collect();
+        tracing::info!(
+            source = %s.source,
+            beats = s.beats,
+            patients = s.patients,
+            classes = %classes.join(", "),
+            preprocessing = %s.preprocessing,
+            labels = %s.labels,
+            "data source"
+        );
+        if let Some(reason) = &s.unsupported {
+            tracing::warn!(source = %s.source, "{reason}");
+        }
+    }
+    let split = &survey.split;
+    tracing::info!(
+        kind = %split.kind,
+        train_beats = split.train_beats,
+        test_beats = split.test_beats,
+        train_patients = split.train_patients,
+        test_patients = %split.test_patients.join(", "),
+        "held-out test set: {}",
+        split.kind.describe()
+    );
 }

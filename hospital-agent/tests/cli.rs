@@ -41,7 +41,7 @@ fn run_refuses_missing_configs_and_exposed_state() {
     std::fs::write(
         &config,
         format!(
-            "state_dir = {:?}\n[[sources]]\nformat = \"synthetic\"\nsamples = 50\nseed = 1\n",
+            "state_dir = {:?}\n[[sources]]\nformat = \"synthetic\"\npatients = 3\nbeats = 50\nseed = 1\n",
             state.display().to_string()
         ),
     )
@@ -127,7 +127,7 @@ fn an_idle_agent_stops_on_sigterm_without_speaking_of_a_visit() {
     std::fs::write(
         &config,
         format!(
-            "state_dir = {:?}\n[[sources]]\nformat = \"synthetic\"\nsamples = 50\nseed = 1\n",
+            "state_dir = {:?}\n[[sources]]\nformat = \"synthetic\"\npatients = 3\nbeats = 50\nseed = 1\n",
             state.display().to_string()
         ),
     )
@@ -162,6 +162,15 @@ fn an_idle_agent_stops_on_sigterm_without_speaking_of_a_visit() {
     assert!(status.success(), "{status}: {log}");
     assert!(log.contains("shutting down"), "{log}");
     assert!(!log.contains("will be retried"), "{log}");
+    // Before it connects, the agent reports its data: the source, then the split.
+    for needle in [
+        "data source source=synthetic (3 patients, seed 1) beats=50 patients=3 classes=N ",
+        "preprocessing=inter_patient labels=aami",
+        "held-out test set: patient-wise (test patients unseen in training) kind=patient",
+        "train_patients=2 test_patients=syn1-",
+    ] {
+        assert!(log.contains(needle), "{needle:?} not in {log}");
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -182,7 +191,7 @@ fn logs_to_a_pipe_carry_no_colours() {
     std::fs::write(
         &config,
         format!(
-            "state_dir = {:?}\n[[sources]]\nformat = \"synthetic\"\nsamples = 50\nseed = 1\n",
+            "state_dir = {:?}\n[[sources]]\nformat = \"synthetic\"\npatients = 3\nbeats = 50\nseed = 1\n",
             state.display().to_string()
         ),
     )

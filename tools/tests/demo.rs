@@ -38,8 +38,8 @@ fn the_demo_trains_a_cyclic_job_across_real_processes() {
     // rate, and per-class figures of the pooled matrix.
     for needle in [
         "model m1 (conv 16×k7/2 → conv 8×k5/2 → cut 256 (encrypted) → server 5)",
-        "round  1: test sets split by beat",
-        "round  2: test sets split by beat",
+        "round  1: test sets split by patient",
+        "round  2: test sets split by patient",
         "accuracy   majority  macro-F1  bal. acc.",
         "per class",
     ] {
@@ -48,7 +48,7 @@ fn the_demo_trains_a_cyclic_job_across_real_processes() {
     for h in ["hospital-1", "hospital-2", "pooled"] {
         let rows = stdout
             .lines()
-            .filter(|l| l.trim_start().starts_with(&format!("{h} ")) && l.contains(" beat "))
+            .filter(|l| l.trim_start().starts_with(&format!("{h} ")) && l.contains(" patient "))
             .count();
         assert_eq!(rows, 2, "one row per round for {h}:\n{stdout}");
     }
@@ -67,7 +67,7 @@ fn the_demo_trains_a_cyclic_job_across_real_processes() {
             assert!((0.0..=1.0).contains(&majority));
         }
         let pooled = &r["pooled_test"];
-        assert_eq!(pooled["kind"], "beat");
+        assert_eq!(pooled["kind"], "patient");
         let total: u64 = pooled["per_class"]
             .as_object()
             .unwrap()

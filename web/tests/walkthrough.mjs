@@ -184,8 +184,8 @@ async function testResults(page, jobUrl) {
   const id = jobUrl.split('/').pop();
   const metrics = await page.evaluate(async (job) => (await fetch(`/v1/jobs/${job}/metrics`)).json(), id);
   const kind = page.locator('#eval-kind');
-  check((await kind.getAttribute('data-kind')) === 'beat', 'the agent splits by beat');
-  check((await kind.textContent()).includes('Split by beat'), `kind labelled: ${await kind.textContent()}`);
+  check((await kind.getAttribute('data-kind')) === 'patient', 'the agent splits by patient');
+  check((await kind.textContent()).includes('Split by patient'), `kind labelled: ${await kind.textContent()}`);
   const pct = (x) => `${(x * 100).toFixed(2)}%`;
   for (const round of [ROUNDS - 1, 0]) {
     if (round !== ROUNDS - 1) await page.locator('#results-round').selectOption(String(round));
@@ -197,7 +197,7 @@ async function testResults(page, jobUrl) {
     const rows = await bodyCells(page.locator('#results-table'));
     check(rows.length === 2 && rows[0][0] === HOSPITAL && rows[1][0].includes('pooled'), `rows: ${rows}`);
     const [, split, beats, accuracy, majority] = rows[0];
-    check(split === 'by beat', `split column: ${split}`);
+    check(split === 'by patient', `split column: ${split}`);
     check(Number(beats.replace(/\D/g, '')) === visit.test_samples, `beats ${beats} vs ${visit.test_samples}`);
     check(accuracy === pct(visit.test_accuracy), `accuracy ${accuracy} vs ${visit.test_accuracy}`);
     check(majority === pct(e.majority_rate) && e.majority_rate > 0 && e.majority_rate < 1,
@@ -334,7 +334,7 @@ async function walkthrough(browser) {
   const config = join(WORK, 'agent.toml');
   writeFileSync(
     config,
-    `state_dir = "${stateDir}"\n\n[[sources]]\nformat = "synthetic"\nsamples = 4000\nseed = 7\n\n` +
+    `state_dir = "${stateDir}"\n\n[[sources]]\nformat = "synthetic"\npatients = 10\nbeats = 4000\nseed = 7\n\n` +
       `[split]\ntest_fraction = 0.2\nseed = 1\n`,
   );
   const agent = run(['run', '--config', config], 'agent');

@@ -11,6 +11,7 @@ use base64::Engine;
 use medsplit_agent::client::{self, Coordinator, Endpoint};
 use medsplit_agent::config::{Config, LocalData, Source, Split};
 use medsplit_agent::state::{AgentState, Identity};
+use medsplit_engine::preprocess::{LabelSet, Preprocessing};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -314,21 +315,24 @@ impl Platform {
     }
 }
 
-pub fn synthetic_data(samples: usize, seed: u64) -> LocalData {
+/// A hospital's cohort of 5 synthetic patients with `beats` beats in all, one patient held out
+/// for test, cut with the papers' preprocessing and labelled N L R A V (the job spec's shape).
+pub fn synthetic_data(beats: usize, seed: u64) -> LocalData {
     Config {
         state_dir: PathBuf::from("/nonexistent"),
         ca_cert: None,
         sources: vec![Source::Synthetic {
-            samples,
+            patients: 5,
+            beats,
             seed: 100 + seed,
         }],
         split: Split {
-            test_fraction: 0.2,
             seed,
+            ..Split::default()
         },
         shard: None,
     }
-    .load_data()
+    .load_data(&Preprocessing::papers(), LabelSet::Papers)
     .unwrap()
 }
 

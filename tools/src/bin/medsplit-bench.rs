@@ -1019,6 +1019,7 @@ mod websocket {
                 let data = LocalData {
                     train: train.clone(),
                     test: setup.test.clone(),
+                    kind: setup.evaluation,
                 };
                 // Keep the lease while training, as the agent daemon does.
                 let beat = coordinator.keep_lease((assignment.visit_id, assignment.attempt));

@@ -12,6 +12,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use medsplit_agent::config::LocalData;
 use medsplit_agent::visit::{self, Observer};
+use medsplit_engine::metrics::EvalKind;
 use medsplit_tools::local::{self, Postgres, Rest};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -166,6 +167,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let data = LocalData {
             train: all.select(&train)?,
             test: all.select(&test)?,
+            kind: EvalKind::Beat,
         };
         agents.push((coordinator, secret, assignment, data));
     }

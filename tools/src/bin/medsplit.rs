@@ -80,13 +80,16 @@ struct Demo {
     rounds: u32,
     #[arg(long, default_value_t = 3)]
     hospitals: usize,
-    /// MIT-BIH beat directory (train/test .f32 + .labels), split across the hospitals; without
-    /// it each hospital generates its own synthetic beats.
+    /// MIT-BIH beat directory (train/test .f32 + .labels + .src.u32), its patients divided
+    /// among the hospitals; without it each hospital generates its own synthetic patients.
     #[arg(long)]
     data: Option<PathBuf>,
     /// Synthetic beats per hospital (without --data).
     #[arg(long, default_value_t = 4000)]
     samples: usize,
+    /// Synthetic patients per hospital (without --data); a fifth of them are its test set.
+    #[arg(long, default_value_t = 10)]
+    patients: usize,
     #[arg(long, default_value_t = 4)]
     batch_size: u32,
     #[arg(long, default_value_t = 1)]
@@ -490,7 +493,7 @@ async fn demo(args: Demo) -> anyhow::Result<()> {
         "bytes_up": sum("bytes_up"),
         "bytes_down": sum("bytes_down"),
         "server_seconds": sum("server_seconds"),
-        "data": args.data.as_ref().map(|d| d.display().to_string()).unwrap_or_else(|| format!("synthetic, {} beats per hospital", args.samples)),
+        "data": args.data.as_ref().map(|d| d.display().to_string()).unwrap_or_else(|| format!("synthetic, {} patients and {} beats per hospital", args.patients, args.samples)),
         "seconds": seconds,
     });
     println!(
@@ -516,7 +519,8 @@ fn agent_config(args: &Demo, i: usize, state_dir: &Path) -> String {
             args.hospitals
         ),
         None => format!(
-            "[[sources]]\nformat = \"synthetic\"\nsamples = {}\nseed = {}\n",
+            "[[sources]]\nformat = \"synthetic\"\npatients = {}\nbeats = {}\nseed = {}\n",
+            args.patients,
             args.samples,
             1000 + i
         ),
