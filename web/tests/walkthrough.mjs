@@ -335,7 +335,8 @@ async function walkthrough(browser) {
   writeFileSync(
     config,
     `state_dir = "${stateDir}"\n\n[[sources]]\nformat = "synthetic"\npatients = 10\nbeats = 4000\nseed = 7\n\n` +
-      `[split]\ntest_fraction = 0.2\nseed = 1\n`,
+      // Three test patients whose dominant beats are N, L and R: every class has test beats.
+      `[split]\ntest_patients = ["syn7-3", "syn7-7", "syn7-8"]\n`,
   );
   const agent = run(['run', '--config', config], 'agent');
 
