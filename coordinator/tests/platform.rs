@@ -769,7 +769,7 @@ async fn labels_and_preprocessing_round_trip_through_the_api(pool: Pool) {
             &json!("MLII"),
             &json!(256),
             &json!("beat"),
-            &json!({ "local_beats": 10 })
+            &json!({ "local_beats": 10, "rhythm": false })
         ),
         "{pre}"
     );
