@@ -3,10 +3,12 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
 use futures_util::{SinkExt, StreamExt};
+use medsplit_agent::daemon::Datasets;
 use serde_json::json;
 use sqlx::PgPool;
 use tokio_tungstenite::tungstenite::Message;
@@ -985,6 +987,92 @@ async fn a_refused_visit_is_not_retried_and_its_reason_reaches_the_job(pool: Poo
     );
     running.stop.send_replace(true);
     running.task.await.unwrap().unwrap();
+}
+
+/// Agents cut their data per job from their configuration. Asked for the papers' label set, a
+/// hospital whose CSV is labelled in AAMI classes cannot give it: it refuses the visit, not
+/// retried, and the researcher reads why; the same agent then serves a job asking for AAMI.
+#[sqlx::test(migrator = "medsplit_coordinator::MIGRATOR")]
+async fn an_agent_whose_data_cannot_give_the_label_set_refuses_with_the_reason(pool: Pool) {
+    let p = Platform::new(&pool, 2, &[]).await;
+    let (a0, a1) = (p.enrol(0).await, p.enrol(1).await);
+    let dir = temp_dir("labels");
+    // Two patients' beats, labelled N S V F Q.
+    let samples = vec!["0.5"; 128].join(",");
+    let csv: String = (0..60)
+        .map(|i| format!("{},p{},{samples}\n", i % 5, i % 2))
+        .collect();
+    std::fs::write(dir.join("aami.csv"), csv).unwrap();
+    let config = |name: &str, sources: String| {
+        let path = dir.join(format!("{name}.toml"));
+        std::fs::write(&path, format!("state_dir = \"/nonexistent\"\n{sources}")).unwrap();
+        medsplit_agent::config::Config::load(&path).unwrap()
+    };
+    let synthetic = config(
+        "h0",
+        "[[sources]]\nformat = \"synthetic\"\npatients = 4\nbeats = 240\nseed = 1\n".into(),
+    );
+    let aami = config(
+        "h1",
+        format!(
+            "[[sources]]\nformat = \"csv\"\npath = {:?}\npatient_column = true\nlabels = \"aami\"\n",
+            dir.join("aami.csv").display().to_string()
+        ),
+    );
+    let r0 = a0.spawn_with(Arc::new(Datasets::new(synthetic)));
+    let r1 = a1.spawn_with(Arc::new(Datasets::new(aami)));
+
+    let mut s = spec(&["h0", "h1"], 1);
+    s["local_steps"] = json!(2);
+    s["max_attempts"] = json!(3);
+    s["on_failure"] = json!("fail");
+    let id = p.approved_job(s).await;
+    let job = p.wait_job(id, Duration::from_secs(120)).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    let error = job["error"].as_str().unwrap();
+    assert!(
+        error.contains("was refused: this hospital's data cannot give what the job asks")
+            && error.contains("AAMI")
+            && error.contains("papers"),
+        "{error}"
+    );
+    let m = p
+        .researcher
+        .ok("GET", &format!("/v1/jobs/{id}/metrics"), None)
+        .await;
+    let visits = m["visits"].as_array().unwrap();
+    assert_eq!(
+        visits[0]["status"], "completed",
+        "h0 cut its cohort for the job: {m}"
+    );
+    assert_eq!(
+        visits[0]["test_evaluation"]["classes"],
+        json!(["N", "L", "R", "A", "V"])
+    );
+    assert_eq!(visits[1]["attempt"], 1, "refused once, not retried: {m}");
+    assert_eq!(
+        visits[1]["last_error"],
+        json!(error.split_once(": ").unwrap().1)
+    );
+
+    // The refusing agent goes on, and serves a job asking for what its data holds.
+    let mut s = spec(&["h1"], 1);
+    s["labels"] = json!("aami");
+    s["local_steps"] = json!(2);
+    let id = p.approved_job(s).await;
+    let job = p.wait_job(id, Duration::from_secs(120)).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    let m = p
+        .researcher
+        .ok("GET", &format!("/v1/jobs/{id}/metrics"), None)
+        .await;
+    let e = &m["visits"][0]["test_evaluation"];
+    assert_eq!(e["classes"], json!(["N", "S", "V", "F", "Q"]));
+    assert_eq!(e["kind"], "patient");
+    for r in [r0, r1] {
+        r.stop.send_replace(true);
+        r.task.await.unwrap().unwrap();
+    }
 }
 
 #[sqlx::test(migrator = "medsplit_coordinator::MIGRATOR")]

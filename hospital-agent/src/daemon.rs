@@ -1,20 +1,94 @@
-//! The agent's main loop: claim a visit (long poll), train it while a heartbeat keeps its lease,
-//! give it back if anything goes wrong; reconnect with exponential backoff and jitter.
+//! The agent's main loop: claim a visit (long poll), cut the hospital's data as the job asks
+//! (once per preprocessing and label set), train the visit while a heartbeat keeps its lease,
+//! refuse it if the data cannot give what the job asks, give it back if anything else goes wrong;
+//! reconnect with exponential backoff and jitter.
 
 use std::io::IsTerminal;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use medsplit_engine::api::{VisitAssignment, close};
+use medsplit_engine::preprocess::{LabelSet, Preprocessing};
 use medsplit_engine::training::Totals;
 use rand::Rng;
 use tokio::sync::watch;
 
 use crate::AgentError;
 use crate::client::{Coordinator, HEARTBEAT_INTERVAL};
-use crate::config::LocalData;
+use crate::config::{Config, LocalData};
 use crate::state::AgentState;
 use crate::visit::{self, Observer, VisitSummary};
+
+type Loader = dyn Fn(&Preprocessing, LabelSet) -> Result<Arc<LocalData>, AgentError> + Send + Sync;
+
+/// What a cut of the data came to: the data, or why this hospital cannot give it.
+type Cut = Result<Arc<LocalData>, String>;
+
+/// The hospital's data as jobs ask for it: read, cut with a job's preprocessing and labelled in
+/// its label set on the first visit that needs it, then kept for the next visits asking the same
+/// (the last [`Datasets::KEPT`] cuts). A cut the data cannot give
+/// ([`AgentError::Unsupported`]) is remembered too, so that it is refused at once the next time;
+/// other errors (a file that cannot be read) are tried again on the next visit.
+pub struct Datasets {
+    load: Box<Loader>,
+    kept: Mutex<Vec<(Preprocessing, LabelSet, Cut)>>,
+}
+
+impl Datasets {
+    /// Cuts kept in memory; the least recently loaded goes first.
+    pub const KEPT: usize = 4;
+
+    /// The data of `config`'s sources and split ([`Config::load_data`]).
+    pub fn new(config: Config) -> Self {
+        Self::with_loader(move |p, labels| config.load_data(p, labels).map(Arc::new))
+    }
+
+    /// Data from `load` (tests give one data set whatever the job).
+    pub fn with_loader(
+        load: impl Fn(&Preprocessing, LabelSet) -> Result<Arc<LocalData>, AgentError>
+        + Send
+        + Sync
+        + 'static,
+    ) -> Self {
+        Self {
+            load: Box::new(load),
+            kept: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The data cut with `preprocessing` and labelled in `labels`: kept, or loaded now (this
+    /// reads and cuts every source: run it off the async threads).
+    pub fn get(
+        &self,
+        preprocessing: &Preprocessing,
+        labels: LabelSet,
+    ) -> Result<Arc<LocalData>, AgentError> {
+        let kept = |cut: &Cut| cut.clone().map_err(AgentError::Unsupported);
+        if let Some((.., cut)) = self
+            .lock()
+            .iter()
+            .find(|(p, l, _)| p == preprocessing && *l == labels)
+        {
+            return kept(cut);
+        }
+        let cut = match (self.load)(preprocessing, labels) {
+            Ok(data) => Ok(data),
+            Err(AgentError::Unsupported(reason)) => Err(reason),
+            Err(e) => return Err(e),
+        };
+        let mut all = self.lock();
+        if all.len() >= Self::KEPT {
+            let _oldest = all.remove(0);
+        }
+        all.push((preprocessing.clone(), labels, cut.clone()));
+        kept(&cut)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Preprocessing, LabelSet, Cut)>> {
+        // A panic while holding the lock leaves the list as it was: still usable.
+        self.kept.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
 
 /// Exponential backoff with full jitter: 0.5 s doubling to 30 s.
 pub struct Backoff {
@@ -46,7 +120,7 @@ impl Default for Backoff {
 pub async fn run(
     coordinator: Arc<Coordinator>,
     state: Arc<AgentState>,
-    data: Arc<LocalData>,
+    datasets: Arc<Datasets>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), AgentError> {
     let (current_tx, current_rx) = watch::channel::<Option<(i64, i32)>>(None);
@@ -97,15 +171,36 @@ pub async fn run(
             round = assignment.round + 1,
             "visit claimed"
         );
-        let mut observer = display(&assignment);
-        let outcome = tokio::select! {
-            r = visit::run(&coordinator, &state.secret_key, &assignment, &data, observer.as_mut()) => r,
+        // The job's data: cut now unless an earlier visit did (the heartbeat keeps the lease).
+        let loading = {
+            let datasets = datasets.clone();
+            let (p, labels) = (
+                assignment.spec.preprocessing.clone(),
+                assignment.spec.labels,
+            );
+            tokio::task::spawn_blocking(move || datasets.get(&p, labels))
+        };
+        let data = tokio::select! {
+            r = loading => r.unwrap_or_else(|e| Err(AgentError::Config(format!("loading the data: {e}")))),
             _ = shutdown.changed() => Err(AgentError::Shutdown),
             _ = fenced_rx.changed() => Err(AgentError::Fenced),
             _ = turns_true(&mut revoked_rx) => Err(AgentError::Revoked),
         };
+        // A source that cannot be read for one job must not stop the agent serving others.
+        let loaded = data.is_ok();
+        let outcome = match data {
+            Ok(data) => {
+                let mut observer = display(&assignment);
+                tokio::select! {
+                    r = visit::run(&coordinator, &state.secret_key, &assignment, &data, observer.as_mut()) => r,
+                    _ = shutdown.changed() => Err(AgentError::Shutdown),
+                    _ = fenced_rx.changed() => Err(AgentError::Fenced),
+                    _ = turns_true(&mut revoked_rx) => Err(AgentError::Revoked),
+                }
+            }
+            Err(e) => Err(e),
+        };
         current_tx.send_replace(None);
-        drop(observer);
         let e = match outcome {
             Ok(summary) => {
                 log_summary(&assignment, &summary);
@@ -117,25 +212,32 @@ pub async fn run(
         // A fenced or revoked attempt has lost the visit already: nothing to give back.
         let lost = matches!(e, AgentError::Fenced | AgentError::Revoked)
             || matches!(e, AgentError::Closed { code, .. } if code == close::FENCED || code == close::REVOKED);
+        let refused = matches!(e, AgentError::Unsupported(_));
         if stopping {
             tracing::info!(
                 visit = assignment.visit_id,
                 "shutting down; the visit in progress will be retried"
             );
+        } else if refused {
+            tracing::warn!(job = assignment.job_id, visit = assignment.visit_id, reason = %e, "visit refused");
         } else {
             tracing::warn!(visit = assignment.visit_id, error = %e, "visit not completed");
         }
-        if !lost
-            && let Err(r) = coordinator
-                .release(assignment.visit_id, assignment.attempt, &e.to_string())
-                .await
-        {
-            tracing::warn!(error = %r, "could not give the visit back; its lease will expire");
+        if !lost {
+            let (visit, attempt, reason) = (assignment.visit_id, assignment.attempt, e.to_string());
+            let given_back = if refused {
+                coordinator.refuse(visit, attempt, &reason).await
+            } else {
+                coordinator.release(visit, attempt, &reason).await
+            };
+            if let Err(r) = given_back {
+                tracing::warn!(error = %r, "could not give the visit back; its lease will expire");
+            }
         }
         if stopping {
             break Ok(());
         }
-        if e.is_fatal() {
+        if e.is_fatal() && (loaded || matches!(e, AgentError::Revoked)) {
             break Err(e);
         }
         if !lost {
@@ -268,5 +370,73 @@ impl Observer for Logs {
     }
     fn evaluating(&mut self, samples: u64) {
         tracing::info!(visit = self.visit, samples, "measuring test accuracy");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use medsplit_engine::data::synthetic;
+    use medsplit_engine::metrics::EvalKind;
+
+    use super::*;
+
+    #[test]
+    fn datasets_are_cut_once_per_preprocessing_and_label_set() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
+        // Cuts without RR features work; with them, the papers' labels cannot be given and
+        // AAMI labels hit an unreadable file.
+        let datasets = Datasets::with_loader(move |p, labels| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            match (p.rr, labels) {
+                (None, _) => Ok(Arc::new(LocalData {
+                    train: synthetic(20, 1),
+                    test: synthetic(5, 2),
+                    kind: EvalKind::Patient,
+                })),
+                (Some(_), LabelSet::Papers) => Err(AgentError::Unsupported(
+                    "beat files are cut with the papers' preprocessing".into(),
+                )),
+                (Some(_), LabelSet::Aami) => Err(AgentError::Config("unreadable".into())),
+            }
+        });
+        let calls = || calls.load(Ordering::SeqCst);
+        let papers = Preprocessing::papers();
+        let first = datasets.get(&papers, LabelSet::Papers).unwrap();
+        let again = datasets.get(&papers, LabelSet::Papers).unwrap();
+        assert!(Arc::ptr_eq(&first, &again), "kept, not cut again");
+        assert_eq!(calls(), 1);
+        datasets.get(&papers, LabelSet::Aami).unwrap();
+        assert_eq!(calls(), 2, "another label set is another cut");
+
+        // A refusal is remembered: the same reason at once, without reading the data again.
+        let inter = Preprocessing::inter_patient();
+        for _ in 0..2 {
+            let e = datasets.get(&inter, LabelSet::Papers).unwrap_err();
+            assert!(
+                matches!(&e, AgentError::Unsupported(r) if r.contains("beat files")),
+                "{e}"
+            );
+        }
+        assert_eq!(calls(), 3);
+        // Other errors are tried again next time.
+        for _ in 0..2 {
+            let e = datasets.get(&inter, LabelSet::Aami).unwrap_err();
+            assert!(matches!(e, AgentError::Config(_)), "{e}");
+        }
+        assert_eq!(calls(), 5);
+
+        // Only the last KEPT cuts stay: the first one is cut again.
+        for i in 0..Datasets::KEPT {
+            let mut other = papers.clone();
+            other.beat_len = 64 + i;
+            datasets.get(&other, LabelSet::Papers).unwrap();
+        }
+        assert_eq!(calls(), 5 + Datasets::KEPT);
+        let reloaded = datasets.get(&papers, LabelSet::Papers).unwrap();
+        assert!(!Arc::ptr_eq(&first, &reloaded));
+        assert_eq!(calls(), 6 + Datasets::KEPT);
     }
 }

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use medsplit_agent::client::{Coordinator, Endpoint};
 use medsplit_agent::config::{Config, Survey};
+use medsplit_agent::daemon::Datasets;
 use medsplit_agent::state;
-use medsplit_engine::preprocess::{LabelSet, Preprocessing};
 
 #[derive(Parser)]
 #[command(version, about = "MedSplit hospital agent")]
@@ -123,13 +123,10 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
             let config = Config::load(&config)?;
             let state = state::load(&config.state_dir)?;
             report(&config.survey()?);
-            let data = config.load_data(&Preprocessing::papers(), LabelSet::Papers)?;
             tracing::info!(
                 agent = state.identity.agent_id,
-                train = data.train.len(),
-                test = data.test.len(),
                 coordinator = %state.identity.coordinator,
-                "agent starting"
+                "agent starting; each job's data is cut with its preprocessing and label set on its first visit"
             );
             let endpoint = Endpoint::new(&state.identity.coordinator, config.ca_cert.as_deref())?;
             let coordinator = Arc::new(Coordinator::new(
@@ -147,8 +144,8 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
                 }
                 stop_tx.send_replace(true);
             });
-            medsplit_agent::daemon::run(coordinator, Arc::new(state), Arc::new(data), stop_rx)
-                .await?;
+            let datasets = Arc::new(Datasets::new(config));
+            medsplit_agent::daemon::run(coordinator, Arc::new(state), datasets, stop_rx).await?;
             Ok(())
         }
     }

@@ -393,6 +393,9 @@ async function walkthrough(browser) {
   const nameMessage = await fieldError('job-name');
   check(nameMessage.includes('control or formatting characters (U+202E at character 1)'), `name error: ${nameMessage}`);
   await researcher.locator('#job-name').fill('Arrhythmia M1, cyclic');
+  // The synthetic patients' beats are of the papers' five classes: under AAMI's, F and Q would
+  // have no test beats to plot.
+  await researcher.getByLabel('Label set').selectOption('papers');
   await researcher.getByRole('checkbox', { name: HOSPITAL }).check();
   // Three passes per visit, so that each visit lasts a few of the page's 2-second updates.
   await researcher.locator('#job-local-epochs').fill('3');

@@ -10,6 +10,7 @@ use std::time::Duration;
 use base64::Engine;
 use medsplit_agent::client::{self, Coordinator, Endpoint};
 use medsplit_agent::config::{Config, LocalData, Source, Split};
+use medsplit_agent::daemon::Datasets;
 use medsplit_agent::state::{AgentState, Identity};
 use medsplit_engine::preprocess::{LabelSet, Preprocessing};
 use serde_json::{Value, json};
@@ -39,7 +40,7 @@ pub struct Server {
     pub port: u16,
 }
 
-fn temp_dir(tag: &str) -> PathBuf {
+pub fn temp_dir(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
         "medsplit-test-{tag}-{}-{}",
         std::process::id(),
@@ -355,12 +356,23 @@ impl TestAgent {
         )
     }
 
+    /// The agent's data for any job: `data`, already cut.
+    pub fn datasets(&self) -> Arc<Datasets> {
+        let data = self.data.clone();
+        Arc::new(Datasets::with_loader(move |_, _| Ok(data.clone())))
+    }
+
     pub fn spawn(&self) -> Running {
+        self.spawn_with(self.datasets())
+    }
+
+    /// Runs the daemon on `datasets` (e.g. cut from a configuration, per job).
+    pub fn spawn_with(&self, datasets: Arc<Datasets>) -> Running {
         let (stop, rx) = watch::channel(false);
         let task = tokio::spawn(medsplit_agent::daemon::run(
             Arc::new(self.coordinator()),
             self.state.clone(),
-            self.data.clone(),
+            datasets,
             rx,
         ));
         Running { task, stop }
@@ -402,7 +414,7 @@ impl TestAgent {
             medsplit_agent::daemon::run(
                 Arc::new(self.coordinator()),
                 self.state.clone(),
-                self.data.clone(),
+                self.datasets(),
                 rx,
             )
             .with_subscriber(subscriber),
