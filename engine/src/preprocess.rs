@@ -26,7 +26,7 @@
 //!
 //! Named presets keep job specs short: [`Preprocessing::papers`] (the split-learning papers'
 //! extraction, bit for bit: Table 1 reproduces) and [`Preprocessing::inter_patient`] (baseline
-//! removal, every beat, RR features). In a job spec the preprocessing is either a preset name
+//! removal, every beat, the typical beat subtracted, RR features). In a job spec the preprocessing is either a preset name
 //! (`"inter_patient"`) or an object whose missing fields come from its `preset` (default
 //! [`Preprocessing::default`]): `{"preset": "inter_patient", "normalisation": "beat"}`.
 
@@ -318,8 +318,9 @@ impl Preprocessing {
     /// For models that must hold up on new patients: lead MLII, baseline removed (median
     /// filters of 0.2 s and 0.6 s), every beat, a window of 0.25 s before to 0.45 s after the
     /// peak (P wave to T wave) resampled to 128 samples with Lanczos interpolation, scaled by
-    /// the patient's typical QRS amplitude, and the four RR features (local average over 10
-    /// intervals).
+    /// the patient's typical QRS amplitude, the patient's typical beat subtracted
+    /// ([`Template::Subtract`]), and the four RR features (local average over 10 intervals).
+    /// Chosen by patient-wise cross-validation inside DS1 (docs/benchmarks.md).
     pub fn inter_patient() -> Self {
         Self {
             lead: Some("MLII".to_owned()),
@@ -338,7 +339,7 @@ impl Preprocessing {
                 local_beats: 10,
                 rhythm: false,
             }),
-            template: Template::None,
+            template: Template::Subtract,
         }
     }
 
@@ -1475,7 +1476,11 @@ mod tests {
 
     #[test]
     fn beats_are_the_same_at_any_sampling_rate() {
-        let p = Preprocessing::inter_patient();
+        // The beats as cut (the typical beat left in, so the R peak can be found below).
+        let p = Preprocessing {
+            template: Template::None,
+            ..Preprocessing::inter_patient()
+        };
         let cut = |fs: f64| {
             // Peaks on whole samples at every rate (annotations are whole samples).
             let rhythm: Vec<(f64, &str)> = RHYTHM
@@ -1624,6 +1629,7 @@ mod tests {
         let p = Preprocessing {
             lead: Some("v1".into()),
             normalisation: Normalisation::Beat,
+            template: Template::None,
             ..Preprocessing::inter_patient()
         };
         let (beats, _) = extract(&record, &annotations, &p, LabelSet::Aami).unwrap();
@@ -1653,10 +1659,10 @@ mod tests {
         let fs = 360.0;
         let record = record("tmpl", fs, "MLII", synthetic_ecg(fs, 10.0, &RHYTHM));
         let annotations = rhythm_annotations(fs);
-        let plain = Preprocessing::inter_patient();
-        let subtracted = Preprocessing {
-            template: Template::Subtract,
-            ..plain.clone()
+        let subtracted = Preprocessing::inter_patient();
+        let plain = Preprocessing {
+            template: Template::None,
+            ..subtracted.clone()
         };
         let (a, _) = extract(&record, &annotations, &plain, LabelSet::Aami).unwrap();
         let (b, _) = extract(&record, &annotations, &subtracted, LabelSet::Aami).unwrap();
@@ -1674,15 +1680,17 @@ mod tests {
         }
         // The side features are left as they were.
         assert_eq!(a.features(3), b.features(3));
-        // A job spec names it; presets have none.
+        // The inter_patient preset subtracts it; a job spec can leave it out.
         let p: Preprocessing =
-            serde_json::from_str(r#"{"preset": "inter_patient", "template": "subtract"}"#).unwrap();
-        assert_eq!(p, subtracted);
+            serde_json::from_str(r#"{"preset": "inter_patient", "template": "none"}"#).unwrap();
+        assert_eq!(p, plain);
         assert_eq!(p.preset(), None);
+        let papers: Preprocessing =
+            serde_json::from_str(r#"{"preset": "papers", "template": "subtract"}"#).unwrap();
         assert!(
-            p.describe().contains("typical beat subtracted"),
+            papers.describe().contains("typical beat subtracted"),
             "{}",
-            p.describe()
+            papers.describe()
         );
         let err = serde_json::from_str::<Preprocessing>(r#"{"template": "mean"}"#).unwrap_err();
         assert!(err.to_string().contains("mean"), "{err}");
