@@ -85,3 +85,79 @@ fn the_demo_trains_a_cyclic_job_across_real_processes() {
     }
     std::fs::remove_file(&json).unwrap();
 }
+
+/// `medsplit demo --records DIR`: each hospital's agent holds whole patients of raw records and
+/// holds some of them out; the job trains the inter-patient configuration on AAMI classes.
+#[test]
+fn the_demo_gives_each_hospital_whole_patients_of_raw_records() {
+    if std::env::var_os("DATABASE_URL").is_none() {
+        eprintln!("SKIPPED: DATABASE_URL not set (scripts/test provides one)");
+        return;
+    }
+    let raw = std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/data/mitdb-raw"
+    ));
+    if !raw.join("100.hea").is_file() {
+        eprintln!("SKIPPED: ../shared/data/mitdb-raw not found");
+        return;
+    }
+    // Six records (two hospitals of three patients), so the run stays short; a paced record
+    // beside them is left out.
+    let dir = std::env::temp_dir().join(format!("medsplit-demo-records-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for record in ["100", "101", "103", "105", "106", "119", "107"] {
+        for ext in ["hea", "dat", "atr"] {
+            let name = format!("{record}.{ext}");
+            std::os::unix::fs::symlink(raw.join(&name), dir.join(&name)).unwrap();
+        }
+    }
+    let json = dir.join("summary.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_medsplit"))
+        .args(["demo", "--rounds", "1", "--hospitals", "2", "--records"])
+        .arg(&dir)
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("hospital-1 holds records 100 103 106"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("hospital-2 holds records 101 105 119"),
+        "{stderr}"
+    );
+    for needle in ["model m1_tail", "round  1: test sets split by patient"] {
+        assert!(stdout.contains(needle), "{needle:?} not in\n{stdout}");
+    }
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(summary["status"], "completed");
+    assert_eq!(summary["visits"], 2);
+    let pooled = &summary["rounds"][0]["pooled_test"];
+    assert_eq!(
+        pooled["classes"],
+        serde_json::json!(["N", "S", "V", "F", "Q"])
+    );
+    assert_eq!(pooled["kind"], "patient");
+    // A bad directory is refused before anything starts.
+    let out = Command::new(env!("CARGO_BIN_EXE_medsplit"))
+        .args(["demo", "--hospitals", "4", "--records"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("6 usable records"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -82,16 +82,23 @@ struct Demo {
     hospitals: usize,
     /// MIT-BIH beat directory (train/test .f32 + .labels + .src.u32), its patients divided
     /// among the hospitals; without it each hospital generates its own synthetic patients.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "records")]
     data: Option<PathBuf>,
+    /// Directory of raw MIT-BIH records (.hea/.dat/.atr): each hospital gets whole patients
+    /// (every record but the paced ones, dealt in turn), holds a fifth of them out as its test
+    /// set, and the job trains the inter-patient configuration (AAMI classes, `inter_patient`
+    /// preprocessing, m1_tail; docs/benchmarks.md).
+    #[arg(long)]
+    records: Option<PathBuf>,
     /// Synthetic beats per hospital (without --data).
     #[arg(long, default_value_t = 4000)]
     samples: usize,
     /// Synthetic patients per hospital (without --data); a fifth of them are its test set.
     #[arg(long, default_value_t = 10)]
     patients: usize,
-    #[arg(long, default_value_t = 4)]
-    batch_size: u32,
+    /// Beats per batch (default 4, or 32 with --records).
+    #[arg(long)]
+    batch_size: Option<u32>,
     #[arg(long, default_value_t = 1)]
     local_epochs: u32,
     /// Write the final summary as JSON.
@@ -340,6 +347,10 @@ async fn demo(args: Demo) -> anyhow::Result<()> {
     if args.rounds == 0 {
         bail!("--rounds must be at least 1");
     }
+    let records = match &args.records {
+        Some(dir) => demo_records(dir, args.hospitals)?,
+        None => Vec::new(),
+    };
     let started = Instant::now();
     let coordinator_bin = sibling("medsplit-coordinator")?;
     let agent_bin = sibling("medsplit-agent")?;
@@ -412,7 +423,7 @@ async fn demo(args: Demo) -> anyhow::Result<()> {
             );
         }
         let config = dir.join(format!("agent-{}.toml", i + 1));
-        std::fs::write(&config, agent_config(&args, i, &state_dir))?;
+        std::fs::write(&config, agent_config(&args, i, &state_dir, &records))?;
         let log = std::fs::File::create(dir.join(format!("agent-{}.log", i + 1)))?;
         let child = Command::new(&agent_bin)
             .arg("run")
@@ -438,14 +449,21 @@ async fn demo(args: Demo) -> anyhow::Result<()> {
         None,
     )
     .await?;
-    let spec = json!({
+    let mut spec = json!({
         "name": "demo: cyclic split learning with HE",
         "hospitals": names,
         "rounds": args.rounds,
         "local_epochs": args.local_epochs,
-        "batch_size": args.batch_size,
+        "batch_size": args.batch_size.unwrap_or(if args.records.is_some() { 32 } else { 4 }),
         "seed": 0,
     });
+    if args.records.is_some() {
+        // The configuration chosen by patient-wise cross-validation inside DS1.
+        spec["labels"] = json!("aami");
+        spec["preprocessing"] = json!("inter_patient");
+        spec["model"] = json!("m1_tail");
+        spec["class_weights"] = json!({ "fixed": [1, 8, 3, 1, 1] });
+    }
     let job = researcher.call("POST", "/v1/jobs", Some(spec)).await?;
     let id = job["id"].as_i64().unwrap_or_default();
     for ha in &hospital_admins {
@@ -493,7 +511,11 @@ async fn demo(args: Demo) -> anyhow::Result<()> {
         "bytes_up": sum("bytes_up"),
         "bytes_down": sum("bytes_down"),
         "server_seconds": sum("server_seconds"),
-        "data": args.data.as_ref().map(|d| d.display().to_string()).unwrap_or_else(|| format!("synthetic, {} patients and {} beats per hospital", args.patients, args.samples)),
+        "data": match (&args.records, &args.data) {
+            (Some(r), _) => format!("raw records in {}: {}", r.display(), records.iter().map(|h| h.join(" ")).collect::<Vec<_>>().join(" | ")),
+            (None, Some(d)) => d.display().to_string(),
+            (None, None) => format!("synthetic, {} patients and {} beats per hospital", args.patients, args.samples),
+        },
         "seconds": seconds,
     });
     println!(
@@ -511,7 +533,64 @@ async fn demo(args: Demo) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn agent_config(args: &Demo, i: usize, state_dir: &Path) -> String {
+/// The records in `dir` (every `.hea` with its `.atr`, the paced records 102, 104, 107 and 217
+/// left out), dealt in turn to `hospitals` hospitals, each hospital's printed.
+fn demo_records(dir: &Path, hospitals: usize) -> anyhow::Result<Vec<Vec<String>>> {
+    const PACED: [&str; 4] = ["102", "104", "107", "217"];
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let stem = name.strip_suffix(".hea")?.to_owned();
+            dir.join(format!("{stem}.atr")).is_file().then_some(stem)
+        })
+        .filter(|n| !PACED.contains(&n.as_str()))
+        .collect();
+    names.sort();
+    // Two patients at least per hospital: one to train on, one to test on.
+    if names.len() < 2 * hospitals {
+        bail!(
+            "{} holds {} usable records (.hea with .atr, paced records left out); {hospitals} hospitals need at least {}",
+            dir.display(),
+            names.len(),
+            2 * hospitals
+        );
+    }
+    let mut dealt = vec![Vec::new(); hospitals];
+    for (i, name) in names.into_iter().enumerate() {
+        dealt[i % hospitals].push(name);
+    }
+    for (i, records) in dealt.iter().enumerate() {
+        eprintln!(
+            "demo: hospital-{} holds records {}",
+            i + 1,
+            records.join(" ")
+        );
+    }
+    Ok(dealt)
+}
+
+fn agent_config(args: &Demo, i: usize, state_dir: &Path, records: &[Vec<String>]) -> String {
+    if let Some(dir) = &args.records {
+        let list: Vec<String> = records[i].iter().map(|r| format!("{r:?}")).collect();
+        return format!(
+            "state_dir = {:?}
+
+[[sources]]
+format = \"wfdb\"
+path = {:?}
+records = [{}]
+
+[split]
+test_fraction = 0.2
+seed = {i}
+",
+            state_dir.display().to_string(),
+            dir.display().to_string(),
+            list.join(", ")
+        );
+    }
     let source = match &args.data {
         Some(d) => format!(
             "[[sources]]\nformat = \"beats\"\npath = {:?}\nfiles = [\"train\", \"test\"]\n\n[shard]\nindex = {i}\ncount = {}\n",
