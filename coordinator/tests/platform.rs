@@ -782,8 +782,9 @@ async fn labels_and_preprocessing_round_trip_through_the_api(pool: Pool) {
     let net = &job["network"];
     assert_eq!(
         net["preprocessing"],
-        "custom (256 samples from 0.25 s before to 0.45 s after the peak, RR features)"
+        "custom (256 samples from 0.25 s before to 0.45 s after the peak, typical beat subtracted, RR features)"
     );
+    assert_eq!(pre["template"], "subtract", "{pre}");
     assert_eq!(
         (&net["beat_len"], &net["features"]),
         (&json!(256), &json!(4))
