@@ -167,6 +167,10 @@ const CLASS_WEIGHT_LABELS = { uniform: 'Uniform', balanced: 'Balanced' };
 const LOCAL_WORK_LABELS = { epochs: 'Epochs (whole passes)', steps: 'Steps (batches)' };
 const OPTIMIZER_LABELS = { adam: 'Adam', sgd: 'SGD' };
 const FAILURE_LABELS = { skip: 'Skip the visit, go on', fail: 'Fail the whole job' };
+const RELEASE_LABELS = {
+  participants: 'The participating hospitals’ agents may export it',
+  nobody: 'Nobody: the server layer stays on the coordinator (private inference only)',
+};
 const STATUS_LABELS = {
   pending: 'Pending', running: 'Running', completed: 'Completed', failed: 'Failed', cancelled: 'Cancelled',
   declined: 'Declined', waiting: 'Waiting', queued: 'Queued', skipped: 'Skipped', approved: 'Approved',
@@ -1058,6 +1062,7 @@ function specSummary(spec, network) {
     ['Attempts per visit', spec.max_attempts],
     ['When a visit keeps failing', FAILURE_LABELS[spec.on_failure] ?? spec.on_failure],
     ['Encryption', encryptionBadge(spec)],
+    ['Who may take the finished model', RELEASE_LABELS[spec.release ?? 'participants'] ?? spec.release, true],
   ];
   return h('dl', { class: 'spec' }, items.map(([k, v, wide]) =>
     h('div', { class: wide ? 'wide' : null }, h('dt', {}, k), h('dd', {}, v))));
@@ -1215,6 +1220,7 @@ function newJobPage(page) {
   const optimizer = select('job-optimizer', 'server_optimizer', [['adam', 'Adam'], ['sgd', 'SGD']], 'adam');
   const lr = input('job-lr', 'server_optimizer.lr', { inputmode: 'decimal', value: '0.001', autocomplete: 'off' });
   const onFailure = select('job-on-failure', 'on_failure', Object.entries(FAILURE_LABELS), 'skip');
+  const release = select('job-release', 'release', Object.entries(RELEASE_LABELS), 'participants');
   const insecure = h('input', { type: 'checkbox', id: 'job-insecure', name: 'insecure_plaintext' });
   const insecureWarning = h('p', { class: 'warning', id: 'job-insecure-warning', hidden: true },
     'Activations and gradients will travel unencrypted: the coordinator could see them. Use this only with synthetic data.');
@@ -1249,7 +1255,8 @@ function newJobPage(page) {
         field('Seed', seed, `Seeds the initial weights and the data order: 0 to ${MAX_SEED}.`),
         field('Server optimiser', optimizer), field('Server learning rate', lr, 'Greater than 0, at most 1.'))),
     h('fieldset', { class: 'group' }, h('legend', {}, 'Failures and security'),
-      h('div', { class: 'form-grid' }, intFields.max_attempts, field('When a visit keeps failing', onFailure)),
+      h('div', { class: 'form-grid' }, intFields.max_attempts, field('When a visit keeps failing', onFailure),
+        field('Who may take the finished model', release, 'Exports are audited and listed on the job’s page. With “nobody”, hospitals classify new beats only through private inference.')),
       checkField('Turn off encryption (insecure plaintext, for debugging only)', insecure), insecureWarning),
     h('div', { class: 'actions' }, submit));
   const errors = formErrors(form);
@@ -1268,6 +1275,7 @@ function newJobPage(page) {
     seed: parseSeed(seed.value),
     server_optimizer: { kind: optimizer.value, lr: parseDecimal(lr.value) },
     on_failure: onFailure.value,
+    release: release.value,
     insecure_plaintext: insecure.checked,
   });
 
@@ -1279,7 +1287,7 @@ function newJobPage(page) {
     }
     if (path === 'model' || path.startsWith('model.')) return model;
     if (path === 'preprocessing' || path.startsWith('preprocessing.')) return preprocessing;
-    const controls = { name, model, labels, seed, on_failure: onFailure, insecure_plaintext: insecure, ...ints,
+    const controls = { name, model, labels, seed, on_failure: onFailure, release, insecure_plaintext: insecure, ...ints,
       client_lr: clientLr, class_weights: classWeights,
       'server_optimizer.lr': lr, 'server_optimizer.kind': optimizer, server_optimizer: optimizer };
     return controls[path] ?? null;
@@ -1435,13 +1443,16 @@ function jobPage(page, id) {
   const results = h('div');
   const plots = h('div', { class: 'plots' });
   const traffic = h('div');
+  const exportsBox = h('div');
   const eventsBox = h('div');
   const section = (headingId, heading, ...body) => h('section', { class: 'panel', 'aria-labelledby': headingId },
     h('h2', { id: headingId }, heading), ...body);
   const events = [];
   let job = null;
   let metrics = null;
+  let exports = [];
   let jobPoll = null;
+  let exportPoll = null;
   // The round whose test results are shown; null: the latest measured.
   let resultsRound = null;
   const chooseRound = (round) => {
@@ -1489,19 +1500,22 @@ function jobPage(page, id) {
       () => resultsView(metrics.rounds, evaluated, resultsRound, chooseRound));
     patchIfChanged(plots, [job.spec.rounds, metrics.rounds], () => plotsView(job, metrics.rounds));
     patchIfChanged(traffic, metrics.visits, () => trafficView(metrics.visits));
+    patchIfChanged(exportsBox, [job.status, job.spec.release, exports], () => exportsView(job, exports));
     patchIfChanged(eventsBox, [events.length && events[events.length - 1].id, metrics.visits],
       () => eventsView(events, job, metrics.visits));
   }
 
   async function load() {
     const after = events.length ? events[events.length - 1].id : 0;
-    const [j, m, fresh] = await Promise.all([
+    const [j, m, fresh, x] = await Promise.all([
       GET(`/v1/jobs/${id}`), GET(`/v1/jobs/${id}/metrics`), GET(`/v1/jobs/${id}/events?after=${after}`),
+      GET(`/v1/jobs/${id}/exports`),
     ]);
     if (!page.active) return;
     const wasLive = job && LIVE_JOB.has(job.status);
     job = j;
     metrics = m;
+    exports = x;
     events.push(...fresh);
     renderJob();
     if (LIVE_JOB.has(job.status)) {
@@ -1510,6 +1524,15 @@ function jobPage(page, id) {
     }
     jobPoll?.stop();
     live.ok(`Job ${job.status}; updates stopped at`);
+    // A finished model may still be exported: keep its list of exports current.
+    if (job.status === 'completed' && !exportPoll) {
+      exportPoll = poller(page, async () => {
+        const fresh = await GET(`/v1/jobs/${id}/exports`);
+        if (!page.active) return;
+        exports = fresh;
+        renderJob();
+      }, 10000, live.error);
+    }
     if (wasLive) announce(`Job ${job.name} ${STATUS_LABELS[job.status]?.toLowerCase() ?? job.status}`);
   }
 
@@ -1520,6 +1543,7 @@ function jobPage(page, id) {
     section('results-heading', 'Test results', results),
     section('plots-heading', 'Training curves', plots),
     section('traffic-heading', 'Encrypted traffic and time per visit', traffic),
+    section('exports-heading', 'The trained model', exportsBox),
     section('spec-heading', 'Job specification', summary),
     section('events-heading', 'Recent events', eventsBox),
   );
@@ -1559,6 +1583,27 @@ function activityView(job, visit) {
     job.started_at ? ['; started ', timeEl(job.started_at)] : null,
     job.finished_at ? ['; ended ', timeEl(job.finished_at)] : null, '.'));
   return nodes;
+}
+
+/** Who may take the finished model, and which agent exported it when. */
+function exportsView(job, exports) {
+  const policy = h('p', {}, h('strong', {}, 'Release policy: '), RELEASE_LABELS[job.spec.release ?? 'participants']);
+  if (job.status !== 'completed') {
+    return [policy, h('p', { class: 'empty' }, 'The model can be exported or used once the job has completed.')];
+  }
+  const how = (job.spec.release ?? 'participants') === 'nobody'
+    ? h('p', { class: 'meta' }, 'Each hospital classifies new beats with ', h('code', {}, `medsplit-agent predict --job ${job.id}`),
+      ': its client layers run at the hospital, this layer on ciphertexts here.')
+    : h('p', { class: 'meta' }, 'An agent of a participating hospital exports it with ',
+      h('code', {}, `medsplit-agent export --job ${job.id} --out DIR`), '.');
+  const list = exports.length === 0
+    ? h('p', { class: 'empty', id: 'exports-empty' }, 'No agent has exported this model.')
+    : dataTable({
+      id: 'exports-table', caption: 'Exports of this job’s model',
+      columns: ['Hospital', 'Agent', 'When'],
+      rows: exports.map((x) => [x.hospital, `${x.agent} (agent ${x.agent_id})`, timeEl(x.at)]),
+    });
+  return [policy, how, list];
 }
 
 function visitCell(v) {

@@ -1249,3 +1249,47 @@ pub async fn running_visits_of_agent(
     .fetch_all(e)
     .await
 }
+
+// ---------------------------------------------------------------------------------------------
+// Finished models: export records
+
+/// Records that `agent_id` (of `hospital_id`) exported `job_id`'s model.
+pub async fn record_export(
+    e: impl PgExecutor<'_>,
+    job_id: i64,
+    agent_id: i64,
+    hospital_id: i64,
+) -> sqlx::Result<()> {
+    sqlx::query!(
+        "insert into model_exports (job_id, agent_id, hospital_id) values ($1, $2, $3)",
+        job_id,
+        agent_id,
+        hospital_id
+    )
+    .execute(e)
+    .await?;
+    Ok(())
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ExportRow {
+    pub agent_id: i64,
+    pub agent: String,
+    pub hospital: String,
+    pub at: DateTime<Utc>,
+}
+
+/// Every export of `job_id`'s model, oldest first.
+pub async fn exports(e: impl PgExecutor<'_>, job_id: i64) -> sqlx::Result<Vec<ExportRow>> {
+    sqlx::query_as!(
+        ExportRow,
+        "select x.agent_id, a.name as agent, h.name as hospital, x.at
+         from model_exports x
+         join agents a on a.id = x.agent_id
+         join hospitals h on h.id = x.hospital_id
+         where x.job_id = $1 order by x.id",
+        job_id
+    )
+    .fetch_all(e)
+    .await
+}

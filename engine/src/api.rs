@@ -182,6 +182,41 @@ pub enum FailurePolicy {
     Fail,
 }
 
+/// Who may take a finished job's model out of MedSplit. Shown to every hospital at consent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Release {
+    /// The agents of the participating hospitals may export the whole network (their client
+    /// weights and the coordinator's server layer); each export is audited.
+    #[default]
+    Participants,
+    /// Nobody: the server layer never leaves the coordinator. The hospitals use the model only
+    /// through private inference (their client layers, the coordinator's layer on ciphertexts).
+    Nobody,
+}
+
+impl Release {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Participants => "participants",
+            Self::Nobody => "nobody",
+        }
+    }
+
+    /// The policy in a sentence, as the consent card shows it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Participants => {
+                "the agents of the participating hospitals may export the finished model"
+            }
+            Self::Nobody => {
+                "nobody may export the finished model: its server layer stays on the coordinator, \
+                 usable only through private inference"
+            }
+        }
+    }
+}
+
 /// A researcher's training job.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -230,6 +265,9 @@ pub struct JobSpec {
     pub max_attempts: u32,
     #[serde(default)]
     pub on_failure: FailurePolicy,
+    /// Who may take the finished model (default: the participating hospitals' agents).
+    #[serde(default)]
+    pub release: Release,
 }
 
 fn one() -> u32 {
@@ -449,6 +487,59 @@ pub struct SealedCopy {
     pub recipient_agent_id: i64,
     /// `nonce ‖ ciphertext` (base64).
     pub sealed: String,
+}
+
+/// A finished job's model as the coordinator releases it to an agent of a participating
+/// hospital (`GET /v1/jobs/{id}/model`, only under [`Release::Participants`]): the server layer,
+/// and what the model card says of the job. The client layers come sealed to the agent
+/// (`GET /v1/jobs/{id}/model/client`, a [`Handoff`]).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ModelRelease {
+    pub job_id: i64,
+    pub job_name: String,
+    /// The researcher who ran the job.
+    pub owner: String,
+    pub spec: JobSpec,
+    /// The job's hospitals, in visiting order.
+    pub hospitals: Vec<String>,
+    /// Rounds completed.
+    pub rounds: u32,
+    /// When the job finished (RFC 3339).
+    pub finished_at: String,
+    /// The server layer's parameters, `f32` little-endian (base64), in the order of
+    /// [`ServerNet::parameters`](crate::model::ServerNet::parameters).
+    pub server: String,
+    /// The last round whose visits measured their test sets, hospital by hospital.
+    pub evaluation: Option<RoundEvaluation>,
+    /// The agent this release went to, as the coordinator records it: `agent NAME (ID) of
+    /// HOSPITAL`.
+    pub exported_by: String,
+}
+
+/// A finished job's client layers as the coordinator hands them to an agent of a participating
+/// hospital (`GET /v1/jobs/{id}/model/client`, under every release policy): the spec that shapes
+/// them and the last visit's weights sealed to this agent.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClientRelease {
+    pub job_id: i64,
+    pub spec: JobSpec,
+    pub handoff: Handoff,
+}
+
+/// The test measurements of one round: each hospital's, on its own held-out beats.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoundEvaluation {
+    /// 0-based.
+    pub round: u32,
+    pub hospitals: Vec<HospitalEvaluation>,
+}
+
+/// One hospital's test measurement.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HospitalEvaluation {
+    pub hospital: String,
+    #[serde(flatten)]
+    pub test: TestEvaluation,
 }
 
 /// Text frames the agent sends during a training session.

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use medsplit_engine::api::VisitAssignment;
+use medsplit_engine::api::{ClientRelease, ModelRelease, VisitAssignment};
 use reqwest::{StatusCode, Url};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -209,6 +209,41 @@ impl Coordinator {
             self.token().await?;
         }
         check(resp).await
+    }
+
+    async fn get(&self, path: &str) -> Result<reqwest::Response, AgentError> {
+        let token = self.token().await?;
+        let resp = self
+            .endpoint
+            .http
+            .get(self.endpoint.url(path))
+            .bearer_auth(token)
+            .send()
+            .await?;
+        if resp.status() == StatusCode::UNAUTHORIZED {
+            *self.token.lock().await = None;
+            self.token().await?;
+        }
+        check(resp).await
+    }
+
+    /// A finished job's client layers, sealed to this agent.
+    pub async fn client_release(&self, job: i64) -> Result<ClientRelease, AgentError> {
+        Ok(self
+            .get(&format!("/v1/jobs/{job}/model/client"))
+            .await?
+            .json()
+            .await?)
+    }
+
+    /// A finished job's server layer and record, when its release policy lets this agent
+    /// export it (the coordinator records the export).
+    pub async fn model_release(&self, job: i64) -> Result<ModelRelease, AgentError> {
+        Ok(self
+            .get(&format!("/v1/jobs/{job}/model"))
+            .await?
+            .json()
+            .await?)
     }
 
     /// Claims a visit, waiting up to `wait` for one to be queued.

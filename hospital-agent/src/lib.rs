@@ -5,6 +5,7 @@
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod release;
 pub mod seal;
 pub mod state;
 pub mod visit;

@@ -129,7 +129,7 @@ async fn job_view(e: &db::Db, job: db::JobRow) -> Result<JobView> {
 
 /// Loads a job the caller may see: its owner, a platform admin, or an admin of a hospital it
 /// names.
-async fn visible_job(s: &AppState, p: &Principal, id: i64) -> Result<db::JobRow> {
+pub(super) async fn visible_job(s: &AppState, p: &Principal, id: i64) -> Result<db::JobRow> {
     let job = db::job(&s.db, id).await?.ok_or(Error::NotFound("job"))?;
     let allowed = match p.role {
         Role::PlatformAdmin => true,
@@ -331,16 +331,16 @@ struct VisitMetrics {
 /// A test measurement: which kind of split the test set came from, the class order, and the
 /// confusion matrix with the figures it gives.
 #[derive(Clone, Serialize)]
-struct Evaluation {
-    kind: EvalKind,
+pub(super) struct Evaluation {
+    pub kind: EvalKind,
     classes: Vec<String>,
     #[serde(flatten)]
-    metrics: Confusion,
+    pub metrics: Confusion,
 }
 
 impl Evaluation {
     /// The stored measurement of a visit, if it has one.
-    fn of(v: &db::Visit) -> Option<Self> {
+    pub(super) fn of(v: &db::Visit) -> Option<Self> {
         let (classes, counts, kind) = (
             v.test_classes.as_ref()?,
             v.test_confusion.as_ref()?,

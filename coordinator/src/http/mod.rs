@@ -19,6 +19,7 @@ mod enrolment;
 mod extract;
 mod hospitals;
 mod jobs;
+mod models;
 pub(crate) mod text;
 mod users;
 mod visits;
@@ -44,6 +45,7 @@ pub fn routes(state: AppState) -> Router {
         .merge(agents::router())
         .merge(visits::router())
         .merge(jobs::router())
+        .merge(models::router())
         .fallback(crate::web::serve)
         .layer(tower_http::limit::RequestBodyLimitLayer::new(1 << 20))
         .layer(axum::middleware::map_response(json_errors))

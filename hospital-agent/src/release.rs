@@ -1,0 +1,61 @@
+//! What an agent takes of a finished job: its final client layers (sealed to this agent by the
+//! agent of the job's last visit) and, when the job's release policy allows, the coordinator's
+//! server layer, so that the hospital holds the whole trained network.
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use crypto_box::SecretKey;
+use medsplit_engine::api::{JobSpec, ModelRelease};
+
+use crate::client::Coordinator;
+use crate::{AgentError, seal};
+
+/// The job's spec and its final client parameters (in the order of `ClientNet::parameters`),
+/// opened with this agent's key and checked against the spec's shapes.
+pub async fn final_client(
+    coordinator: &Coordinator,
+    key: &SecretKey,
+    job: i64,
+) -> Result<(JobSpec, Vec<f32>), AgentError> {
+    let release = coordinator.client_release(job).await?;
+    let h = &release.handoff;
+    let sender = seal::public_key(&decode(&h.sender_public_key)?)?;
+    let client = seal::open(key, &sender, &decode(&h.sealed)?, job, h.from_visit_id)?;
+    let expected = release.spec.model_config().client_parameter_count();
+    if client.len() != expected {
+        return Err(AgentError::Session(format!(
+            "the final client weights hold {} values; the job's model has {expected}",
+            client.len()
+        )));
+    }
+    Ok((release.spec, client))
+}
+
+/// The whole trained network of a finished job and the coordinator's record of it: the final
+/// client parameters, opened, and the server layer, checked against the spec's shapes.
+pub async fn whole_model(
+    coordinator: &Coordinator,
+    key: &SecretKey,
+    job: i64,
+) -> Result<(ModelRelease, Vec<f32>, Vec<f32>), AgentError> {
+    let (_, client) = final_client(coordinator, key, job).await?;
+    let release = coordinator.model_release(job).await?;
+    let bytes = decode(&release.server)?;
+    let expected = release.spec.model_config().server_parameter_count();
+    if bytes.len() != expected * 4 {
+        return Err(AgentError::Session(format!(
+            "the server layer holds {} bytes; the job's model has {expected} values",
+            bytes.len()
+        )));
+    }
+    let server = bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    Ok((release, client, server))
+}
+
+fn decode(s: &str) -> Result<Vec<u8>, AgentError> {
+    B64.decode(s)
+        .map_err(|_| AgentError::Session("the coordinator sent malformed base64".into()))
+}
