@@ -423,6 +423,126 @@ impl<'de> Deserialize<'de> for Confusion {
     }
 }
 
+/// One line of a [`text_report`]: a named test set's matrix, and the kind of split it came
+/// from when known.
+pub struct ReportRow<'a> {
+    pub name: &'a str,
+    pub kind: Option<EvalKind>,
+    pub confusion: &'a Confusion,
+}
+
+/// The text report the CLIs print: one line per row (beats, accuracy next to the
+/// majority-class rate, macro-F1, balanced accuracy; the split's kind when any row has one),
+/// then per-class sensitivity, PPV, F1 and support of the rows in `per_class`. `label` heads
+/// the first column (e.g. `hospital`, `record`).
+pub fn text_report(label: &str, rows: &[ReportRow], per_class: &[ReportRow]) -> String {
+    use std::fmt::Write as _;
+    let pct = |x: f64| format!("{:.2} %", 100.0 * x);
+    let with_kind = rows.iter().any(|r| r.kind.is_some());
+    let width = rows
+        .iter()
+        .chain(per_class)
+        .map(|r| r.name.chars().count())
+        .chain([label.chars().count(), 6])
+        .max()
+        .unwrap_or(6);
+    let kind_cell = |kind: &str| {
+        if with_kind {
+            format!("  {kind:<7}")
+        } else {
+            String::new()
+        }
+    };
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "  {label:<width$}{}  {:>7}  {:>9}  {:>9}  {:>8}  {:>9}",
+        kind_cell("split"),
+        "beats",
+        "accuracy",
+        "majority",
+        "macro-F1",
+        "bal. acc."
+    );
+    for r in rows {
+        let c = r.confusion;
+        let _ = writeln!(
+            out,
+            "  {:<width$}{}  {:>7}  {:>9}  {:>9}  {:>8.3}  {:>9}",
+            r.name,
+            kind_cell(r.kind.map_or("?", EvalKind::as_str)),
+            c.total(),
+            pct(c.accuracy()),
+            pct(c.majority_rate()),
+            c.macro_f1(),
+            pct(c.balanced_accuracy()),
+        );
+    }
+    if per_class.is_empty() {
+        return out;
+    }
+    let class_width = per_class
+        .iter()
+        .flat_map(|r| r.confusion.classes())
+        .map(|c| c.chars().count())
+        .max()
+        .unwrap_or(1);
+    let _ = writeln!(
+        out,
+        "  {:<width$}  {:<class_width$}  {:>8}  {:>8}  {:>6}  {:>7}",
+        "per class", "", "Se", "PPV", "F1", "support"
+    );
+    for r in per_class {
+        for (i, m) in r.confusion.per_class().iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "  {:<width$}  {:<class_width$}  {:>8}  {:>8}  {:>6.3}  {:>7}",
+                if i == 0 { r.name } else { "" },
+                r.confusion.classes()[i],
+                pct(m.se),
+                pct(m.ppv),
+                m.f1,
+                m.support,
+            );
+        }
+    }
+    out
+}
+
+/// The matrix as text: rows the true class, columns the predicted class.
+pub fn confusion_text(c: &Confusion) -> String {
+    use std::fmt::Write as _;
+    const CORNER: &str = "true \\ predicted";
+    let width = c
+        .classes()
+        .iter()
+        .map(|n| n.chars().count())
+        .chain(c.rows().iter().flatten().map(|v| v.to_string().len()))
+        .max()
+        .unwrap_or(1)
+        .max(4);
+    let label = c
+        .classes()
+        .iter()
+        .map(|n| n.chars().count())
+        .chain([CORNER.len()])
+        .max()
+        .unwrap_or(0);
+    let mut out = format!("  {CORNER:<label$}");
+    for name in c.classes() {
+        let _ = write!(out, "  {name:>width$}");
+    }
+    out.push('\n');
+    for (name, row) in c.classes().iter().zip(c.rows()) {
+        let _ = write!(out, "  {name:<label$}");
+        for v in row {
+            let _ = write!(out, "  {v:>width$}");
+        }
+        out.push('\n');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

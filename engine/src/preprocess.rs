@@ -1069,14 +1069,7 @@ mod tests {
     use crate::wfdb::{annotation_symbol, parse_header};
 
     const RAW_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data/mitdb-raw");
-    const DS1: [&str; 22] = [
-        "101", "106", "108", "109", "112", "114", "115", "116", "118", "119", "122", "124", "201",
-        "203", "205", "207", "208", "209", "215", "220", "223", "230",
-    ];
-    const DS2: [&str; 22] = [
-        "100", "103", "105", "111", "113", "117", "121", "123", "200", "202", "210", "212", "213",
-        "214", "219", "221", "222", "228", "231", "232", "233", "234",
-    ];
+    use crate::wfdb::{DS1, DS2};
 
     fn raw_dir() -> Option<PathBuf> {
         let dir = PathBuf::from(RAW_DIR);

@@ -87,6 +87,18 @@ use std::path::{Component, Path, PathBuf};
 use crate::data::{DataError, Dataset};
 use crate::preprocess::{self, LabelSet, Preprocessing};
 
+/// The inter-patient split of de Chazal et al. (2004): DS1 trains, DS2 tests; the paced
+/// records 102, 104, 107 and 217 are in neither.
+pub const DS1: [&str; 22] = [
+    "101", "106", "108", "109", "112", "114", "115", "116", "118", "119", "122", "124", "201",
+    "203", "205", "207", "208", "209", "215", "220", "223", "230",
+];
+/// See [`DS1`].
+pub const DS2: [&str; 22] = [
+    "100", "103", "105", "111", "113", "117", "121", "123", "200", "202", "210", "212", "213",
+    "214", "219", "221", "222", "228", "231", "232", "233", "234",
+];
+
 /// Samples per extracted beat (the 201-sample window resampled).
 pub const BEAT_LEN: usize = 128;
 /// Number of beat classes.

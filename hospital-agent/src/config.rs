@@ -198,7 +198,7 @@ impl Source {
 
     /// The source's beats cut with `preprocessing` and labelled in `labels`, as one dataset
     /// per file.
-    fn load(
+    pub(crate) fn load(
         &self,
         preprocessing: &Preprocessing,
         labels: LabelSet,

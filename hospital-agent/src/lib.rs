@@ -5,6 +5,8 @@
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod model_dir;
+pub mod predict;
 pub mod release;
 pub mod seal;
 pub mod state;

@@ -1,4 +1,5 @@
-//! `medsplit-agent`: enrol once with a one-time token, then run as a daemon.
+//! `medsplit-agent`: enrol once with a one-time token, then run as a daemon; classify and
+//! evaluate with an exported model.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -60,6 +61,24 @@ enum Command {
             default_value = "/etc/medsplit/agent.toml"
         )]
         config: PathBuf,
+    },
+    /// Classify every beat of the inputs with an exported model: one line per beat (record,
+    /// beat, R-peak sample, class, probability of each class).
+    Predict {
+        #[command(flatten)]
+        inputs: medsplit_agent::predict::InputArgs,
+        /// `csv`, or `json` (one JSON object per line).
+        #[arg(long, value_enum, default_value = "csv")]
+        format: medsplit_agent::predict::Format,
+        /// Write here instead of to standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Measure an exported model on labelled inputs: per-class sensitivity, PPV and F1, the
+    /// confusion matrix, accuracy next to the majority-class rate.
+    Evaluate {
+        #[command(flatten)]
+        inputs: medsplit_agent::predict::InputArgs,
     },
 }
 
@@ -146,6 +165,15 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
             });
             let datasets = Arc::new(Datasets::new(config));
             medsplit_agent::daemon::run(coordinator, Arc::new(state), datasets, stop_rx).await?;
+            Ok(())
+        }
+        Command::Predict {
+            inputs,
+            format,
+            out,
+        } => medsplit_agent::predict::predict(&inputs, format, out.as_deref()),
+        Command::Evaluate { inputs } => {
+            print!("{}", medsplit_agent::predict::evaluate(&inputs)?);
             Ok(())
         }
     }

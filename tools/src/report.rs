@@ -4,6 +4,7 @@
 
 use std::fmt::Write;
 
+use medsplit_engine::metrics::{Confusion, EvalKind, ReportRow, text_report};
 use serde_json::Value;
 
 /// How much of a round to show.
@@ -44,84 +45,32 @@ pub fn round(metrics: &Value, round: &Value, detail: Detail) -> String {
         number + 1,
         kind_label(&pooled["kind"])
     );
-    let width = evaluated
-        .iter()
-        .map(|(h, _)| h.chars().count())
-        .chain([6])
-        .max()
-        .unwrap_or(6);
-    let _ = writeln!(
-        out,
-        "  {:<width$}  {:<7}  {:>7}  {:>9}  {:>9}  {:>8}  {:>9}",
-        "hospital", "split", "beats", "accuracy", "majority", "macro-F1", "bal. acc."
-    );
-    for (name, e) in evaluated
+    let parsed: Vec<(&str, Option<EvalKind>, Confusion)> = evaluated
         .iter()
         .map(|(h, e)| (h.as_str(), *e))
         .chain([("pooled", pooled)])
-    {
-        let beats: u64 = e["confusion"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_array)
-            .flatten()
-            .filter_map(Value::as_u64)
-            .sum();
-        let _ = writeln!(
-            out,
-            "  {:<width$}  {:<7}  {:>7}  {:>9}  {:>9}  {:>8}  {:>9}",
+        .filter_map(|(name, e)| {
+            let confusion = serde_json::from_value::<Confusion>(e.clone()).ok()?;
+            Some((
+                name,
+                e["kind"].as_str().and_then(EvalKind::parse),
+                confusion,
+            ))
+        })
+        .collect();
+    let rows: Vec<ReportRow> = parsed
+        .iter()
+        .map(|(name, kind, confusion)| ReportRow {
             name,
-            e["kind"].as_str().unwrap_or("?"),
-            beats,
-            pct(&e["accuracy"]),
-            pct(&e["majority_rate"]),
-            fixed(&e["macro_f1"]),
-            pct(&e["balanced_accuracy"]),
-        );
-    }
-    let groups: Vec<(&str, &Value)> = match detail {
-        Detail::Pooled => vec![("pooled", pooled)],
-        Detail::PerHospital => evaluated
-            .iter()
-            .map(|(h, e)| (h.as_str(), *e))
-            .chain([("pooled", pooled)])
-            .collect(),
+            kind: *kind,
+            confusion,
+        })
+        .collect();
+    let per_class = match detail {
+        Detail::Pooled => &rows[rows.len().saturating_sub(1)..],
+        Detail::PerHospital => &rows[..],
     };
-    let class_width = pooled["classes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_str)
-        .map(|c| c.chars().count())
-        .max()
-        .unwrap_or(1);
-    let _ = writeln!(
-        out,
-        "  {:<width$}  {:<class_width$}  {:>8}  {:>8}  {:>6}  {:>7}",
-        "per class", "", "Se", "PPV", "F1", "support"
-    );
-    for (name, e) in groups {
-        for (i, class) in e["classes"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .enumerate()
-        {
-            let c = &e["per_class"][class];
-            let _ = writeln!(
-                out,
-                "  {:<width$}  {:<class_width$}  {:>8}  {:>8}  {:>6}  {:>7}",
-                if i == 0 { name } else { "" },
-                class,
-                pct(&c["se"]),
-                pct(&c["ppv"]),
-                fixed(&c["f1"]),
-                c["support"].as_u64().unwrap_or(0),
-            );
-        }
-    }
+    out.push_str(&text_report("hospital", &rows, per_class));
     out
 }
 
@@ -136,22 +85,9 @@ pub fn kind_label(kind: &Value) -> &'static str {
     }
 }
 
-fn pct(v: &Value) -> String {
-    v.as_f64()
-        .map(|x| format!("{:.2} %", 100.0 * x))
-        .unwrap_or_else(|| "-".into())
-}
-
-fn fixed(v: &Value) -> String {
-    v.as_f64()
-        .map(|x| format!("{x:.3}"))
-        .unwrap_or_else(|| "-".into())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use medsplit_engine::metrics::Confusion;
     use serde_json::json;
 
     fn evaluation(kind: &str, pairs: &[(usize, usize)]) -> Value {

@@ -24,19 +24,8 @@ use medsplit_engine::protocol::{
     ClientSession, InProcess, LocalModel, Privacy, ServerSession, Trainer,
 };
 use medsplit_engine::training::{SampleStream, epoch_order, evaluate, train_epoch};
-use medsplit_engine::wfdb;
+use medsplit_engine::wfdb::{self, DS1, DS2};
 use serde::Serialize;
-
-/// The inter-patient split of de Chazal et al. (2004); paced records 102, 104, 107, 217 are left
-/// out.
-const DS1: [&str; 22] = [
-    "101", "106", "108", "109", "112", "114", "115", "116", "118", "119", "122", "124", "201",
-    "203", "205", "207", "208", "209", "215", "220", "223", "230",
-];
-const DS2: [&str; 22] = [
-    "100", "103", "105", "111", "113", "117", "121", "123", "200", "202", "210", "212", "213",
-    "214", "219", "221", "222", "228", "231", "232", "233", "234",
-];
 
 #[derive(Parser, Debug)]
 #[command(
