@@ -54,6 +54,18 @@ impl TrainedModel {
             server,
         })
     }
+
+    /// The untrained network of `config` with PyTorch's initialisation from `seed`, as a job's
+    /// first visit starts it.
+    pub fn initial(config: &ModelConfig, seed: u64) -> Result<Self, ModelError> {
+        config.validate()?;
+        let device = burn::tensor::Device::flex();
+        Self::new(
+            config.clone(),
+            config.init_client(seed, &device).parameters(),
+            config.init_server(seed, &device).parameters(),
+        )
+    }
 }
 
 /// One exported file and its SHA-256.
@@ -441,13 +453,7 @@ pub(crate) mod tests {
 
     /// A model of `config` with PyTorch's initialisation from `seed`.
     pub(crate) fn random_model(config: &ModelConfig, seed: u64) -> TrainedModel {
-        let device = burn::tensor::Device::flex();
-        TrainedModel::new(
-            config.clone(),
-            config.init_client(seed, &device).parameters(),
-            config.init_server(seed, &device).parameters(),
-        )
-        .unwrap()
+        TrainedModel::initial(config, seed).unwrap()
     }
 
     fn spec() -> JobSpec {

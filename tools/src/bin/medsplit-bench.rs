@@ -15,8 +15,9 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use medsplit_engine::api::{ClassWeights, ModelName, ModelSpec};
+use medsplit_engine::api::{ClassWeights, JobSpec, ModelName, ModelSpec};
 use medsplit_engine::data::{self, Dataset};
+use medsplit_engine::export::{CardEvaluation, ModelCard, TrainedModel};
 use medsplit_engine::metrics::{Confusion, EvalKind};
 use medsplit_engine::model::{ModelConfig, Objective, ServerOptimizer};
 use medsplit_engine::preprocess::{LabelSet, Preprocessing};
@@ -104,6 +105,11 @@ struct Args {
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// cyclic-he (in process): write the final model here in the export format (model.onnx,
+    /// model.safetensors, model-card.json/.md), its card holding the test-set figures;
+    /// `medsplit-agent evaluate --model DIR` measures it again in plaintext.
+    #[arg(long)]
+    export: Option<PathBuf>,
     /// `in-process`: both halves in this process, exchanging serialized messages.
     /// `websocket`: through a real coordinator (Postgres from DATABASE_URL or a private
     /// cluster) and an agent on loopback.
@@ -236,6 +242,17 @@ fn try_main(args: Args) -> anyhow::Result<()> {
         bail!(
             "--epochs, --batch-size, --hospitals, --rounds and --local-steps must be at least 1, --folds at least 2"
         );
+    }
+    if let Some(dir) = &args.export {
+        if !args.modes.contains(&Mode::CyclicHe)
+            || args.transport != Transport::InProcess
+            || args.split == SplitKind::Ds1Cv
+        {
+            bail!("--export writes the model of an in-process cyclic-he run (--modes cyclic-he)");
+        }
+        if std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some()) {
+            bail!("--export {}: the directory is not empty", dir.display());
+        }
     }
     if let Some(threads) = args.threads {
         rayon::ThreadPoolBuilder::new()
@@ -619,6 +636,11 @@ fn cyclic(setup: &Setup, args: &Args) -> anyhow::Result<ModeResult> {
     let metrics = evaluate(&mut trainer, &setup.test, 64, &setup.classes())
         .context("cyclic-he evaluation")?;
     print_metrics("cyclic-he", setup.evaluation, &metrics);
+    if let (Some(dir), Some(client), Some(server)) =
+        (&args.export, client_parameters, server_parameters)
+    {
+        export(dir, setup, args, rounds, client, server, &metrics)?;
+    }
     let rounds_u = rounds as u64;
     Ok(ModeResult {
         mode: Mode::CyclicHe.name().into(),
@@ -636,6 +658,57 @@ fn cyclic(setup: &Setup, args: &Args) -> anyhow::Result<ModeResult> {
         folds: Vec::new(),
         metrics,
     })
+}
+
+/// Writes the final cyclic-he model to `dir` in the export format, as a job of the run's
+/// settings whose card holds the test-set figures.
+fn export(
+    dir: &Path,
+    setup: &Setup,
+    args: &Args,
+    rounds: usize,
+    client: Vec<f32>,
+    server: Vec<f32>,
+    metrics: &Confusion,
+) -> anyhow::Result<()> {
+    let hospitals: Vec<String> = (1..=args.hospitals)
+        .map(|h| format!("hospital-{h}"))
+        .collect();
+    let spec: JobSpec = serde_json::from_value(serde_json::json!({
+        "name": format!("medsplit-bench cyclic-he: {}", setup.name),
+        "model": setup.model,
+        "labels": setup.labels,
+        "preprocessing": setup.preprocessing,
+        "hospitals": hospitals,
+        "rounds": rounds,
+        "local_steps": args.local_steps,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "server_optimizer": setup.optimizer,
+        "client_lr": setup.client_lr,
+        "class_weights": setup.weights,
+    }))
+    .context("the run's settings as a job spec")?;
+    let model = TrainedModel::new(setup.config.clone(), client, server)?;
+    let evaluation = CardEvaluation {
+        round: rounds as u32,
+        kind: setup.evaluation,
+        hospitals: Vec::new(),
+        pooled: metrics.clone(),
+    };
+    let mut card = ModelCard::new(
+        0,
+        spec,
+        hospitals,
+        rounds as u32,
+        Some(evaluation),
+        chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        "medsplit-bench".into(),
+    );
+    medsplit_agent::model_dir::write(dir, &model, &mut card, false)
+        .with_context(|| format!("exporting to {}", dir.display()))?;
+    eprintln!("exported the cyclic-he model to {}", dir.display());
+    Ok(())
 }
 
 /// DS1's patients dealt to `--hospitals` hospitals (by patient, S beats spread first), printed:
