@@ -308,3 +308,88 @@ fn cyclic_visits_train_the_local_steps_asked_for() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn the_exported_cyclic_model_reproduces_the_benchmarks_figures_in_plaintext() {
+    use medsplit_agent::predict::{self, CsvOptions, Input, Model};
+    let dir = std::env::temp_dir().join(format!("medsplit-bench-export-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let data = dir.join("beats");
+    std::fs::create_dir_all(&data).unwrap();
+    for (stem, n, seed) in [("train", 600, 1), ("test", 300, 2)] {
+        let beats = medsplit_engine::data::synthetic(n, seed);
+        let bytes: Vec<u8> = beats.rows().iter().flat_map(|v| v.to_le_bytes()).collect();
+        std::fs::write(data.join(format!("{stem}.f32")), bytes).unwrap();
+        std::fs::write(data.join(format!("{stem}.labels")), beats.labels()).unwrap();
+    }
+    let (export, json) = (dir.join("model"), dir.join("out.json"));
+    let output = Command::new(env!("CARGO_BIN_EXE_medsplit-bench"))
+        .arg("--data")
+        .arg(&data)
+        .args(["--modes", "cyclic-he", "--epochs", "2", "--hospitals", "2"])
+        .args(["--batch-size", "16", "--export"])
+        .arg(&export)
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let rows: Vec<Vec<u64>> =
+        serde_json::from_value(report["results"][0]["metrics"]["confusion"].clone()).unwrap();
+    let classes = report["labels"].as_array().unwrap();
+    let classes = classes
+        .iter()
+        .map(|c| c.as_str().unwrap().to_owned())
+        .collect();
+    let bench = medsplit_engine::metrics::Confusion::from_counts(classes, &rows).unwrap();
+
+    // The card holds the run's figures; evaluating the exported files in plaintext gives them
+    // again (the benchmark measured through HE).
+    let model = Model::open(&export).unwrap();
+    let evaluation = model.card.evaluation.as_ref().unwrap();
+    assert_eq!(evaluation.pooled, bench);
+    assert_eq!(
+        (model.card.rounds, model.card.hospitals.len()),
+        (2, 2),
+        "{:?}",
+        model.card
+    );
+    let input = Input::Beats {
+        dir: data.clone(),
+        stem: "test".into(),
+    };
+    let beats = predict::load(&input, &model.card, CsvOptions::default()).unwrap();
+    let p = predict::probabilities(&model.classifier, beats.dataset.rows());
+    let plain = predict::confusion(&model.card, &beats, &p).unwrap();
+    assert_eq!(plain.total(), 300);
+    let mut figures = vec![(plain.accuracy(), bench.accuracy())];
+    for c in 0..5 {
+        let (a, b) = (plain.class_metrics(c), bench.class_metrics(c));
+        figures.extend([(a.se, b.se), (a.ppv, b.ppv), (a.f1, b.f1)]);
+    }
+    for (a, b) in figures {
+        assert!(
+            (a - b).abs() <= 0.001,
+            "{a} vs {b}: {:?} / {:?}",
+            plain.rows(),
+            bench.rows()
+        );
+    }
+
+    // A second export into the same directory is refused before training.
+    let output = Command::new(env!("CARGO_BIN_EXE_medsplit-bench"))
+        .arg("--data")
+        .arg(&data)
+        .args(["--modes", "cyclic-he", "--epochs", "1", "--export"])
+        .arg(&export)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("not empty"));
+    std::fs::remove_dir_all(&dir).ok();
+}
