@@ -47,13 +47,19 @@ async fn only_participants_take_a_finished_model_and_every_export_is_recorded(po
         r.task.abort();
     }
 
-    // The whole model, at an agent of a participating hospital.
-    let (rel, client, server) = release::whole_model(&a0, &agents[0].state.secret_key, job)
-        .await
-        .unwrap();
-    let config = rel.spec.model_config();
-    assert_eq!(client.len(), config.client_parameter_count());
-    assert_eq!(server.len(), config.server_parameter_count());
+    // The whole model, exported at an agent of a participating hospital; an occupied directory
+    // is refused before anything is released.
+    let dir = common::temp_dir("export");
+    std::fs::write(dir.join("notes.txt"), "kept").unwrap();
+    let key = &agents[0].state.secret_key;
+    let refused = release::export(&a0, key, job, &dir).await.unwrap_err();
+    assert!(refused.to_string().contains("not empty"), "{refused}");
+    let out = dir.join("model");
+    let card = release::export(&a0, key, job, &out).await.unwrap();
+    let (model, read_back) = medsplit_agent::model_dir::read(&out).unwrap();
+    assert_eq!(read_back, card);
+    let config = card.spec.model_config();
+    assert_eq!(model.config, config);
     let checkpoint: Vec<u8> =
         sqlx::query_scalar("select server_checkpoint from jobs where id = $1")
             .bind(job)
@@ -64,22 +70,45 @@ async fn only_participants_take_a_finished_model_and_every_export_is_recorded(po
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
         .collect();
-    assert_eq!(server, stored, "the released layer is the final checkpoint");
     assert_eq!(
-        (rel.job_id, rel.rounds, rel.hospitals.clone()),
+        model.server, stored,
+        "the exported layer is the final checkpoint"
+    );
+    let client = model.client.clone();
+    assert_eq!(client.len(), config.client_parameter_count());
+    // The card: the job, its hospitals and rounds, who exported it, each hospital's test
+    // counts of the last round and their pool, the files' checksums.
+    assert_eq!(
+        (card.job_id, card.rounds, card.hospitals.clone()),
         (job, 2, vec!["h0".to_string(), "h1".to_string()])
     );
-    assert_eq!(rel.owner, "researcher@example.org");
-    let evaluation = rel
-        .evaluation
-        .expect("the last round measured the test sets");
-    assert_eq!(evaluation.round, 1);
-    let names: Vec<&str> = evaluation
-        .hospitals
-        .iter()
-        .map(|h| h.hospital.as_str())
-        .collect();
-    assert_eq!(names, ["h0", "h1"]);
+    assert_eq!(card.classes, ["N", "L", "R", "A", "V"]);
+    assert!(
+        card.exported_by.contains("agent-h0") && card.exported_by.contains("of h0"),
+        "{}",
+        card.exported_by
+    );
+    let evaluation = card.evaluation.as_ref().expect("the last round measured");
+    assert_eq!(evaluation.round, 2);
+    assert_eq!(evaluation.kind, medsplit_engine::metrics::EvalKind::Patient);
+    let metrics = p
+        .researcher
+        .ok("GET", &format!("/v1/jobs/{job}/metrics"), None)
+        .await;
+    let last_round = &metrics["rounds"][1];
+    for (i, h) in evaluation.hospitals.iter().enumerate() {
+        assert_eq!(h.hospital, format!("h{i}"));
+        let reported = &metrics["visits"][2 + i]["test_evaluation"]["confusion"];
+        assert_eq!(serde_json::to_value(h.confusion.rows()).unwrap(), *reported);
+    }
+    assert_eq!(
+        serde_json::to_value(evaluation.pooled.rows()).unwrap(),
+        last_round["pooled_test_evaluation"]["confusion"]
+    );
+    let names: Vec<&str> = card.files.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(names, ["model.onnx", "model.safetensors"]);
+    let markdown = std::fs::read_to_string(out.join("model-card.md")).unwrap();
+    assert!(markdown.contains(&format!("job {job}")), "{markdown}");
     // Both participants hold the same final client weights.
     let (_, other) = release::final_client(&a1, &agents[1].state.secret_key, job)
         .await
@@ -112,7 +141,11 @@ async fn only_participants_take_a_finished_model_and_every_export_is_recorded(po
         .ok("GET", &format!("/v1/jobs/{job}/exports"), None)
         .await;
     let exports = exports.as_array().unwrap();
-    assert_eq!(exports.len(), 1, "{exports:?}");
+    assert_eq!(
+        exports.len(),
+        1,
+        "only the export that went through: {exports:?}"
+    );
     assert_eq!(exports[0]["hospital"], "h0");
     assert_eq!(exports[0]["agent_id"], agents[0].state.identity.agent_id);
     assert!(exports[0]["at"].as_str().is_some());

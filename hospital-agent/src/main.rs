@@ -74,6 +74,23 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Export a finished job's whole model, when the job's release policy lets this hospital
+    /// take it: the ONNX graph, the weights (safetensors) and the model card, into a new
+    /// directory. The coordinator records the export.
+    Export {
+        #[arg(long)]
+        job: i64,
+        /// A directory that does not exist yet, or is empty.
+        #[arg(long)]
+        out: PathBuf,
+        /// The agent's configuration (its state directory and coordinator).
+        #[arg(
+            long,
+            env = "MEDSPLIT_AGENT_CONFIG",
+            default_value = "/etc/medsplit/agent.toml"
+        )]
+        config: PathBuf,
+    },
     /// Measure an exported model on labelled inputs: per-class sensitivity, PPV and F1, the
     /// confusion matrix, accuracy next to the majority-class rate.
     Evaluate {
@@ -139,19 +156,14 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run { config } => {
-            let config = Config::load(&config)?;
-            let state = state::load(&config.state_dir)?;
+            let (config, state, coordinator) = connect(&config)?;
             report(&config.survey()?);
             tracing::info!(
                 agent = state.identity.agent_id,
                 coordinator = %state.identity.coordinator,
                 "agent starting; each job's data is cut with its preprocessing and label set on its first visit"
             );
-            let endpoint = Endpoint::new(&state.identity.coordinator, config.ca_cert.as_deref())?;
-            let coordinator = Arc::new(Coordinator::new(
-                endpoint,
-                state.identity.credential.clone(),
-            ));
+            let coordinator = Arc::new(coordinator);
             let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
             tokio::spawn(async move {
                 let mut term =
@@ -172,11 +184,36 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
             format,
             out,
         } => medsplit_agent::predict::predict(&inputs, format, out.as_deref()),
+        Command::Export { job, out, config } => {
+            let (_, state, coordinator) = connect(&config)?;
+            let card =
+                medsplit_agent::release::export(&coordinator, &state.secret_key, job, &out).await?;
+            println!(
+                "exported job {job} ({}) into {}: {}; model card in model-card.md",
+                card.job_name,
+                out.display(),
+                card.files
+                    .iter()
+                    .map(|f| f.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            Ok(())
+        }
         Command::Evaluate { inputs } => {
             print!("{}", medsplit_agent::predict::evaluate(&inputs)?);
             Ok(())
         }
     }
+}
+
+/// The agent's configuration, its state (identity key, credential) and its coordinator.
+fn connect(path: &std::path::Path) -> anyhow::Result<(Config, state::AgentState, Coordinator)> {
+    let config = Config::load(path)?;
+    let state = state::load(&config.state_dir)?;
+    let endpoint = Endpoint::new(&state.identity.coordinator, config.ca_cert.as_deref())?;
+    let coordinator = Coordinator::new(endpoint, state.identity.credential.clone());
+    Ok((config, state, coordinator))
 }
 
 /// Logs what the agent holds before it connects: each source's beats, patients and classes,

@@ -401,8 +401,13 @@ pub struct InputArgs {
     pub model: PathBuf,
     /// WFDB records (`DIR/100.hea` or `DIR/100`), beat files (`DIR/test.f32` or `DIR/test`),
     /// CSV files, or directories of records.
-    #[arg(required = true)]
+    #[arg(required_unless_present = "config")]
     pub inputs: Vec<PathBuf>,
+    /// Also (or instead) the held-out test set of this agent configuration's sources (its
+    /// `[split]`), cut with the model's preprocessing and label set: the hospital's own
+    /// patients that the model never trained on (evaluate only).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     /// Only these records of a directory: names separated by commas, or `ds1` / `ds2` for the
     /// inter-patient split's MIT-BIH records.
     #[arg(long)]
@@ -489,7 +494,10 @@ pub fn predict(args: &InputArgs, format: Format, out: Option<&Path>) -> anyhow::
 pub fn evaluate(args: &InputArgs) -> anyhow::Result<String> {
     use std::fmt::Write as _;
     let model = Model::open(&args.model)?;
-    let inputs = args.resolve()?;
+    let inputs = match (&args.config, args.inputs.is_empty()) {
+        (Some(_), true) => Vec::new(),
+        _ => args.resolve()?,
+    };
     let mut rows = Vec::new();
     for input in &inputs {
         let beats = load(input, &model.card, args.csv())
@@ -500,9 +508,24 @@ pub fn evaluate(args: &InputArgs) -> anyhow::Result<String> {
             Input::Beats { stem, .. } => stem.clone(),
             Input::Csv { path } => path.display().to_string(),
         };
-        rows.push((name, confusion(&model.card, &beats, &p)?));
+        rows.push((name, None, confusion(&model.card, &beats, &p)?));
     }
-    let pooled = Confusion::pooled(rows.iter().map(|(_, c)| c))?.expect("at least one input");
+    if let Some(path) = &args.config {
+        let data = crate::config::Config::load(path)?
+            .load_data(&model.card.spec.preprocessing, model.card.spec.labels)?;
+        let beats = Beats {
+            records: Vec::new(),
+            samples: Vec::new(),
+            dataset: data.test.clone(),
+        };
+        let p = probabilities(&model.classifier, beats.dataset.rows());
+        rows.push((
+            "held-out test set".to_owned(),
+            Some(data.evaluation()),
+            confusion(&model.card, &beats, &p)?,
+        ));
+    }
+    let pooled = Confusion::pooled(rows.iter().map(|(_, _, c)| c))?.expect("at least one input");
     let card = &model.card;
     let mut out = String::new();
     let _ = writeln!(
@@ -516,12 +539,12 @@ pub fn evaluate(args: &InputArgs) -> anyhow::Result<String> {
         card.hospitals.join(", "),
         card.rounds
     );
-    let _ = writeln!(out, "inputs: {} ({} beats)\n", inputs.len(), pooled.total());
+    let _ = writeln!(out, "inputs: {} ({} beats)\n", rows.len(), pooled.total());
     let mut report: Vec<ReportRow> = rows
         .iter()
-        .map(|(name, c)| ReportRow {
+        .map(|(name, kind, c)| ReportRow {
             name,
-            kind: None,
+            kind: *kind,
             confusion: c,
         })
         .collect();
@@ -536,6 +559,7 @@ pub fn evaluate(args: &InputArgs) -> anyhow::Result<String> {
         report.truncate(0);
         report.push(ReportRow {
             name: &rows[0].0,
+            kind: rows[0].1,
             ..all
         });
     }

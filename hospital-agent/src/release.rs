@@ -2,13 +2,17 @@
 //! agent of the job's last visit) and, when the job's release policy allows, the coordinator's
 //! server layer, so that the hospital holds the whole trained network.
 
+use std::path::Path;
+
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use crypto_box::SecretKey;
 use medsplit_engine::api::{JobSpec, ModelRelease};
+use medsplit_engine::export::{self, ModelCard, TrainedModel};
+use medsplit_engine::metrics::{Confusion, EvalKind};
 
 use crate::client::Coordinator;
-use crate::{AgentError, seal};
+use crate::{AgentError, model_dir, seal};
 
 /// The job's spec and its final client parameters (in the order of `ClientNet::parameters`),
 /// opened with this agent's key and checked against the spec's shapes.
@@ -53,6 +57,77 @@ pub async fn whole_model(
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect();
     Ok((release, client, server))
+}
+
+/// Exports a finished job's whole model into `dir` (which must be empty or absent): the ONNX
+/// graph, the safetensors weights and the model card (see [`model_dir::write`]). Returns the
+/// card written.
+pub async fn export(
+    coordinator: &Coordinator,
+    key: &SecretKey,
+    job: i64,
+    dir: &Path,
+) -> Result<ModelCard, AgentError> {
+    // Refuse an occupied directory before the coordinator records an export.
+    if std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some()) {
+        return Err(AgentError::Config(format!(
+            "{} is not empty: export into a new directory",
+            dir.display()
+        )));
+    }
+    let (release, client, server) = whole_model(coordinator, key, job).await?;
+    let model = TrainedModel::new(release.spec.model_config(), client, server)
+        .map_err(|e| AgentError::Session(format!("the released model: {e}")))?;
+    let mut card = card(&release, chrono::Utc::now().to_rfc3339())?;
+    model_dir::write(dir, &model, &mut card, false)
+        .map_err(|e| AgentError::Config(e.to_string()))?;
+    Ok(card)
+}
+
+/// The model card of a release: the coordinator's record of the job, its last measured round
+/// per hospital and pooled.
+pub fn card(release: &ModelRelease, exported_at: String) -> Result<ModelCard, AgentError> {
+    let evaluation = match &release.evaluation {
+        None => None,
+        Some(round) => {
+            let mut hospitals = Vec::new();
+            for h in &round.hospitals {
+                let confusion = h.test.confusion().map_err(|e| {
+                    AgentError::Session(format!("the test counts of {}: {e}", h.hospital))
+                })?;
+                hospitals.push(export::HospitalEvaluation {
+                    hospital: h.hospital.clone(),
+                    confusion,
+                });
+            }
+            let kind = if round
+                .hospitals
+                .iter()
+                .all(|h| h.test.kind == EvalKind::Patient)
+            {
+                EvalKind::Patient
+            } else {
+                EvalKind::Beat
+            };
+            let pooled = Confusion::pooled(hospitals.iter().map(|h| &h.confusion))
+                .map_err(|e| AgentError::Session(format!("pooling the test counts: {e}")))?;
+            pooled.map(|pooled| export::CardEvaluation {
+                round: round.round + 1,
+                kind,
+                hospitals,
+                pooled,
+            })
+        }
+    };
+    Ok(ModelCard::new(
+        release.job_id,
+        release.spec.clone(),
+        release.hospitals.clone(),
+        release.rounds,
+        evaluation,
+        exported_at,
+        release.exported_by.clone(),
+    ))
 }
 
 fn decode(s: &str) -> Result<Vec<u8>, AgentError> {

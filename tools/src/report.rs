@@ -50,7 +50,11 @@ pub fn round(metrics: &Value, round: &Value, detail: Detail) -> String {
         .map(|(h, e)| (h.as_str(), *e))
         .chain([("pooled", pooled)])
         .filter_map(|(name, e)| {
-            let confusion = serde_json::from_value::<Confusion>(e.clone()).ok()?;
+            // The class order is `classes` (a JSON object such as `per_class` keeps no order
+            // once parsed into a value).
+            let classes = serde_json::from_value::<Vec<String>>(e["classes"].clone()).ok()?;
+            let counts = serde_json::from_value::<Vec<Vec<u64>>>(e["confusion"].clone()).ok()?;
+            let confusion = Confusion::from_counts(classes, &counts).ok()?;
             Some((
                 name,
                 e["kind"].as_str().and_then(EvalKind::parse),
@@ -167,5 +171,38 @@ mod tests {
             round(&metrics, &metrics["rounds"][1], Detail::Pooled),
             "round  2: test set not measured\n"
         );
+    }
+
+    /// Classes come in the label set's order, not in the order of a parsed JSON object's keys.
+    #[test]
+    fn classes_keep_the_label_sets_order() {
+        // 3 N beats right, 1 F beat right, 2 S beats called N.
+        let c = Confusion::from_pairs(
+            ["N", "S", "V", "F", "Q"],
+            [(0, 0), (0, 0), (0, 0), (3, 3), (1, 0), (1, 0)],
+        )
+        .unwrap();
+        let mut e = serde_json::to_value(&c).unwrap();
+        e["kind"] = json!("patient");
+        e["classes"] = json!(["N", "S", "V", "F", "Q"]);
+        // As the CLI receives it: text parsed into a value.
+        let e: Value = serde_json::from_str(&e.to_string()).unwrap();
+        let metrics = json!({
+            "visits": [{ "round": 0, "hospital": "h", "test_evaluation": e }],
+            "rounds": [{ "round": 0, "pooled_test_evaluation": e }],
+        });
+        let text = round(&metrics, &metrics["rounds"][0], Detail::Pooled);
+        let line = |class: &str| {
+            text.lines()
+                .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+                .find(|l| {
+                    l.starts_with(&format!("pooled {class} "))
+                        || l.starts_with(&format!("{class} "))
+                })
+                .unwrap_or_else(|| panic!("no {class} line in\n{text}"))
+        };
+        assert_eq!(line("F"), "F 100.00 % 100.00 % 1.000 1");
+        assert_eq!(line("S"), "S 0.00 % 0.00 % 0.000 2");
+        assert!(line("N").ends_with(" 3"), "{text}");
     }
 }

@@ -14,6 +14,8 @@ fn the_demo_trains_a_cyclic_job_across_real_processes() {
         panic!("medsplit-agent is not built next to {}", exe.display());
     }
     let json = std::env::temp_dir().join(format!("medsplit-demo-test-{}.json", std::process::id()));
+    let export = std::env::temp_dir().join(format!("medsplit-demo-model-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&export);
     let out = Command::new(exe)
         .args([
             "demo",
@@ -26,6 +28,8 @@ fn the_demo_trains_a_cyclic_job_across_real_processes() {
             "--json",
         ])
         .arg(&json)
+        .arg("--export")
+        .arg(&export)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -83,6 +87,33 @@ fn the_demo_trains_a_cyclic_job_across_real_processes() {
             .sum();
         assert!(total > 0 && total == counted, "{pooled}");
     }
+    // The last hospital exported the final model and measured it on its held-out patients, in
+    // plaintext: the beats and the accuracy it reported for the last round, through HE (a beat
+    // near a decision boundary may fall the other way).
+    let figures = |start: &str| -> (u64, f64) {
+        let line = stdout
+            .lines()
+            .rfind(|l| l.trim_start().starts_with(start) && l.contains(" patient "))
+            .unwrap_or_else(|| panic!("no {start:?} line in\n{stdout}"));
+        let words: Vec<&str> = line[line.find(" patient ").unwrap()..]
+            .split_whitespace()
+            .collect();
+        (words[1].parse().unwrap(), words[2].parse().unwrap())
+    };
+    assert!(
+        stdout.contains("hospital-2 evaluates the exported model on its held-out patients"),
+        "{stdout}"
+    );
+    let (beats, trained) = figures("hospital-2 ");
+    let (exported_beats, exported) = figures("held-out test set ");
+    assert_eq!(beats, exported_beats, "{stdout}");
+    assert!(
+        (trained - exported).abs() * beats as f64 <= 100.0 * 1.01,
+        "{trained} % through HE, {exported} % exported:\n{stdout}"
+    );
+    assert!(export.join("model.onnx").is_file() && export.join("model-card.json").is_file());
+    assert_eq!(summary["export"]["hospital"], "hospital-2");
+    std::fs::remove_dir_all(&export).unwrap();
     std::fs::remove_file(&json).unwrap();
 }
 

@@ -104,6 +104,10 @@ struct Demo {
     /// Write the final summary as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Where the last hospital exports the finished model (a new or empty directory); without it the
+    /// export goes into the demo's working directory and is removed with it.
+    #[arg(long)]
+    export: Option<PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -482,6 +486,49 @@ async fn demo(args: Demo) -> anyhow::Result<()> {
     let metrics = follow(&researcher, id).await?;
     let seconds = started.elapsed().as_secs_f64();
 
+    // What a hospital does with the finished model: export it, then measure it on its own
+    // held-out patients, as its admin would. The last hospital of the round trained the final
+    // model last, so its figure in the last round is the exported model's, through HE.
+    let exporter = names.last().expect("at least one hospital").clone();
+    let model_dir = args.export.clone().unwrap_or_else(|| dir.join("model"));
+    let config = dir.join(format!("agent-{}.toml", names.len()));
+    let out = Command::new(&agent_bin)
+        .args(["export", "--job", &id.to_string(), "--out"])
+        .arg(&model_dir)
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .await?;
+    if !out.status.success() {
+        bail!(
+            "exporting the model at {exporter} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    eprintln!(
+        "demo: {exporter} exported the model: {}",
+        String::from_utf8_lossy(&out.stdout).trim()
+    );
+    let out = Command::new(&agent_bin)
+        .arg("evaluate")
+        .arg("--model")
+        .arg(&model_dir)
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .await?;
+    if !out.status.success() {
+        bail!(
+            "evaluating the exported model at {exporter} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let evaluation = String::from_utf8_lossy(&out.stdout).into_owned();
+    println!(
+        "\n{exporter} evaluates the exported model on its held-out patients \
+         (`medsplit-agent evaluate --model DIR --config agent.toml`):\n{evaluation}"
+    );
+
     let mut rounds = Vec::new();
     for r in metrics["rounds"].as_array().into_iter().flatten() {
         let mut accuracy = serde_json::Map::new();
@@ -517,12 +564,20 @@ async fn demo(args: Demo) -> anyhow::Result<()> {
             (None, None) => format!("synthetic, {} patients and {} beats per hospital", args.patients, args.samples),
         },
         "seconds": seconds,
+        "export": {
+            "hospital": exporter,
+            "dir": args.export.as_ref().map(|d| d.display().to_string()),
+            "evaluation": evaluation,
+        },
     });
     println!(
         "demo finished in {seconds:.1} s: {} visits, {:.1} MB encrypted traffic",
         visits.len(),
         (sum("bytes_up") + sum("bytes_down")) / 1e6
     );
+    if let Some(d) = &args.export {
+        println!("the exported model stays in {}", d.display());
+    }
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&summary)?)
             .with_context(|| path.display().to_string())?;
