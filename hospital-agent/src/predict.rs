@@ -472,19 +472,33 @@ pub fn predict(args: &InputArgs, format: Format, out: Option<&Path>) -> anyhow::
         sink.write_all(csv_header(&model.card).as_bytes())?;
     }
     let mut beats_total = 0;
+    let mut stages = [0.0f64; 3];
+    let mut lap = std::time::Instant::now();
+    let mut stage = |i: usize| {
+        stages[i] += lap.elapsed().as_secs_f64();
+        lap = std::time::Instant::now();
+    };
     for input in &inputs {
         let beats = load(input, &model.card, args.csv())
             .map_err(|e| anyhow::anyhow!("{}: {e}", input.describe()))?;
+        stage(0);
         let p = probabilities(&model.classifier, beats.dataset.rows());
+        stage(1);
         write_predictions(&mut sink, format, &model.card, &beats, &p)?;
         beats_total += beats.dataset.len();
+        stage(2);
     }
     sink.flush()?;
+    stage(2);
     let seconds = start.elapsed().as_secs_f64();
     eprintln!(
-        "classified {beats_total} beats of {} input(s) in {seconds:.2} s ({:.0} beats/s)",
+        "classified {beats_total} beats of {} input(s) in {seconds:.3} s ({:.0} beats/s): \
+         reading and cutting {:.3} s, classifying {:.3} s, writing {:.3} s",
         inputs.len(),
-        beats_total as f64 / seconds
+        beats_total as f64 / seconds,
+        stages[0],
+        stages[1],
+        stages[2]
     );
     Ok(())
 }
