@@ -68,13 +68,23 @@ fn export(dir: &Path, model: &str, preprocessing: &str) -> ModelCard {
 /// Writes `record` as WFDB files in `dir`: `.hea`, `.dat` (format 212) and, with
 /// `annotations`, `.atr` (MIT format).
 fn write_record(dir: &Path, record: &Record, annotations: Option<&[Annotation]>) {
+    let fs = record.header.sampling_frequency;
+    write_signal(dir, record, fs, &record.signals[0], annotations);
+}
+
+/// [`write_record`] with `samples` at `fs` in place of the record's signal.
+fn write_signal(
+    dir: &Path,
+    record: &Record,
+    fs: f64,
+    samples: &[i16],
+    annotations: Option<&[Annotation]>,
+) {
     let name = &record.header.record_name;
-    let samples = &record.signals[0];
     let spec = &record.header.signals[0];
     let checksum = samples.iter().fold(0i16, |a, &s| a.wrapping_add(s));
     let header = format!(
-        "{name} 1 {} {}\n{name}.dat 212 {} 12 {} {} {checksum} 0 {}\n",
-        record.header.sampling_frequency,
+        "{name} 1 {fs} {}\n{name}.dat 212 {} 12 {} {} {checksum} 0 {}\n",
         samples.len(),
         spec.gain,
         spec.adc_zero,
@@ -273,6 +283,51 @@ fn predict_and_evaluate_generated_records() {
         !ok && err.contains("no annotation file") && err.contains(".atr"),
         "{err}"
     );
+}
+
+#[test]
+fn records_at_another_sampling_rate_are_cut_in_seconds() {
+    let tmp = TempDir::new("predict-250hz");
+    let cohort = Cohort {
+        patients: 1,
+        beats: 120,
+        seed: 8,
+    };
+    let (record, annotations) = cohort.record(0);
+    // The 360 Hz signal linearly interpolated at 250 Hz, the annotations moved with it.
+    let x = &record.signals[0];
+    let ratio = 360.0 / 250.0;
+    let resampled: Vec<i16> = (0..((x.len() - 1) as f64 / ratio) as usize)
+        .map(|i| {
+            let t = i as f64 * ratio;
+            let (k, f) = (t as usize, t.fract());
+            (f64::from(x[k]) * (1.0 - f) + f64::from(x[k + 1]) * f).round() as i16
+        })
+        .collect();
+    let moved: Vec<Annotation> = annotations
+        .iter()
+        .map(|a| Annotation {
+            sample: ((a.sample as f64 / ratio).round() as u64).min(resampled.len() as u64 - 1),
+            ..a.clone()
+        })
+        .collect();
+    write_signal(&tmp.0, &record, 250.0, &resampled, Some(&moved));
+    let model = tmp.0.join("model");
+    export(&model, "m1_tail", "inter_patient");
+    let (ok, out, err) = agent(&[
+        "predict",
+        "--model",
+        model.to_str().unwrap(),
+        tmp.0.join(&record.header.record_name).to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let peaks: Vec<String> = moved
+        .iter()
+        .filter(|a| medsplit_engine::preprocess::is_beat(a.symbol))
+        .map(|a| a.sample.to_string())
+        .collect();
+    let samples: Vec<String> = csv_lines(&out)[1..].iter().map(|l| l[2].clone()).collect();
+    assert_eq!(samples, peaks);
 }
 
 #[test]
