@@ -39,6 +39,7 @@ impl Dense {
         }
     }
 
+    #[inline(always)]
     fn forward(&self, x: &[f32], out: &mut [f32]) {
         for ((o, w), b) in out
             .iter_mut()
@@ -50,6 +51,7 @@ impl Dense {
     }
 }
 
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     // Eight partial sums: the compiler keeps them in one vector register.
     let mut acc = [0.0f32; 8];
@@ -134,6 +136,7 @@ impl Classifier {
         self.beat_len + self.features
     }
 
+    #[inline(always)]
     fn leaky(&self, v: f32) -> f32 {
         if v >= 0.0 { v } else { v * self.slope }
     }
@@ -141,6 +144,24 @@ impl Classifier {
     /// The logits of one row into `logits` (`classes` values).
     pub fn logits_into(&self, row: &[f32], scratch: &mut Scratch, logits: &mut [f32]) {
         assert_eq!(row.len(), self.input_len(), "row length");
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked just above).
+            return unsafe { self.logits_avx2(row, scratch, logits) };
+        }
+        self.logits_with(row, scratch, logits);
+    }
+
+    /// [`Self::logits_with`] compiled for AVX2: the loops vectorise eight lanes wide instead of
+    /// SSE2's four (the same arithmetic, in the same order).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn logits_avx2(&self, row: &[f32], scratch: &mut Scratch, logits: &mut [f32]) {
+        self.logits_with(row, scratch, logits);
+    }
+
+    #[inline(always)]
+    fn logits_with(&self, row: &[f32], scratch: &mut Scratch, logits: &mut [f32]) {
         let Scratch {
             padded,
             conv,
@@ -161,14 +182,48 @@ impl Classifier {
             }
             conv.clear();
             conv.resize(b.c_out * len, 0.0);
-            for (co, acc) in conv.chunks_exact_mut(len).enumerate() {
-                acc.fill(b.bias[co]);
-                let weights = &b.weight[co * b.c_in * b.kernel..(co + 1) * b.c_in * b.kernel];
-                for (ci, taps) in weights.chunks_exact(b.kernel).enumerate() {
-                    let x = &padded[ci * width..(ci + 1) * width];
-                    for (j, &w) in taps.iter().enumerate() {
-                        for (a, v) in acc.iter_mut().zip(&x[j..j + len]) {
-                            *a += w * v;
+            let taps_per_channel = b.c_in * b.kernel;
+            // Four output channels at a time: each input sample loaded once feeds four sums.
+            for (quad, block) in conv.chunks_mut(4 * len).enumerate() {
+                let first = 4 * quad;
+                for (i, acc) in block.chunks_exact_mut(len).enumerate() {
+                    acc.fill(b.bias[first + i]);
+                }
+                let weight = |co: usize, ci: usize, j: usize| {
+                    b.weight[co * taps_per_channel + ci * b.kernel + j]
+                };
+                if block.len() == 4 * len {
+                    let (a0, rest) = block.split_at_mut(len);
+                    let (a1, rest) = rest.split_at_mut(len);
+                    let (a2, a3) = rest.split_at_mut(len);
+                    for ci in 0..b.c_in {
+                        let x = &padded[ci * width..(ci + 1) * width];
+                        for j in 0..b.kernel {
+                            let w = [0, 1, 2, 3].map(|q| weight(first + q, ci, j));
+                            let lanes = x[j..j + len]
+                                .iter()
+                                .zip(a0.iter_mut())
+                                .zip(a1.iter_mut())
+                                .zip(a2.iter_mut())
+                                .zip(a3.iter_mut());
+                            for ((((v, p0), p1), p2), p3) in lanes {
+                                *p0 += w[0] * v;
+                                *p1 += w[1] * v;
+                                *p2 += w[2] * v;
+                                *p3 += w[3] * v;
+                            }
+                        }
+                    }
+                } else {
+                    for (i, acc) in block.chunks_exact_mut(len).enumerate() {
+                        for ci in 0..b.c_in {
+                            let x = &padded[ci * width..(ci + 1) * width];
+                            for j in 0..b.kernel {
+                                let w = weight(first + i, ci, j);
+                                for (a, v) in acc.iter_mut().zip(&x[j..j + len]) {
+                                    *a += w * v;
+                                }
+                            }
                         }
                     }
                 }
