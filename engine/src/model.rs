@@ -538,6 +538,18 @@ pub fn predictions(logits: &[f32], classes: usize) -> impl Iterator<Item = usize
     })
 }
 
+/// Softmax of each row of `[B, classes]` logits (computed in f64, max-subtracted).
+pub fn softmax(logits: &[f32], classes: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(logits.len());
+    for row in logits.chunks_exact(classes) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let exp: Vec<f64> = row.iter().map(|&v| (v as f64 - max).exp()).collect();
+        let sum: f64 = exp.iter().sum();
+        out.extend(exp.iter().map(|e| (e / sum) as f32));
+    }
+    out
+}
+
 /// Optimiser of the client half: Adam (β 0.9/0.999, ε 1e-8, as in PyTorch); its learning rate
 /// is the job's `client_lr` ([`CLIENT_LR`] by default).
 pub fn client_optimizer() -> ModuleOptimizer {

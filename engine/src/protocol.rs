@@ -18,7 +18,9 @@ use crate::metrics::MetricsError;
 use crate::model::{
     self, ClientNet, ModelConfig, ModelError, Objective, ServerNet, ServerOptimizer, tensor_values,
 };
-use crate::wire::{Activations, ClientMessage, Gradients, Outputs, ServerMessage, WireError};
+use crate::wire::{
+    Activations, ClientMessage, Gradients, LayerGradient, Outputs, ServerMessage, WireError,
+};
 
 /// How the cut-layer values travel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -165,6 +167,28 @@ fn loss_and_gradient(
     (stats, g, tail)
 }
 
+/// The batch-summed gradient of the server layer from the cut-layer activations and
+/// dJ/doutputs: `Σ_b a_bᵀ g_b` and `Σ_b g_b`, summed in f64.
+///
+/// # Shapes
+/// `activations`: `[B, cut]`, `g`: `[B, outputs]` → weight `[cut, outputs]`, bias `[outputs]`.
+fn layer_gradient(activations: &[f32], g: &[f32], cut: usize, outputs: usize) -> LayerGradient {
+    let mut weight = vec![0f64; cut * outputs];
+    let mut bias = vec![0f64; outputs];
+    for (a, gb) in activations.chunks_exact(cut).zip(g.chunks_exact(outputs)) {
+        for (i, &ai) in a.iter().enumerate() {
+            for (j, &gj) in gb.iter().enumerate() {
+                weight[i * outputs + j] += ai as f64 * gj as f64;
+            }
+        }
+        bias.iter_mut().zip(gb).for_each(|(b, &gj)| *b += gj as f64);
+    }
+    LayerGradient {
+        weight: weight.into_iter().map(|v| v as f32).collect(),
+        bias: bias.into_iter().map(|v| v as f32).collect(),
+    }
+}
+
 /// What the client does after a message.
 #[derive(Debug)]
 pub enum ClientEvent {
@@ -174,6 +198,22 @@ pub enum ClientEvent {
     Trained(BatchStats),
     /// The evaluation step is complete: predicted classes.
     Evaluated(Vec<usize>),
+    /// The inference step ([`ClientSession::start_inference`]) is complete: the class
+    /// probabilities, `[B, classes]` row-major.
+    Predicted(Vec<f32>),
+    /// The server applied the gradient sent by [`ClientSession::finish`].
+    Updated,
+}
+
+/// What a forward message asks of the step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    /// A training step: the loss and the backward message follow.
+    Train,
+    /// An evaluation step: the predicted classes.
+    Classes,
+    /// An inference step: the class probabilities.
+    Probabilities,
 }
 
 enum ClientState {
@@ -182,7 +222,7 @@ enum ClientState {
         activations: Tensor<2>,
         values: Vec<f32>,
         labels: Vec<u8>,
-        train: bool,
+        step: Step,
     },
     AwaitInputGradients {
         activations: Tensor<2>,
@@ -190,6 +230,8 @@ enum ClientState {
         /// Gradients of the tail's parameters (empty without a tail).
         tail: GradientsParams,
     },
+    /// The gradient of the last training batch of a frozen client is on its way.
+    AwaitUpdated,
 }
 
 /// The hospital's half: its layers, labels, loss, optimiser and (in `split-he`) its secret key.
@@ -201,6 +243,11 @@ pub struct ClientSession {
     device: Device,
     he: Option<(ClientKey, Packing)>,
     state: ClientState,
+    /// The client layers do not train ([`ClientSession::frozen`]).
+    frozen: bool,
+    /// With frozen layers: the server layer's gradient of the last training batch, sent with
+    /// the next message.
+    pending_update: Option<LayerGradient>,
     #[cfg(test)]
     last_gradients: Vec<f32>,
 }
@@ -245,9 +292,37 @@ impl ClientSession {
             device,
             he,
             state: ClientState::Idle,
+            frozen: false,
+            pending_update: None,
             #[cfg(test)]
             last_gradients: Vec::new(),
         })
+    }
+
+    /// The same session with its layers frozen (a job with `train_client: false`): training
+    /// steps train only the server layer, in one message each way. The server answers a batch's
+    /// activations with its outputs; the client computes the loss and the batch-summed gradient of
+    /// the server layer, which rides on its next message (applied before that batch's forward
+    /// pass, so the steps are those of sequential training), and no gradient comes back. The
+    /// last training batch's gradient goes with [`ClientSession::finish`] unless an evaluation
+    /// step carries it. The server session must be [`ServerSession::frozen_client`].
+    pub fn frozen(mut self) -> Self {
+        self.frozen = true;
+        self
+    }
+
+    /// With frozen layers: the message carrying the last training batch's gradient of the
+    /// server layer, if no forward message has carried it yet (at the end of a visit); answered
+    /// by [`ClientEvent::Updated`]. `None` when nothing is pending.
+    pub fn finish(&mut self) -> Result<Option<Vec<u8>>, ProtocolError> {
+        if !matches!(self.state, ClientState::Idle) {
+            return Err(ProtocolError::Unexpected("a step is already in flight"));
+        }
+        let Some(update) = self.pending_update.take() else {
+            return Ok(None);
+        };
+        self.state = ClientState::AwaitUpdated;
+        Ok(Some(ClientMessage::Update(update).encode()))
     }
 
     /// Sets the learning rate and class weights (the defaults: [`Objective::default`]).
@@ -267,6 +342,21 @@ impl ClientSession {
         labels: &[u8],
         train: bool,
     ) -> Result<Vec<u8>, ProtocolError> {
+        let step = if train { Step::Train } else { Step::Classes };
+        self.begin(rows, labels, step)
+    }
+
+    /// Starts an inference step: the server layer's forward pass alone (the message of an
+    /// evaluation step), answered by [`ClientEvent::Predicted`] with the class probabilities.
+    ///
+    /// # Shapes
+    /// `rows`: `[B, beat_len + features]` row-major.
+    pub fn start_inference(&mut self, rows: &[f32]) -> Result<Vec<u8>, ProtocolError> {
+        self.begin(rows, &[], Step::Probabilities)
+    }
+
+    fn begin(&mut self, rows: &[f32], labels: &[u8], step: Step) -> Result<Vec<u8>, ProtocolError> {
+        let train = step == Step::Train;
         if !matches!(self.state, ClientState::Idle) {
             return Err(ProtocolError::Unexpected("a step is already in flight"));
         }
@@ -297,14 +387,22 @@ impl ClientSession {
             activations,
             values,
             labels: labels.to_vec(),
-            train,
+            step,
         };
-        Ok(ClientMessage::Forward {
-            train,
-            batch: batch as u16,
-            activations: payload,
-        }
-        .encode())
+        let message = if self.frozen {
+            ClientMessage::FrozenForward {
+                batch: batch as u16,
+                activations: payload,
+                update: self.pending_update.take(),
+            }
+        } else {
+            ClientMessage::Forward {
+                train,
+                batch: batch as u16,
+                activations: payload,
+            }
+        };
+        Ok(message.encode())
     }
 
     /// Handles the server's answer to the message sent last.
@@ -319,13 +417,13 @@ impl ClientSession {
                     activations,
                     values,
                     labels,
-                    train,
+                    step,
                 },
                 ServerMessage::Logits(out),
             ) => {
                 let batch = activations.dims()[0];
                 let outputs = self.open_logits(out, batch)?;
-                if !train {
+                if step != Step::Train {
                     let logits = self.model.head(tensor2(
                         outputs,
                         batch,
@@ -333,8 +431,14 @@ impl ClientSession {
                         &self.device,
                     ));
                     let logits = tensor_values(logits);
-                    let predicted = model::predictions(&logits, self.config.classes).collect();
-                    return Ok(ClientEvent::Evaluated(predicted));
+                    finite("logits", &logits)?;
+                    let classes = self.config.classes;
+                    return Ok(match step {
+                        Step::Probabilities => {
+                            ClientEvent::Predicted(model::softmax(&logits, classes))
+                        }
+                        _ => ClientEvent::Evaluated(model::predictions(&logits, classes).collect()),
+                    });
                 }
                 let (stats, g, tail) = loss_and_gradient(
                     &self.model,
@@ -344,6 +448,11 @@ impl ClientSession {
                     &labels,
                     &self.device,
                 );
+                if self.frozen {
+                    let (cut, outputs) = (self.config.cut_width().0, self.config.server_outputs());
+                    self.pending_update = Some(layer_gradient(&values, &g, cut, outputs));
+                    return Ok(ClientEvent::Trained(stats));
+                }
                 let payload = self.seal_gradients(g, &values, batch)?;
                 self.state = ClientState::AwaitInputGradients {
                     activations,
@@ -384,6 +493,7 @@ impl ClientSession {
                         .step(self.objective.client_lr, self.model.clone(), params);
                 Ok(ClientEvent::Trained(stats))
             }
+            (ClientState::AwaitUpdated, ServerMessage::Updated) => Ok(ClientEvent::Updated),
             (state, _) => {
                 self.state = state;
                 Err(ProtocolError::Unexpected(
@@ -468,19 +578,7 @@ impl ClientSession {
             return Ok(Gradients::Plain(g));
         };
         let (cut, classes) = (self.config.cut_width().0, self.config.server_outputs());
-        let mut weight_grad = vec![0f64; cut * classes];
-        let mut bias_grad = vec![0f64; classes];
-        for (a, gb) in activations.chunks_exact(cut).zip(g.chunks_exact(classes)) {
-            for (i, &ai) in a.iter().enumerate() {
-                for (j, &gj) in gb.iter().enumerate() {
-                    weight_grad[i * classes + j] += ai as f64 * gj as f64;
-                }
-            }
-            bias_grad
-                .iter_mut()
-                .zip(gb)
-                .for_each(|(b, &gj)| *b += gj as f64);
-        }
+        let LayerGradient { weight, bias } = layer_gradient(activations, &g, cut, classes);
         let mut uploads = Vec::new();
         let mut start = 0;
         for n in packing.chunks(batch) {
@@ -492,8 +590,8 @@ impl ClientSession {
         }
         Ok(Gradients::Encrypted {
             uploads,
-            weight_grad: weight_grad.into_iter().map(|v| v as f32).collect(),
-            bias_grad: bias_grad.into_iter().map(|v| v as f32).collect(),
+            weight_grad: weight,
+            bias_grad: bias,
         })
     }
 
@@ -509,11 +607,12 @@ impl ClientSession {
         };
         let uploads = match &self.state {
             ClientState::Idle => 0,
+            ClientState::AwaitUpdated => 0,
             ClientState::AwaitLogits {
-                activations, train, ..
+                activations, step, ..
             } => {
                 let batch = activations.dims()[0];
-                if *train {
+                if *step == Step::Train && !self.frozen {
                     packing.chunks(batch).map(|n| packing.groups(n)).sum()
                 } else {
                     packing.chunks(batch).count()
@@ -545,10 +644,25 @@ enum ServerState {
     Failed,
 }
 
+/// What a server session serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ServerMode {
+    /// Training and evaluation steps.
+    Train,
+    /// Training steps of the server layer alone, the client layers frozen
+    /// ([`ServerSession::frozen_client`]), and evaluation steps.
+    FrozenClient,
+    /// Forward passes without training: private inference on a trained layer.
+    Inference,
+}
+
 /// The coordinator's half: its layer and optimiser; in `split-he` it only ever holds ciphertexts
 /// of activations and of per-sample gradients.
 pub struct ServerSession {
     config: ModelConfig,
+    mode: ServerMode,
+    /// Samples of every forward message answered.
+    forwarded: u64,
     model: ServerNet,
     optimizer: ModuleOptimizer,
     lr: f64,
@@ -588,6 +702,34 @@ impl ServerSession {
         Self::build(config, privacy, optimizer, model, device)
     }
 
+    /// A forward-only session on a trained server layer, for private inference: it answers the
+    /// forward messages of evaluation and inference steps and refuses training steps and
+    /// backward messages, so its layer never changes.
+    pub fn inference(
+        config: &ModelConfig,
+        privacy: Privacy,
+        parameters: &[f32],
+    ) -> Result<Self, ProtocolError> {
+        let mut session = Self::resume(config, privacy, ServerOptimizer::default(), parameters)?;
+        session.mode = ServerMode::Inference;
+        Ok(session)
+    }
+
+    /// The same session for a client whose layers are frozen ([`ClientSession::frozen`]): it
+    /// answers `FrozenForward` messages (applying the gradient each carries before the forward
+    /// pass) and `Update`, and refuses the four-message training step.
+    pub fn frozen_client(mut self) -> Self {
+        if self.mode == ServerMode::Train {
+            self.mode = ServerMode::FrozenClient;
+        }
+        self
+    }
+
+    /// Samples of the forward messages answered so far.
+    pub fn forwarded(&self) -> u64 {
+        self.forwarded
+    }
+
     fn build(
         config: &ModelConfig,
         privacy: Privacy,
@@ -607,6 +749,8 @@ impl ServerSession {
         };
         Ok(Self {
             config: config.clone(),
+            mode: ServerMode::Train,
+            forwarded: 0,
             model,
             optimizer: optimizer.init(),
             lr: optimizer.lr(),
@@ -625,7 +769,28 @@ impl ServerSession {
     pub fn handle(&mut self, bytes: &[u8]) -> Result<Vec<u8>, ProtocolError> {
         self.prepare()?;
         self.not_failed()?;
-        let reply = match (ClientMessage::decode(bytes)?, &self.state) {
+        let message = ClientMessage::decode(bytes)?;
+        let refused = match (self.mode, &message) {
+            (_, ClientMessage::Forward { train: false, .. }) => None,
+            (ServerMode::Inference, _) => {
+                Some("an inference session answers forward messages without training only")
+            }
+            (
+                ServerMode::FrozenClient,
+                ClientMessage::Forward { .. } | ClientMessage::Backward(_),
+            ) => Some(
+                "the job's client layers are frozen: a training step is one forward message \
+                 carrying the last batch's gradient of the server layer",
+            ),
+            (ServerMode::Train, ClientMessage::FrozenForward { .. } | ClientMessage::Update(_)) => {
+                Some("the job trains the client layers: frozen-client messages are refused")
+            }
+            _ => None,
+        };
+        if let Some(reason) = refused {
+            return Err(ProtocolError::Unexpected(reason));
+        }
+        let reply = match (message, &self.state) {
             (
                 ClientMessage::Forward {
                     train,
@@ -638,6 +803,23 @@ impl ServerSession {
                 ClientMessage::Backward(grads),
                 ServerState::AwaitPlainBackward { .. } | ServerState::AwaitEncryptedBackward { .. },
             ) => self.backward(grads)?,
+            (
+                ClientMessage::FrozenForward {
+                    batch,
+                    activations,
+                    update,
+                },
+                ServerState::Idle,
+            ) => {
+                if let Some(update) = update {
+                    self.apply(update)?;
+                }
+                self.forward(false, batch as usize, activations)?
+            }
+            (ClientMessage::Update(update), ServerState::Idle) => {
+                self.apply(update)?;
+                ServerMessage::Updated
+            }
             _ => {
                 return Err(ProtocolError::Unexpected(
                     "message does not fit the step in flight",
@@ -657,7 +839,7 @@ impl ServerSession {
             return Err(ProtocolError::BatchSize(0));
         }
         let cut = self.config.cut_width().0;
-        match (activations, &mut self.he) {
+        let reply = match (activations, &mut self.he) {
             (Activations::Plain(values), None) => {
                 expect("activations", batch * cut, values.len())?;
                 finite("activations", &values)?;
@@ -689,7 +871,9 @@ impl ServerSession {
             _ => Err(ProtocolError::Unexpected(
                 "activations in the wrong privacy mode",
             )),
-        }
+        }?;
+        self.forwarded += batch as u64;
+        Ok(reply)
     }
 
     fn backward(&mut self, grads: Gradients) -> Result<ServerMessage, ProtocolError> {
@@ -727,16 +911,7 @@ impl ServerSession {
                     outputs.push(he.backward(&uploads[start..start + count], n)?);
                     start += count;
                 }
-                let inner = Device::flex();
-                let mut params = GradientsParams::new();
-                let (weight_id, bias_id) = self.model.parameter_ids();
-                params.register(weight_id, tensor2(weight_grad, cut, classes, &inner));
-                if let Some(id) = bias_id {
-                    params.register(
-                        id,
-                        Tensor::<1>::from_data(TensorData::new(bias_grad, [classes]), &inner),
-                    );
-                }
+                let params = layer_params(&self.model, weight_grad, bias_grad, cut, classes);
                 (
                     ServerMessage::InputGradients(Outputs::Encrypted(outputs)),
                     params,
@@ -755,6 +930,23 @@ impl ServerSession {
         self.pending = Some(params);
         self.state = ServerState::Idle;
         Ok(reply)
+    }
+
+    /// Applies a gradient of the server layer computed by a frozen client: the optimiser step and,
+    /// in `split-he`, the new weights' transforms, before the forward pass that follows.
+    fn apply(&mut self, update: LayerGradient) -> Result<(), ProtocolError> {
+        let (cut, classes) = (self.config.cut_width().0, self.config.server_outputs());
+        expect("weight gradient", cut * classes, update.weight.len())?;
+        expect("bias gradient", classes, update.bias.len())?;
+        finite("weight gradient", &update.weight)?;
+        finite("bias gradient", &update.bias)?;
+        let params = layer_params(&self.model, update.weight, update.bias, cut, classes);
+        #[cfg(test)]
+        {
+            self.last_gradients = self.model.gradient_values(&params);
+        }
+        self.pending = Some(params);
+        self.prepare()
     }
 
     /// Work that need not hold up the reply just produced: after a backward message, the
@@ -796,6 +988,27 @@ impl ServerSession {
         }
         Ok(())
     }
+}
+
+/// A gradient of the server layer computed elsewhere, as the optimiser takes it.
+fn layer_params(
+    model: &ServerNet,
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+    cut: usize,
+    classes: usize,
+) -> GradientsParams {
+    let inner = Device::flex();
+    let mut params = GradientsParams::new();
+    let (weight_id, bias_id) = model.parameter_ids();
+    params.register(weight_id, tensor2(weight, cut, classes, &inner));
+    if let Some(id) = bias_id {
+        params.register(
+            id,
+            Tensor::<1>::from_data(TensorData::new(bias, [classes]), &inner),
+        );
+    }
+    params
 }
 
 /// The whole model in one process: the `local` baseline, same data, seeds and optimisers.
@@ -944,6 +1157,27 @@ impl InProcess {
         }
     }
 
+    /// With a frozen client: sends the last training batch's gradient of the server layer if no
+    /// message has carried it yet ([`ClientSession::finish`]).
+    pub fn finish(&mut self) -> Result<(), ProtocolError> {
+        let Some(update) = self.client.finish()? else {
+            return Ok(());
+        };
+        match self.exchange(update)? {
+            ClientEvent::Updated => Ok(()),
+            _ => Err(ProtocolError::Unexpected("the update was not applied")),
+        }
+    }
+
+    /// Class probabilities of a batch through an inference step, `[B, classes]` row-major.
+    pub fn infer(&mut self, rows: &[f32]) -> Result<Vec<f32>, ProtocolError> {
+        let forward = self.client.start_inference(rows)?;
+        match self.exchange(forward)? {
+            ClientEvent::Predicted(probabilities) => Ok(probabilities),
+            _ => Err(ProtocolError::Unexpected("inference step did not finish")),
+        }
+    }
+
     fn exchange(&mut self, request: Vec<u8>) -> Result<ClientEvent, ProtocolError> {
         self.traffic.client_to_server += request.len() as u64;
         // Over a network the client prepares while the server computes and the server while the
@@ -960,12 +1194,14 @@ impl InProcess {
 impl Trainer for InProcess {
     fn train_batch(&mut self, beats: &[f32], labels: &[u8]) -> Result<BatchStats, ProtocolError> {
         let forward = self.client.start(beats, labels, true)?;
-        let ClientEvent::Send(backward) = self.exchange(forward)? else {
-            return Err(ProtocolError::Unexpected("training step ended early"));
-        };
-        match self.exchange(backward)? {
-            ClientEvent::Trained(stats) => Ok(stats),
-            _ => Err(ProtocolError::Unexpected("training step did not finish")),
+        // Four messages, or one each way with a frozen client.
+        let mut event = self.exchange(forward)?;
+        loop {
+            match event {
+                ClientEvent::Send(next) => event = self.exchange(next)?,
+                ClientEvent::Trained(stats) => return Ok(stats),
+                _ => return Err(ProtocolError::Unexpected("training step did not finish")),
+            }
         }
     }
 
@@ -1268,6 +1504,260 @@ mod tests {
             he.server.model().is_err(),
             "no checkpoint of a failed layer"
         );
+    }
+
+    /// The parameters of both halves after a few HE training steps of `config` (a trained
+    /// layer, not the initial one).
+    fn trained(config: &ModelConfig, objective: Objective) -> (Vec<f32>, Vec<f32>) {
+        let data = synthetic(48, 21);
+        let mut he =
+            InProcess::new(config, Privacy::Encrypted, ServerOptimizer::default(), 9).unwrap();
+        he.client.set_objective(objective).unwrap();
+        for batch in (0..48).collect::<Vec<_>>().chunks(8) {
+            let (beats, labels) = gather(&data, batch);
+            let beats = rows(beats, config.beat_len, config.features);
+            he.train_batch(&beats, &labels).unwrap();
+        }
+        let client = he.client.model().parameters();
+        (client, he.server.model().unwrap().parameters())
+    }
+
+    #[test]
+    fn private_inference_agrees_with_the_plaintext_forward_pass() {
+        for (config, objective) in [(ModelConfig::m1(), Objective::default()), side_and_tail()] {
+            let (client, server) = trained(&config, objective);
+            let session = |privacy| {
+                InProcess::from_sessions(
+                    ClientSession::resume(&config, privacy, &client).unwrap(),
+                    ServerSession::inference(&config, privacy, &server).unwrap(),
+                )
+            };
+            let (mut he, mut plain) = (session(Privacy::Encrypted), session(Privacy::Plaintext));
+            // The plaintext forward pass of both halves in one place.
+            let device = Device::flex();
+            let client_net = config.client_from_parameters(&client, &device).unwrap();
+            let server_net = config.server_from_parameters(&server, &device).unwrap();
+            let data = synthetic(45, 22);
+            let indices: Vec<usize> = (0..45).collect();
+            let mut largest = 0f32;
+            // Batches of one chunk, of several chunks, and a ragged last one.
+            for batch in [&indices[..3], &indices[3..30], &indices[30..]] {
+                let (beats, _) = gather(&data, batch);
+                let beats = rows(beats, config.beat_len, config.features);
+                let input = tensor2(beats.clone(), batch.len(), config.input_len(), &device);
+                let logits =
+                    tensor_values(client_net.head(server_net.forward(client_net.forward(input))));
+                let expected = model::softmax(&logits, config.classes);
+                let p = plain.infer(&beats).unwrap();
+                let h = he.infer(&beats).unwrap();
+                assert_eq!(p.len(), batch.len() * config.classes);
+                assert!(
+                    max_diff(&p, &expected) <= 1e-6,
+                    "plaintext split vs one place"
+                );
+                largest = largest.max(max_diff(&h, &expected));
+                for (row, (hr, er)) in h
+                    .chunks_exact(config.classes)
+                    .zip(expected.chunks_exact(config.classes))
+                    .enumerate()
+                {
+                    assert!((hr.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+                    let mut sorted = er.to_vec();
+                    sorted.sort_by(|a, b| b.total_cmp(a));
+                    if sorted[0] - sorted[1] > 1e-3 {
+                        let class = |r: &[f32]| model::predictions(r, config.classes).next();
+                        assert_eq!(class(hr), class(er), "row {row}: {hr:?} vs {er:?}");
+                    }
+                }
+            }
+            eprintln!("private inference: probabilities within {largest:e} of plaintext");
+            assert!(largest <= 1e-5, "HE probabilities off by {largest}");
+            assert!(
+                largest > 0.0,
+                "the encrypted path adds noise, however small"
+            );
+        }
+    }
+
+    #[test]
+    fn an_inference_session_refuses_training_and_keeps_its_layer() {
+        let config = ModelConfig::m1();
+        let (client, server) = trained(&config, Objective::default());
+        let data = synthetic(8, 23);
+        let (beats, labels) = gather(&data, &[0, 1, 2, 3]);
+        let mut c = ClientSession::resume(&config, Privacy::Encrypted, &client).unwrap();
+        let mut s = ServerSession::inference(&config, Privacy::Encrypted, &server).unwrap();
+        let train = c.start(&beats, &labels, true).unwrap();
+        assert!(matches!(
+            s.handle(&train),
+            Err(ProtocolError::Unexpected(_))
+        ));
+        let mut c = ClientSession::resume(&config, Privacy::Encrypted, &client).unwrap();
+        let backward = ClientMessage::Backward(Gradients::Encrypted {
+            uploads: Vec::new(),
+            weight_grad: vec![1.0; config.server_parameter_count() - 5],
+            bias_grad: vec![1.0; 5],
+        });
+        assert!(matches!(
+            s.handle(&backward.encode()),
+            Err(ProtocolError::Unexpected(_))
+        ));
+        // Evaluation and inference steps are answered, and counted.
+        let forward = c.start(&beats, &[], false).unwrap();
+        let reply = s.handle(&forward).unwrap();
+        assert!(matches!(c.on_message(&reply).unwrap(), ClientEvent::Evaluated(p) if p.len() == 4));
+        let forward = c.start_inference(&beats[..2 * config.input_len()]).unwrap();
+        let reply = s.handle(&forward).unwrap();
+        assert!(
+            matches!(c.on_message(&reply).unwrap(), ClientEvent::Predicted(p) if p.len() == 10)
+        );
+        assert_eq!(s.forwarded(), 6);
+        assert_eq!(
+            s.model().unwrap().parameters(),
+            server,
+            "the layer never moves"
+        );
+    }
+
+    #[test]
+    fn a_frozen_client_trains_the_server_layer_alone_in_one_message_each_way() {
+        for (config, objective) in [(ModelConfig::m1(), Objective::default()), side_and_tail()] {
+            let (client, server) = trained(&config, objective.clone());
+            let optimizer = ServerOptimizer::default();
+            let frozen = |privacy| {
+                let mut c = ClientSession::resume(&config, privacy, &client)
+                    .unwrap()
+                    .frozen();
+                c.set_objective(objective.clone()).unwrap();
+                let s = ServerSession::resume(&config, privacy, optimizer, &server)
+                    .unwrap()
+                    .frozen_client();
+                InProcess::from_sessions(c, s)
+            };
+            let (mut plain, mut he) = (frozen(Privacy::Plaintext), frozen(Privacy::Encrypted));
+            // The four-message step from the same weights computes the same first gradient.
+            let mut regular = InProcess::from_sessions(
+                ClientSession::resume(&config, Privacy::Plaintext, &client).unwrap(),
+                ServerSession::resume(&config, Privacy::Plaintext, optimizer, &server).unwrap(),
+            );
+            regular.client.set_objective(objective.clone()).unwrap();
+            let data = synthetic(40, 31);
+            let batches: Vec<Vec<usize>> = (0..40)
+                .collect::<Vec<_>>()
+                .chunks(8)
+                .map(<[usize]>::to_vec)
+                .collect();
+            for (step, batch) in batches.iter().enumerate() {
+                let (beats, labels) = gather(&data, batch);
+                let beats = rows(beats, config.beat_len, config.features);
+                let p = plain.train_batch(&beats, &labels).unwrap();
+                let h = he.train_batch(&beats, &labels).unwrap();
+                assert!(
+                    (p.loss_sum - h.loss_sum).abs() < 1e-3,
+                    "step {step}: {p:?} vs {h:?}"
+                );
+                assert_eq!(
+                    plain.traffic().messages,
+                    2 * (step as u64 + 1),
+                    "one each way"
+                );
+                if step == 0 {
+                    let r = regular.train_batch(&beats, &labels).unwrap();
+                    assert!((r.loss_sum - p.loss_sum).abs() < 1e-6);
+                } else if step == 1 {
+                    // Batch 2's message carried batch 1's gradient, applied before its forward.
+                    let (f, r) = (&plain.server.last_gradients, &regular.server.last_gradients);
+                    assert!(norm(r) > 1e-4);
+                    assert!(
+                        max_diff(f, r) <= 1e-6 * norm(r).max(1.0),
+                        "{}",
+                        max_diff(f, r)
+                    );
+                }
+            }
+            let before = plain.traffic().messages;
+            plain.finish().unwrap();
+            he.finish().unwrap();
+            assert_eq!(
+                plain.traffic().messages,
+                before + 2,
+                "the last gradient's message"
+            );
+            plain.finish().unwrap();
+            assert_eq!(plain.traffic().messages, before + 2, "nothing left to send");
+            for session in [&plain, &he] {
+                assert_eq!(session.client.model().parameters(), client, "client frozen");
+            }
+            let distance = |a: &[f32], b: &[f32]| {
+                norm(&a.iter().zip(b).map(|(x, y)| x - y).collect::<Vec<_>>())
+            };
+            let (p, h) = (
+                plain.server.model().unwrap().parameters(),
+                he.server.model().unwrap().parameters(),
+            );
+            let moved = distance(&p, &server);
+            assert!(moved > 1e-3, "the server layer trained: {moved}");
+            assert!(
+                distance(&h, &p) / moved <= 0.02,
+                "split-he frozen vs plaintext"
+            );
+            // An evaluation step after training carries the pending gradient itself.
+            let (beats, _) = gather(&data, &[0, 1, 2]);
+            let beats = rows(beats, config.beat_len, config.features);
+            let mut again = frozen(Privacy::Encrypted);
+            let (train_beats, labels) = gather(&data, &batches[0]);
+            let train_beats = rows(train_beats, config.beat_len, config.features);
+            again.train_batch(&train_beats, &labels).unwrap();
+            assert_eq!(again.predict(&beats).unwrap().len(), 3);
+            assert_ne!(again.server.model().unwrap().parameters(), server);
+            again.finish().unwrap();
+            assert_eq!(again.traffic().messages, 4, "no separate update message");
+        }
+    }
+
+    #[test]
+    fn frozen_and_four_message_steps_are_refused_by_the_other_kind_of_server() {
+        let config = ModelConfig::m1();
+        let data = synthetic(4, 32);
+        let (beats, labels) = gather(&data, &[0, 1, 2, 3]);
+        let optimizer = ServerOptimizer::default();
+        let mut regular = ServerSession::new(&config, Privacy::Encrypted, optimizer, 1).unwrap();
+        let mut frozen = ServerSession::new(&config, Privacy::Encrypted, optimizer, 1)
+            .unwrap()
+            .frozen_client();
+        let mut c = ClientSession::new(&config, Privacy::Encrypted, 1).unwrap();
+        let four = c.start(&beats, &labels, true).unwrap();
+        assert!(matches!(
+            frozen.handle(&four),
+            Err(ProtocolError::Unexpected(_))
+        ));
+        let mut f = ClientSession::new(&config, Privacy::Encrypted, 1)
+            .unwrap()
+            .frozen();
+        let one = f.start(&beats, &labels, true).unwrap();
+        assert!(matches!(
+            regular.handle(&one),
+            Err(ProtocolError::Unexpected(_))
+        ));
+        // A gradient of the wrong shape is refused and changes nothing.
+        let bad = ClientMessage::Update(LayerGradient {
+            weight: vec![0.1; 7],
+            bias: vec![0.0; 5],
+        });
+        assert!(matches!(
+            frozen.handle(&bad.encode()),
+            Err(ProtocolError::Shape { .. })
+        ));
+        assert_eq!(
+            frozen.model().unwrap().parameters(),
+            regular.model().unwrap().parameters()
+        );
+        // The frozen server answers the one-message step.
+        let reply = frozen.handle(&one).unwrap();
+        assert!(matches!(
+            f.on_message(&reply).unwrap(),
+            ClientEvent::Trained(_)
+        ));
     }
 
     #[test]

@@ -37,6 +37,26 @@ pub enum ClientMessage {
     },
     /// The gradient of the batch's logits.
     Backward(Gradients),
+    /// With frozen client layers (a job with `train_client: false`): the cut-layer activations of
+    /// a batch, with the batch-summed gradient of the server layer from the last training batch
+    /// (if one is pending), which the server applies before this batch's forward pass. The
+    /// server answers `Logits` and expects no backward message.
+    FrozenForward {
+        batch: u16,
+        activations: Activations,
+        update: Option<LayerGradient>,
+    },
+    /// With frozen client layers: the gradient of the last training batch, at the end of a
+    /// visit; answered by `Updated`.
+    Update(LayerGradient),
+}
+
+/// The batch-summed gradient of the server layer, as only the client can compute it (from the
+/// activations and dJ/doutputs): weight `[cut, outputs]` row-major, bias `[outputs]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerGradient {
+    pub weight: Vec<f32>,
+    pub bias: Vec<f32>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -65,6 +85,8 @@ pub enum Gradients {
 pub enum ServerMessage {
     Logits(Outputs),
     InputGradients(Outputs),
+    /// The update of a `ClientMessage::Update` is applied.
+    Updated,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -85,16 +107,7 @@ impl ClientMessage {
                 w.u8(1);
                 w.u8(*train as u8);
                 w.u16(*batch);
-                match activations {
-                    Activations::Plain(v) => {
-                        w.u8(0);
-                        w.f32s(v);
-                    }
-                    Activations::Encrypted(cts) => {
-                        w.u8(1);
-                        w.uploads(cts);
-                    }
-                }
+                w.activations(activations);
             }
             Self::Backward(Gradients::Plain(v)) => {
                 w.u8(2);
@@ -112,6 +125,26 @@ impl ClientMessage {
                 w.f32s(weight_grad);
                 w.f32s(bias_grad);
             }
+            Self::FrozenForward {
+                batch,
+                activations,
+                update,
+            } => {
+                w.u8(3);
+                w.u16(*batch);
+                w.activations(activations);
+                match update {
+                    None => w.u8(0),
+                    Some(g) => {
+                        w.u8(1);
+                        w.layer_gradient(g);
+                    }
+                }
+            }
+            Self::Update(g) => {
+                w.u8(4);
+                w.layer_gradient(g);
+            }
         }
         w.0
     }
@@ -122,16 +155,7 @@ impl ClientMessage {
             1 => {
                 let train = r.bool()?;
                 let batch = r.u16()?;
-                let activations = match r.u8()? {
-                    0 => Activations::Plain(r.f32s()?),
-                    1 => Activations::Encrypted(r.uploads()?),
-                    tag => {
-                        return Err(WireError::UnknownTag {
-                            what: "activations",
-                            tag,
-                        });
-                    }
-                };
+                let activations = r.activations()?;
                 Self::Forward {
                     train,
                     batch,
@@ -152,6 +176,20 @@ impl ClientMessage {
                     });
                 }
             }),
+            3 => {
+                let batch = r.u16()?;
+                let activations = r.activations()?;
+                let update = match r.bool()? {
+                    false => None,
+                    true => Some(r.layer_gradient()?),
+                };
+                Self::FrozenForward {
+                    batch,
+                    activations,
+                    update,
+                }
+            }
+            4 => Self::Update(r.layer_gradient()?),
             tag => {
                 return Err(WireError::UnknownTag {
                     what: "client message",
@@ -170,6 +208,10 @@ impl ServerMessage {
         let (tag, outputs) = match self {
             Self::Logits(o) => (1, o),
             Self::InputGradients(o) => (2, o),
+            Self::Updated => {
+                w.u8(3);
+                return w.0;
+            }
         };
         w.u8(tag);
         match outputs {
@@ -193,6 +235,10 @@ impl ServerMessage {
     pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
         let mut r = Reader::new(bytes)?;
         let tag = r.u8()?;
+        if tag == 3 {
+            r.finish()?;
+            return Ok(Self::Updated);
+        }
         let outputs = match r.u8()? {
             0 => Outputs::Plain(r.f32s()?),
             1 => {
@@ -261,6 +307,22 @@ impl Writer {
         self.u32(v.len() as u32);
         v.iter()
             .for_each(|x| self.0.extend_from_slice(&x.to_le_bytes()));
+    }
+    fn activations(&mut self, activations: &Activations) {
+        match activations {
+            Activations::Plain(v) => {
+                self.u8(0);
+                self.f32s(v);
+            }
+            Activations::Encrypted(cts) => {
+                self.u8(1);
+                self.uploads(cts);
+            }
+        }
+    }
+    fn layer_gradient(&mut self, g: &LayerGradient) {
+        self.f32s(&g.weight);
+        self.f32s(&g.bias);
     }
     fn uploads(&mut self, cts: &[UploadCiphertext]) {
         self.u32(cts.len() as u32);
@@ -351,6 +413,22 @@ impl<'a> Reader<'a> {
             .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
             .collect())
     }
+    fn activations(&mut self) -> Result<Activations, WireError> {
+        match self.u8()? {
+            0 => Ok(Activations::Plain(self.f32s()?)),
+            1 => Ok(Activations::Encrypted(self.uploads()?)),
+            tag => Err(WireError::UnknownTag {
+                what: "activations",
+                tag,
+            }),
+        }
+    }
+    fn layer_gradient(&mut self) -> Result<LayerGradient, WireError> {
+        Ok(LayerGradient {
+            weight: self.f32s()?,
+            bias: self.f32s()?,
+        })
+    }
     fn uploads(&mut self) -> Result<Vec<UploadCiphertext>, WireError> {
         let n = self.len(16 + 4)?;
         (0..n)
@@ -401,15 +479,36 @@ mod tests {
             .encode(),
             ClientMessage::Backward(Gradients::Plain(vec![-0.25; 10])).encode(),
             ClientMessage::Backward(Gradients::Encrypted {
-                uploads: vec![upload],
+                uploads: vec![upload.clone()],
                 weight_grad: vec![0.5; 6],
                 bias_grad: vec![0.1; 2],
+            })
+            .encode(),
+            ClientMessage::FrozenForward {
+                batch: 1,
+                activations: Activations::Encrypted(vec![upload]),
+                update: Some(LayerGradient {
+                    weight: vec![0.25; 6],
+                    bias: vec![-1.0; 2],
+                }),
+            }
+            .encode(),
+            ClientMessage::FrozenForward {
+                batch: 2,
+                activations: Activations::Plain(vec![0.5; 4]),
+                update: None,
+            }
+            .encode(),
+            ClientMessage::Update(LayerGradient {
+                weight: vec![2.0; 4],
+                bias: vec![1.0; 2],
             })
             .encode(),
         ];
         let server = vec![
             ServerMessage::Logits(Outputs::Encrypted(vec![download.clone(), download])).encode(),
             ServerMessage::InputGradients(Outputs::Plain(vec![3.0; 3])).encode(),
+            ServerMessage::Updated.encode(),
         ];
         client
             .into_iter()
@@ -444,6 +543,19 @@ mod tests {
             packed: vec![1, 2, 3],
         }]));
         assert_eq!(ServerMessage::decode(&s.encode()), Ok(s));
+        let f = ClientMessage::FrozenForward {
+            batch: 3,
+            activations: Activations::Plain(vec![1.0, 2.0, 3.0]),
+            update: Some(LayerGradient {
+                weight: vec![0.5],
+                bias: vec![-0.5],
+            }),
+        };
+        assert_eq!(ClientMessage::decode(&f.encode()), Ok(f));
+        assert_eq!(
+            ServerMessage::decode(&ServerMessage::Updated.encode()),
+            Ok(ServerMessage::Updated)
+        );
     }
 
     #[test]

@@ -110,8 +110,10 @@ pub async fn run(
                 match client.on_message(&reply)? {
                     ClientEvent::Send(next) => out = next,
                     ClientEvent::Trained(stats) => break stats,
-                    ClientEvent::Evaluated(_) => {
-                        return Err(AgentError::Session("unexpected evaluation reply".into()));
+                    _ => {
+                        return Err(AgentError::Session(
+                            "unexpected reply to a training step".into(),
+                        ));
                     }
                 }
             };
@@ -366,16 +368,16 @@ async fn next_polling(ws: &mut Session, deadline: Instant) -> Result<Message, Ag
 
 /// Bytes each way on the session, and how long replies take.
 #[derive(Default)]
-struct Link {
-    up: u64,
-    down: u64,
+pub(crate) struct Link {
+    pub(crate) up: u64,
+    pub(crate) down: u64,
     /// Moving average of the time from sending a message to its reply (None before the first).
     typical_reply: Option<Duration>,
 }
 
 impl Link {
     /// Sends `request` and waits for the reply, preparing the client's next message meanwhile.
-    async fn exchange(
+    pub(crate) async fn exchange(
         &mut self,
         ws: &mut Session,
         client: &mut ClientSession,
