@@ -1000,7 +1000,9 @@ function consentPage(page) {
       timeEl(job.created_at)),
     job.spec.insecure_plaintext ? h('p', { class: 'warning' }, h('strong', {}, 'Plaintext (HE off): '),
       'this job turns encryption off. The coordinator would see your hospital’s activations and gradients.') : null,
-    specSummary(job.spec, job.network),
+    job.spec.init_from ? h('p', { class: 'notice', id: `job-${job.id}-source` }, h('strong', {}, 'Transfer learning: '),
+      `this job starts from ${sourceText(job)}.`) : null,
+    specSummary(job.spec, job.network, job.source),
     consentList(job),
     h('div', { class: 'actions' },
       h('button', { type: 'button', 'data-focus-key': `approve-${job.id}`, onclick: guard(() => decide(job, 'approve')) },
@@ -1042,13 +1044,27 @@ function consentPage(page) {
 // ---------------------------------------------------------------------------------------------
 // Jobs: shared pieces
 
+/**
+ * Where a job's weights start: a finished job's model (its final server layer and each
+ * hospital's client weights from it), and which layers train.
+ */
+function sourceText(job) {
+  const spec = job.spec;
+  const name = job.source ? ` (${job.source.name})` : '';
+  const start = `job ${spec.init_from}${name}: its final server layer and the client weights your hospital holds from it`;
+  return spec.train_client === false
+    ? `${start}; server layer only: your client layers stay as they are, and no gradients come back to your hospital`
+    : `${start}; every layer trains`;
+}
+
 /** What a job asks of each hospital: its network, where each layer runs, how it trains. */
-function specSummary(spec, network) {
+function specSummary(spec, network, source) {
   const opt = spec.server_optimizer ?? { kind: 'adam', lr: 0.001 };
   const items = [
     ['Labels', LABEL_SET_LABELS[spec.labels ?? 'aami'] ?? spec.labels],
     ...inputItems(network),
     ['Model', modelLabel(spec.model)],
+    ['Initial weights', spec.init_from ? `From ${sourceText({ spec, source })}` : `Drawn from the seed (${spec.seed})`, true],
     ...networkItems(spec.model, network),
     ['Hospitals, in visit order', h('ol', { class: 'inline-list' }, spec.hospitals.map((n) => h('li', {}, n)))],
     ['Rounds', spec.rounds],
@@ -1492,7 +1508,7 @@ function jobPage(page, id) {
     }, 'Cancel job') : null));
     const visit = metrics.visits.find((v) => v.id === job.current?.visit_id) ?? null;
     patchIfChanged(activity, [job, visit], () => activityView(job, visit));
-    patchIfChanged(summary, [job.spec, job.network], () => specSummary(job.spec, job.network));
+    patchIfChanged(summary, [job.spec, job.network, job.source], () => specSummary(job.spec, job.network, job.source));
     patchIfChanged(timeline, [job.hospitals, metrics.visits], () => timelineView(job, metrics.visits));
     const evaluated = metrics.visits.filter((v) => v.test_evaluation)
       .map((v) => ({ round: v.round, position: v.position, hospital: v.hospital, evaluation: v.test_evaluation }));

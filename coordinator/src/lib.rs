@@ -16,6 +16,7 @@ pub mod config;
 pub mod db;
 mod error;
 mod http;
+mod inference;
 mod scheduler;
 mod session;
 pub mod throttle;
@@ -57,10 +58,13 @@ impl AppState {
     }
 }
 
-/// Open training sessions, so that revocation, cancellation and lease loss end them at once.
+/// Open sessions, so that revocation, cancellation and lease loss end them at once: training
+/// sessions under their visit's id, private-inference sessions under negative numbers of their
+/// own (which no visit id matches).
 #[derive(Default)]
 struct Sessions {
     open: Mutex<HashMap<i64, OpenSession>>,
+    last_inference: std::sync::atomic::AtomicI64,
     draining: watch::Sender<bool>,
 }
 
@@ -87,6 +91,19 @@ impl Sessions {
                 .send_replace(Some(medsplit_engine::api::close::FENCED));
         }
         rx
+    }
+
+    /// Registers a private-inference session; returns its key and its stop signal.
+    fn register_inference(
+        &self,
+        agent_id: i64,
+        job_id: i64,
+    ) -> (i64, watch::Receiver<Option<u16>>) {
+        let n = self
+            .last_inference
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let key = -(n + 1);
+        (key, self.register(key, agent_id, job_id))
     }
 
     fn unregister(&self, visit: i64, rx: &watch::Receiver<Option<u16>>) {

@@ -74,13 +74,28 @@ pub async fn upgrade(
     } else {
         Privacy::Encrypted
     };
-    let server = match db::checkpoint(&s.db, job.id).await? {
+    // A job's first visit starts from the source job's final layer when it has one.
+    let checkpoint = match (db::checkpoint(&s.db, job.id).await?, spec.init_from) {
+        (None, Some(source)) => Some(db::checkpoint(&s.db, source).await?.ok_or_else(|| {
+            Error::Internal(format!(
+                "job {}: source job {source} has no checkpoint",
+                job.id
+            ))
+        })?),
+        (checkpoint, _) => checkpoint,
+    };
+    let server = match checkpoint {
         Some(bytes) => {
             ServerSession::resume(&config, privacy, spec.server_optimizer, &decode_f32(&bytes))
         }
         None => ServerSession::new(&config, privacy, spec.server_optimizer, spec.seed),
     }
     .map_err(|e| Error::Internal(format!("job {}: server layer: {e}", job.id)))?;
+    let server = if spec.train_client {
+        server
+    } else {
+        server.frozen_client()
+    };
     let visit = Visit {
         id: visit.id,
         attempt: q.attempt,
@@ -267,7 +282,7 @@ async fn serve(
 
 /// Runs CPU-bound work (the HE products take milliseconds) without stalling the other tasks of
 /// a multi-threaded runtime.
-fn compute<T>(f: impl FnOnce() -> T) -> T {
+pub(crate) fn compute<T>(f: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::current().runtime_flavor() {
         tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
         _ => f(),

@@ -231,6 +231,17 @@ pub struct JobSpec {
     /// (default the papers' preset, which pre-cut beat files hold).
     #[serde(default)]
     pub preprocessing: Preprocessing,
+    /// Transfer learning: the id of a completed job whose final model this job starts from (its
+    /// server layer and its client weights); the model, label set and preprocessing must be
+    /// that job's, and every hospital must have taken part in it. `None`: weights drawn from
+    /// `seed`.
+    #[serde(default)]
+    pub init_from: Option<i64>,
+    /// Whether the client layers train (default). False (only with `init_from`): they stay as
+    /// the source job left them and only the server layer trains, one message each way per
+    /// batch, no gradient travelling back to the hospitals.
+    #[serde(default = "yes")]
+    pub train_client: bool,
     /// Hospital names, in the order every round visits them.
     pub hospitals: Vec<String>,
     #[serde(default = "one")]
@@ -272,6 +283,9 @@ pub struct JobSpec {
 
 fn one() -> u32 {
     1
+}
+fn yes() -> bool {
+    true
 }
 fn default_batch() -> u32 {
     4
@@ -372,6 +386,15 @@ impl JobSpec {
                 ));
             }
         }
+        if self.init_from.is_some_and(|id| id < 1) {
+            return Err(FieldError::new("init_from", "must be a job id"));
+        }
+        if !self.train_client && self.init_from.is_none() {
+            return Err(FieldError::new(
+                "train_client",
+                "can be false only for a job that starts from a finished one (init_from)",
+            ));
+        }
         self.preprocessing.validate().map_err(|e| FieldError {
             field: format!("preprocessing.{}", e.field),
             message: e.message,
@@ -395,6 +418,22 @@ impl JobSpec {
             self.preprocessing.feature_len(),
             self.labels.num_classes(),
         )
+    }
+
+    /// The first of `model`, `labels` and `preprocessing` in which this spec differs from
+    /// `source`'s: a job starts from another's model only when all three are the same (the
+    /// model compared by its layers, whatever preset name it was given by).
+    pub fn differs_in_model_from(&self, source: &JobSpec) -> Option<&'static str> {
+        let layers = |m: &ModelSpec| (m.blocks.clone(), m.tail, m.leaky_slope);
+        if layers(&self.model) != layers(&source.model) {
+            Some("model")
+        } else if self.labels != source.labels {
+            Some("labels")
+        } else if self.preprocessing != source.preprocessing {
+            Some("preprocessing")
+        } else {
+            None
+        }
     }
 
     /// Whether the visits of `round` (0-based) end with a test-accuracy measurement.
@@ -791,6 +830,40 @@ mod tests {
                 assert!(s.model_config().cut_width().0 <= crate::model::MAX_CUT);
             }
         }
+    }
+
+    #[test]
+    fn transfer_learning_fields_default_to_a_fresh_fully_trained_job() {
+        let s = spec(r#""m1""#).unwrap();
+        assert_eq!((s.init_from, s.train_client), (None, true));
+        let stored = serde_json::to_string(&s).unwrap();
+        assert!(
+            stored.contains(r#""init_from":null,"train_client":true"#),
+            "{stored}"
+        );
+        let mut tuned = s.clone();
+        tuned.train_client = false;
+        assert_eq!(tuned.validate().unwrap_err().field, "train_client");
+        tuned.init_from = Some(0);
+        assert_eq!(tuned.validate().unwrap_err().field, "init_from");
+        tuned.init_from = Some(7);
+        tuned.validate().unwrap();
+        let back: JobSpec = serde_json::from_str(&serde_json::to_string(&tuned).unwrap()).unwrap();
+        assert_eq!(back, tuned);
+
+        assert_eq!(tuned.differs_in_model_from(&s), None);
+        let tail = spec(r#""m1_tail""#).unwrap();
+        assert_eq!(tail.differs_in_model_from(&s), Some("model"));
+        // The same layers written as a table are the same model.
+        let table = spec(r#"{"blocks": [{"channels": 16, "kernel": 7, "pool": 2}, {"channels": 8, "kernel": 5, "pool": 2}]}"#).unwrap();
+        assert_eq!(table.model_config(), s.model_config());
+        assert_eq!(table.differs_in_model_from(&s), None);
+        let mut labels = s.clone();
+        labels.labels = LabelSet::Papers;
+        assert_eq!(labels.differs_in_model_from(&s), Some("labels"));
+        let mut cut = s.clone();
+        cut.preprocessing = Preprocessing::inter_patient();
+        assert_eq!(cut.differs_in_model_from(&s), Some("preprocessing"));
     }
 
     #[test]

@@ -321,10 +321,21 @@ impl Coordinator {
 
     /// Opens the training session of a claimed visit.
     pub async fn session(&self, visit: i64, attempt: i32) -> Result<Session, AgentError> {
-        let token = self.token().await?;
         let mut url = self.endpoint.url(&format!("/v1/visits/{visit}/session"));
         url.query_pairs_mut()
             .append_pair("attempt", &attempt.to_string());
+        self.websocket(url).await
+    }
+
+    /// Opens a private-inference session on a finished job's model: the coordinator applies the
+    /// job's server layer to the encrypted activations sent on it.
+    pub async fn inference_session(&self, job: i64) -> Result<Session, AgentError> {
+        self.websocket(self.endpoint.url(&format!("/v1/jobs/{job}/inference")))
+            .await
+    }
+
+    async fn websocket(&self, mut url: Url) -> Result<Session, AgentError> {
+        let token = self.token().await?;
         let tls = url.scheme() == "https";
         url.set_scheme(if tls { "wss" } else { "ws" })
             .expect("ws schemes are valid");

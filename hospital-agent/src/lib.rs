@@ -5,6 +5,7 @@
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod inference;
 pub mod model_dir;
 pub mod predict;
 pub mod release;

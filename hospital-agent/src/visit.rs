@@ -76,13 +76,24 @@ pub async fn run(
     } else {
         Privacy::Encrypted
     };
-    let mut client = match &a.handoff {
-        None => ClientSession::new(&config, privacy, a.spec.seed)?,
-        Some(h) => {
+    let client = match (&a.handoff, a.spec.init_from) {
+        (None, None) => ClientSession::new(&config, privacy, a.spec.seed)?,
+        // The job's first visit starts from the source job's final client weights, sealed to
+        // this agent at the source's last visit.
+        (None, Some(source)) => {
+            let (_, params) = crate::release::final_client(coordinator, key, source).await?;
+            ClientSession::resume(&config, privacy, &params)?
+        }
+        (Some(h), _) => {
             let sender = seal::public_key(&decode(&h.sender_public_key)?)?;
             let params = seal::open(key, &sender, &decode(&h.sealed)?, a.job_id, h.from_visit_id)?;
             ClientSession::resume(&config, privacy, &params)?
         }
+    };
+    let mut client = if a.spec.train_client {
+        client
+    } else {
+        client.frozen()
     };
     client.set_objective(Objective {
         client_lr: a.spec.client_lr,
@@ -166,6 +177,16 @@ pub async fn run(
         test = Some(confusion);
     }
 
+    // With frozen client layers, the last training batch's gradient of the server layer, unless
+    // the evaluation carried it.
+    if let Some(update) = client.finish()? {
+        let reply = link.exchange(&mut ws, &mut client, update).await?;
+        if !matches!(client.on_message(&reply)?, ClientEvent::Updated) {
+            return Err(AgentError::Session(
+                "unexpected reply to the last update".into(),
+            ));
+        }
+    }
     let parameters = client.model().parameters();
     let mut sealed = Vec::new();
     for r in &a.recipients {

@@ -35,6 +35,8 @@ pub struct JobView {
     owner: String,
     spec: JobSpec,
     network: Network,
+    /// The job whose model this one starts from (`spec.init_from`).
+    source: Option<SourceJob>,
     hospitals: Vec<db::JobHospital>,
     visits_done: usize,
     visits_total: usize,
@@ -78,6 +80,14 @@ impl Network {
     }
 }
 
+/// The finished job a job starts from, as its consent card names it.
+#[derive(Serialize)]
+struct SourceJob {
+    id: i64,
+    name: String,
+    finished_at: Option<DateTime<Utc>>,
+}
+
 #[derive(Serialize)]
 struct Current {
     visit_id: i64,
@@ -108,8 +118,17 @@ async fn job_view(e: &db::Db, job: db::JobRow) -> Result<JobView> {
             status: v.status.clone(),
             progress: v.progress.unwrap_or(0.0),
         });
+    let source = match job.spec.init_from {
+        Some(id) => db::job(e, id).await?.map(|j| SourceJob {
+            id: j.id,
+            name: j.name,
+            finished_at: j.finished_at,
+        }),
+        None => None,
+    };
     Ok(JobView {
         id: job.id,
+        source,
         name: job.name,
         status: job.status,
         owner_id: job.owner_id,
@@ -168,6 +187,9 @@ async fn create_job(
             })?;
         ids.push(id);
     }
+    if let Some(source) = spec.init_from {
+        check_source(&s, &p, &spec, source, &ids).await?;
+    }
     let on_failure = match spec.on_failure {
         medsplit_engine::api::FailurePolicy::Skip => "skip",
         medsplit_engine::api::FailurePolicy::Fail => "fail",
@@ -195,6 +217,49 @@ async fn create_job(
     tx.commit().await?;
     let job = db::job(&s.db, id).await?.ok_or(Error::NotFound("job"))?;
     Ok((StatusCode::CREATED, Json(job_view(&s.db, job).await?)))
+}
+
+/// A job that starts from another's model: the source exists and the researcher may see it (as
+/// `GET /v1/jobs/{id}`), it has completed, its model, label set and preprocessing are the new
+/// job's, and every hospital of the new job took part in it (only their agents hold its client
+/// weights).
+async fn check_source(
+    s: &AppState,
+    p: &Principal,
+    spec: &JobSpec,
+    source: i64,
+    hospitals: &[i64],
+) -> Result<()> {
+    let refuse = |message: String| Err(FieldError::new("init_from", message).into());
+    let job = match visible_job(s, p, source).await {
+        Ok(job) => job,
+        Err(Error::NotFound(_)) => return refuse(format!("no job {source} that you can see")),
+        Err(e) => return Err(e),
+    };
+    if job.status != "completed" {
+        return refuse(format!(
+            "job {source} is {}: only a completed job's model can be started from",
+            job.status
+        ));
+    }
+    if let Some(what) = spec.differs_in_model_from(&job.spec.0) {
+        let what = if what == "labels" { "label set" } else { what };
+        return refuse(format!(
+            "job {source} has another {what}: a job starts from a model of its own layers, \
+             label set and preprocessing"
+        ));
+    }
+    let took_part = db::job_hospitals(&s.db, source).await?;
+    for (i, id) in hospitals.iter().enumerate() {
+        if !took_part.iter().any(|h| h.hospital_id == *id) {
+            return refuse(format!(
+                "hospital {:?} (hospitals[{i}]) did not take part in job {source}: its agents \
+                 do not hold that model's client weights",
+                spec.hospitals[i]
+            ));
+        }
+    }
+    Ok(())
 }
 
 async fn list_jobs(State(s): State<AppState>, p: Principal) -> Result<Json<Vec<JobView>>> {

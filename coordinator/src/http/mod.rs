@@ -19,7 +19,7 @@ mod enrolment;
 mod extract;
 mod hospitals;
 mod jobs;
-mod models;
+pub(crate) mod models;
 pub(crate) mod text;
 mod users;
 mod visits;
@@ -46,6 +46,7 @@ pub fn routes(state: AppState) -> Router {
         .merge(visits::router())
         .merge(jobs::router())
         .merge(models::router())
+        .route("/v1/jobs/{id}/inference", get(crate::inference::upgrade))
         .fallback(crate::web::serve)
         .layer(tower_http::limit::RequestBodyLimitLayer::new(1 << 20))
         .layer(axum::middleware::map_response(json_errors))

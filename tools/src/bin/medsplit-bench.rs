@@ -115,6 +115,12 @@ struct Args {
     /// cluster) and an agent on loopback.
     #[arg(long, value_enum, default_value_t = Transport::InProcess)]
     transport: Transport,
+    /// With --transport websocket: once the job has finished, classify the test set through
+    /// private inference (the first hospital's agent, the coordinator's final layer on
+    /// ciphertexts) and print beats per second, bytes per beat and the agreement with the
+    /// plaintext forward pass.
+    #[arg(long)]
+    private_inference: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum)]
@@ -253,6 +259,9 @@ fn try_main(args: Args) -> anyhow::Result<()> {
         if std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some()) {
             bail!("--export {}: the directory is not empty", dir.display());
         }
+    }
+    if args.private_inference && args.transport != Transport::Websocket {
+        bail!("--private-inference runs through a coordinator: add --transport websocket");
     }
     if let Some(threads) = args.threads {
         rayon::ThreadPoolBuilder::new()
@@ -1126,6 +1135,13 @@ mod websocket {
             setup.evaluation,
             &metrics,
         );
+        if args.private_inference {
+            let (coordinator, key) = &agents[0];
+            let all: Vec<usize> = (0..setup.test.len()).collect();
+            let (rows, _) = medsplit_engine::training::gather(&setup.test, &all);
+            let figures = medsplit_tools::inference::measure(coordinator, key, id, &rows).await?;
+            eprintln!("{figures}");
+        }
         server.abort();
         drop(pg);
         let _ = std::fs::remove_dir_all(&dir);
