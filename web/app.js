@@ -1241,6 +1241,8 @@ function newJobPage(page) {
   const insecureWarning = h('p', { class: 'warning', id: 'job-insecure-warning', hidden: true },
     'Activations and gradients will travel unencrypted: the coordinator could see them. Use this only with synthetic data.');
   insecure.addEventListener('change', () => { insecureWarning.hidden = !insecure.checked; });
+  const initFrom = input('job-init-from', 'init_from', { inputmode: 'numeric', autocomplete: 'off' });
+  const serverOnly = h('input', { type: 'checkbox', id: 'job-server-only', name: 'train_client' });
   const picker = hospitalPicker();
   const submit = h('button', { type: 'submit', id: 'job-submit' }, 'Submit job');
   const clientLr = input('job-client-lr', 'client_lr', { inputmode: 'decimal', value: '0.001', autocomplete: 'off' });
@@ -1262,6 +1264,10 @@ function newJobPage(page) {
         field('Label set', labels, 'The classes every hospital labels its beats with. AAMI: normal, supraventricular, ventricular, fusion, unclassifiable.'),
         field('Preprocessing', preprocessing, 'How every hospital cuts its beats. Pre-cut beat files hold the papers’ preprocessing; the inter-patient one adds four RR-interval features to the encrypted cut layer.'))),
     picker.el,
+    h('fieldset', { class: 'group' }, h('legend', {}, 'Start from a finished job (optional)'),
+      h('div', { class: 'form-grid' },
+        field('Finished job', initFrom, 'Its number: the new job starts from its model. Same model, label set and preprocessing; every hospital above must have taken part in it.')),
+      checkField('Train only the server layer (the hospitals’ client layers stay as they are)', serverOnly)),
     h('fieldset', { class: 'group' }, h('legend', {}, 'Training'),
       h('div', { class: 'form-grid' }, intFields.rounds,
         field('Local work per visit', work, 'Shorter visits and more rounds help hospitals with different class mixes.'),
@@ -1293,6 +1299,8 @@ function newJobPage(page) {
     on_failure: onFailure.value,
     release: release.value,
     insecure_plaintext: insecure.checked,
+    init_from: initFrom.value.trim() === '' ? null : parseInteger(initFrom.value),
+    train_client: !serverOnly.checked,
   });
 
   // Where a field path of the API points in this form.
@@ -1304,6 +1312,7 @@ function newJobPage(page) {
     if (path === 'model' || path.startsWith('model.')) return model;
     if (path === 'preprocessing' || path.startsWith('preprocessing.')) return preprocessing;
     const controls = { name, model, labels, seed, on_failure: onFailure, release, insecure_plaintext: insecure, ...ints,
+      init_from: initFrom, train_client: serverOnly,
       client_lr: clientLr, class_weights: classWeights,
       'server_optimizer.lr': lr, 'server_optimizer.kind': optimizer, server_optimizer: optimizer };
     return controls[path] ?? null;

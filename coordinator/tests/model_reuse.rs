@@ -8,6 +8,9 @@ use std::time::Duration;
 use common::*;
 use medsplit_agent::AgentError;
 use medsplit_agent::inference::PrivateInference;
+use medsplit_agent::predict::{Format, InputArgs};
+use medsplit_engine::export::TrainedModel;
+use medsplit_engine::export::infer::Classifier;
 use medsplit_engine::model::predictions;
 use medsplit_engine::protocol::{ClientSession, InProcess, Privacy, ServerSession};
 use medsplit_engine::training::gather;
@@ -163,6 +166,56 @@ async fn private_inference_agrees_with_the_plaintext_model_and_is_audited(pool: 
         "ciphertexts, not plaintext activations"
     );
 
+    // `medsplit-agent predict --job` on beat files: the classes and probabilities of the exported
+    // model's own forward pass, within HE error.
+    let dir = temp_dir("predict-job");
+    let (test_rows, test_labels) = gather(&data.test, &all);
+    let bytes: Vec<u8> = test_rows.iter().flat_map(|v| v.to_le_bytes()).collect();
+    std::fs::write(dir.join("beats.f32"), bytes).unwrap();
+    std::fs::write(dir.join("beats.labels"), &test_labels).unwrap();
+    let args = InputArgs {
+        model: None,
+        inputs: vec![dir.join("beats.f32")],
+        records: None,
+        csv_patient_column: false,
+        csv_labels: None,
+    };
+    let out = dir.join("predictions.csv");
+    medsplit_agent::inference::predict(&a0, key, id, &args, Format::Csv, Some(&out))
+        .await
+        .unwrap();
+    let exported = TrainedModel::new(config.clone(), client.clone(), server.clone()).unwrap();
+    let local = medsplit_agent::predict::probabilities(&Classifier::new(&exported), &test_rows);
+    let names = spec.labels.class_names();
+    let text = std::fs::read_to_string(&out).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(
+        lines.next().unwrap(),
+        format!("record,beat,sample,class,p_{}", names.join(",p_"))
+    );
+    let mut rows_read = 0;
+    for (i, (line, expected)) in lines.zip(local.chunks_exact(classes)).enumerate() {
+        let fields: Vec<&str> = line.split(',').collect();
+        assert_eq!(fields[1], i.to_string());
+        let p: Vec<f32> = fields[4..].iter().map(|v| v.parse().unwrap()).collect();
+        let largest = p
+            .iter()
+            .zip(expected)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(largest <= 1e-5, "beat {i}: {p:?} vs {expected:?}");
+        let mut sorted = expected.to_vec();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        if sorted[0] - sorted[1] > 1e-3 {
+            let class = predictions(expected, classes).next().unwrap();
+            assert_eq!(fields[3], names[class], "beat {i}");
+        }
+        rows_read += 1;
+    }
+    assert_eq!(rows_read, data.test.len());
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(inference_audit(&pool, id, 2).await.len(), 2);
+
     // An agent of a hospital outside the job.
     let outsider = agents[2].coordinator();
     let refused = outsider.inference_session(id).await.map(|_| ());
@@ -197,9 +250,9 @@ async fn private_inference_agrees_with_the_plaintext_model_and_is_audited(pool: 
         .await
         .map(|_| ());
     assert!(matches!(refused, Err(AgentError::Revoked)), "{refused:?}");
-    let audit = inference_audit(&pool, id, 2).await;
-    assert_eq!(audit.len(), 2);
-    assert_eq!(audit[1].1["beats"], 3);
+    let audit = inference_audit(&pool, id, 3).await;
+    assert_eq!(audit.len(), 3);
+    assert_eq!(audit[2].1["beats"], 3);
     for r in running {
         r.stop.send_replace(true);
         let _ = r.task.await.unwrap();
@@ -214,13 +267,17 @@ async fn a_fine_tune_job_trains_the_server_layer_of_a_finished_job_alone(pool: P
     let p = Platform::new(&pool, 3, &[]).await;
     let agents: Vec<_> = futures_util::future::join_all((0..3).map(|i| p.enrol(i))).await;
     let running: Vec<_> = agents[..2].iter().map(|a| a.spawn()).collect();
-    let source = p.approved_job(spec(&["h0", "h1"], 1)).await;
+    // The source's model may not leave the coordinator: neither may its fine-tuned successor's.
+    let mut body = spec(&["h0", "h1"], 1);
+    body["release"] = json!("nobody");
+    let source = p.approved_job(body).await;
 
     let tune = |hospitals: &[&str]| {
         let mut body = spec(hospitals, 1);
         body["name"] = json!("fine-tune");
         body["init_from"] = json!(source);
         body["train_client"] = json!(false);
+        body["release"] = json!("nobody");
         body
     };
     let refused = |body: Value, field: &'static str, says: &'static str| {
@@ -263,6 +320,9 @@ async fn a_fine_tune_job_trains_the_server_layer_of_a_finished_job_alone(pool: P
     let mut body = spec(&["h0", "h1"], 1);
     body["train_client"] = json!(false);
     refused(body, "train_client", "init_from").await;
+    let mut body = tune(&["h0", "h1"]);
+    body["release"] = json!("participants");
+    refused(body, "release", "keeps release \"nobody\"").await;
     // Another researcher may not see the source job.
     p.admin
         .ok(

@@ -5,6 +5,10 @@
 //! classes and probabilities never leave the agent; the coordinator keeps only an audit entry
 //! with the session's counts.
 
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+
 use crypto_box::SecretKey;
 use medsplit_engine::api::JobSpec;
 use medsplit_engine::model::ModelConfig;
@@ -12,6 +16,7 @@ use medsplit_engine::protocol::{ClientEvent, ClientSession, Privacy};
 
 use crate::AgentError;
 use crate::client::{Coordinator, Session};
+use crate::predict::{Format, InputArgs, csv_header, load, write_predictions};
 use crate::visit::Link;
 
 /// What a private-inference session carried.
@@ -123,4 +128,55 @@ impl PrivateInference {
         while let Some(Ok(_)) = futures_util::StreamExt::next(&mut self.ws).await {}
         Ok(traffic)
     }
+}
+
+/// `medsplit-agent predict --job ID`: classifies every beat of the inputs through private
+/// inference on finished job `job`, cut with that job's preprocessing, and writes what
+/// `predict --model` writes (to `out`, or standard output); a summary goes to standard error.
+pub async fn predict(
+    coordinator: &Coordinator,
+    key: &SecretKey,
+    job: i64,
+    args: &InputArgs,
+    format: Format,
+    out: Option<&Path>,
+) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let inputs = args.resolve()?;
+    let (spec, mut session) = PrivateInference::connect(coordinator, key, job).await?;
+    let classes: Vec<String> = spec
+        .labels
+        .class_names()
+        .iter()
+        .map(|c| c.to_string())
+        .collect();
+    let sink: Box<dyn Write> = match out {
+        Some(path) => Box::new(
+            std::fs::File::create(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+        ),
+        None => Box::new(std::io::stdout().lock()),
+    };
+    let mut sink = std::io::BufWriter::with_capacity(1 << 20, sink);
+    if format == Format::Csv {
+        sink.write_all(csv_header(&classes).as_bytes())?;
+    }
+    for input in &inputs {
+        let beats = load(input, &spec, args.csv())
+            .map_err(|e| anyhow::anyhow!("{}: {e}", input.describe()))?;
+        let p = session.probabilities(beats.dataset.rows()).await?;
+        write_predictions(&mut sink, format, &classes, &beats, &p)?;
+    }
+    sink.flush()?;
+    let t = session.close().await?;
+    let seconds = start.elapsed().as_secs_f64();
+    eprintln!(
+        "classified {} beats of {} input(s) through private inference on job {job} in {seconds:.2} s \
+         ({:.0} beats/s); {} bytes to the coordinator and {} back",
+        t.beats,
+        inputs.len(),
+        t.beats as f64 / seconds,
+        t.bytes_up,
+        t.bytes_down
+    );
+    Ok(())
 }

@@ -62,11 +62,18 @@ enum Command {
         )]
         config: PathBuf,
     },
-    /// Classify every beat of the inputs with an exported model: one line per beat (record,
-    /// beat, R-peak sample, class, probability of each class).
+    /// Classify every beat of the inputs with an exported model (--model), or through private
+    /// inference on a finished job's model (--job): one line per beat (record, beat, R-peak
+    /// sample, class, probability of each class).
     Predict {
         #[command(flatten)]
         inputs: medsplit_agent::predict::InputArgs,
+        /// Classify through the coordinator: the job's final client layers run here, its server
+        /// layer on the coordinator, applied to encrypted activations. Uses the agent's identity
+        /// from the state directory of --config (default: $MEDSPLIT_AGENT_CONFIG, else
+        /// /etc/medsplit/agent.toml); the daemon may be running meanwhile.
+        #[arg(long, conflicts_with = "model")]
+        job: Option<i64>,
         /// `csv`, or `json` (one JSON object per line).
         #[arg(long, value_enum, default_value = "csv")]
         format: medsplit_agent::predict::Format,
@@ -183,6 +190,28 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
             inputs,
             format,
             out,
+            job: Some(job),
+        } => {
+            let config = inputs.config.clone().unwrap_or_else(|| {
+                std::env::var_os("MEDSPLIT_AGENT_CONFIG")
+                    .map_or_else(|| PathBuf::from("/etc/medsplit/agent.toml"), PathBuf::from)
+            });
+            let (_, state, coordinator) = connect(&config)?;
+            medsplit_agent::inference::predict(
+                &coordinator,
+                &state.secret_key,
+                job,
+                &inputs,
+                format,
+                out.as_deref(),
+            )
+            .await
+        }
+        Command::Predict {
+            inputs,
+            format,
+            out,
+            job: None,
         } => medsplit_agent::predict::predict(&inputs, format, out.as_deref()),
         Command::Export { job, out, config } => {
             let (_, state, coordinator) = connect(&config)?;

@@ -14,6 +14,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use medsplit_engine::api::JobSpec;
 use medsplit_engine::data::Dataset;
 use medsplit_engine::export::infer::{Classifier, Scratch, softmax_assign};
 use medsplit_engine::export::{ModelCard, TrainedModel};
@@ -173,10 +174,11 @@ pub struct Beats {
     pub dataset: Dataset,
 }
 
-/// Reads `input` and cuts it with `card`'s preprocessing and labels.
-pub fn load(input: &Input, card: &ModelCard, csv: CsvOptions) -> Result<Beats, AgentError> {
-    let p = &card.spec.preprocessing;
-    let labels = card.spec.labels;
+/// Reads `input` and cuts it with the preprocessing and labels of the job that trained the
+/// model (its model card's `spec`).
+pub fn load(input: &Input, spec: &JobSpec, csv: CsvOptions) -> Result<Beats, AgentError> {
+    let p = &spec.preprocessing;
+    let labels = spec.labels;
     match input {
         Input::Wfdb { dir, record } => {
             let annotations = dir.join(format!("{record}.atr"));
@@ -293,11 +295,11 @@ pub enum Format {
 pub fn write_predictions(
     out: &mut dyn Write,
     format: Format,
-    card: &ModelCard,
+    class_names: &[String],
     beats: &Beats,
     probabilities: &[f32],
 ) -> std::io::Result<()> {
-    let classes = card.classes.len();
+    let classes = class_names.len();
     let predicted = classes_of(probabilities, classes);
     let mut line = String::new();
     for (i, (p, &class)) in probabilities
@@ -315,7 +317,7 @@ pub fn write_predictions(
                 if let Some(s) = sample {
                     let _ = write!(line, "{s}");
                 }
-                let _ = write!(line, ",{}", card.classes[class]);
+                let _ = write!(line, ",{}", class_names[class]);
                 for v in p {
                     let _ = write!(line, ",{v}");
                 }
@@ -326,7 +328,7 @@ pub fn write_predictions(
                     "record": record,
                     "beat": i,
                     "sample": sample,
-                    "class": card.classes[class],
+                    "class": class_names[class],
                     "probabilities": p,
                 });
                 line = serde_json::to_string(&value).expect("JSON");
@@ -339,9 +341,9 @@ pub fn write_predictions(
 }
 
 /// The CSV header line.
-pub fn csv_header(card: &ModelCard) -> String {
+pub fn csv_header(class_names: &[String]) -> String {
     let mut header = String::from("record,beat,sample,class");
-    for c in &card.classes {
+    for c in class_names {
         header.push_str(",p_");
         header.push_str(c);
     }
@@ -396,16 +398,18 @@ impl Model {
 /// The inputs of `predict` and `evaluate`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct InputArgs {
-    /// The exported model's directory (model-card.json, model.safetensors, model.onnx).
+    /// The exported model's directory (model-card.json, model.safetensors, model.onnx); `predict`
+    /// takes `--job` instead to classify through the coordinator.
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     /// WFDB records (`DIR/100.hea` or `DIR/100`), beat files (`DIR/test.f32` or `DIR/test`),
     /// CSV files, or directories of records.
     #[arg(required_unless_present = "config")]
     pub inputs: Vec<PathBuf>,
-    /// Also (or instead) the held-out test set of this agent configuration's sources (its
-    /// `[split]`), cut with the model's preprocessing and label set: the hospital's own
-    /// patients that the model never trained on (evaluate only).
+    /// `evaluate`: also (or instead) the held-out test set of this agent configuration's
+    /// sources (its `[split]`), cut with the model's preprocessing and label set: the
+    /// hospital's own patients that the model never trained on. `predict --job`: the agent's
+    /// configuration (its state directory and coordinator).
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Only these records of a directory: names separated by commas, or `ds1` / `ds2` for the
@@ -428,6 +432,13 @@ fn parse_labels(name: &str) -> Result<LabelSet, String> {
 }
 
 impl InputArgs {
+    /// The exported model's directory.
+    pub fn model_dir(&self) -> anyhow::Result<&Path> {
+        self.model
+            .as_deref()
+            .ok_or_else(|| anyhow::anyhow!("name the exported model's directory with --model"))
+    }
+
     /// The record names of `--records`.
     pub fn record_names(&self) -> Option<Vec<String>> {
         let list = self.records.as_deref()?;
@@ -443,14 +454,14 @@ impl InputArgs {
         })
     }
 
-    fn csv(&self) -> CsvOptions {
+    pub(crate) fn csv(&self) -> CsvOptions {
         CsvOptions {
             patient_column: self.csv_patient_column,
             labels: self.csv_labels,
         }
     }
 
-    fn resolve(&self) -> Result<Vec<Input>, AgentError> {
+    pub(crate) fn resolve(&self) -> Result<Vec<Input>, AgentError> {
         resolve(&self.inputs, self.record_names().as_deref())
     }
 }
@@ -459,7 +470,7 @@ impl InputArgs {
 /// output when `None`); a summary goes to standard error.
 pub fn predict(args: &InputArgs, format: Format, out: Option<&Path>) -> anyhow::Result<()> {
     let start = std::time::Instant::now();
-    let model = Model::open(&args.model)?;
+    let model = Model::open(args.model_dir()?)?;
     let inputs = args.resolve()?;
     let sink: Box<dyn Write> = match out {
         Some(path) => Box::new(
@@ -469,7 +480,7 @@ pub fn predict(args: &InputArgs, format: Format, out: Option<&Path>) -> anyhow::
     };
     let mut sink = std::io::BufWriter::with_capacity(1 << 20, sink);
     if format == Format::Csv {
-        sink.write_all(csv_header(&model.card).as_bytes())?;
+        sink.write_all(csv_header(&model.card.classes).as_bytes())?;
     }
     let mut beats_total = 0;
     let mut stages = [0.0f64; 3];
@@ -479,12 +490,12 @@ pub fn predict(args: &InputArgs, format: Format, out: Option<&Path>) -> anyhow::
         lap = std::time::Instant::now();
     };
     for input in &inputs {
-        let beats = load(input, &model.card, args.csv())
+        let beats = load(input, &model.card.spec, args.csv())
             .map_err(|e| anyhow::anyhow!("{}: {e}", input.describe()))?;
         stage(0);
         let p = probabilities(&model.classifier, beats.dataset.rows());
         stage(1);
-        write_predictions(&mut sink, format, &model.card, &beats, &p)?;
+        write_predictions(&mut sink, format, &model.card.classes, &beats, &p)?;
         beats_total += beats.dataset.len();
         stage(2);
     }
@@ -507,14 +518,14 @@ pub fn predict(args: &InputArgs, format: Format, out: Option<&Path>) -> anyhow::
 /// pooled, as text.
 pub fn evaluate(args: &InputArgs) -> anyhow::Result<String> {
     use std::fmt::Write as _;
-    let model = Model::open(&args.model)?;
+    let model = Model::open(args.model_dir()?)?;
     let inputs = match (&args.config, args.inputs.is_empty()) {
         (Some(_), true) => Vec::new(),
         _ => args.resolve()?,
     };
     let mut rows = Vec::new();
     for input in &inputs {
-        let beats = load(input, &model.card, args.csv())
+        let beats = load(input, &model.card.spec, args.csv())
             .map_err(|e| anyhow::anyhow!("{}: {e}", input.describe()))?;
         let p = probabilities(&model.classifier, beats.dataset.rows());
         let name = match input {

@@ -5,7 +5,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
-use medsplit_engine::api::{FieldError, JobSpec};
+use medsplit_engine::api::{FieldError, JobSpec, Release};
 use medsplit_engine::metrics::{Confusion, EvalKind};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -222,7 +222,7 @@ async fn create_job(
 /// A job that starts from another's model: the source exists and the researcher may see it (as
 /// `GET /v1/jobs/{id}`), it has completed, its model, label set and preprocessing are the new
 /// job's, and every hospital of the new job took part in it (only their agents hold its client
-/// weights).
+/// weights). A model that may not leave the coordinator (release `nobody`) passes that policy on.
 async fn check_source(
     s: &AppState,
     p: &Principal,
@@ -248,6 +248,16 @@ async fn check_source(
             "job {source} has another {what}: a job starts from a model of its own layers, \
              label set and preprocessing"
         ));
+    }
+    if job.spec.release == Release::Nobody && spec.release != Release::Nobody {
+        return Err(FieldError::new(
+            "release",
+            format!(
+                "job {source}'s model may not leave the coordinator (release \"nobody\"): a job \
+                 that starts from it keeps release \"nobody\""
+            ),
+        )
+        .into());
     }
     let took_part = db::job_hospitals(&s.db, source).await?;
     for (i, id) in hospitals.iter().enumerate() {
