@@ -176,6 +176,7 @@ async fn private_inference_agrees_with_the_plaintext_model_and_is_audited(pool: 
     let args = InputArgs {
         model: None,
         inputs: vec![dir.join("beats.f32")],
+        config: None,
         records: None,
         csv_patient_column: false,
         csv_labels: None,

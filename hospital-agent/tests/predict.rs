@@ -230,7 +230,7 @@ fn predict_and_evaluate_generated_records() {
     .unwrap();
     let mut pooled: Option<medsplit_engine::metrics::Confusion> = None;
     for input in &inputs {
-        let beats = predict::load(input, &card, CsvOptions::default()).unwrap();
+        let beats = predict::load(input, &card.spec, CsvOptions::default()).unwrap();
         let p = predict::probabilities(&Classifier::new(&trained), beats.dataset.rows());
         let c = predict::confusion(&card, &beats, &p).unwrap();
         match &mut pooled {

@@ -363,7 +363,7 @@ fn the_exported_cyclic_model_reproduces_the_benchmarks_figures_in_plaintext() {
         dir: data.clone(),
         stem: "test".into(),
     };
-    let beats = predict::load(&input, &model.card, CsvOptions::default()).unwrap();
+    let beats = predict::load(&input, &model.card.spec, CsvOptions::default()).unwrap();
     let p = predict::probabilities(&model.classifier, beats.dataset.rows());
     let plain = predict::confusion(&model.card, &beats, &p).unwrap();
     assert_eq!(plain.total(), 300);
