@@ -211,3 +211,21 @@ fn logs_to_a_pipe_carry_no_colours() {
     assert!(!line.contains('\u{1b}'), "ANSI escapes in {line:?}");
     assert!(line.contains("INFO"), "{line:?}");
 }
+
+#[test]
+fn predict_takes_an_exported_model_or_a_job_and_says_which_is_missing() {
+    let (ok, err) = agent(&["predict", "beats.f32"]);
+    assert!(!ok && err.contains("--model"), "{err}");
+    let (ok, err) = agent(&["predict", "--job", "1", "--model", "/tmp", "beats.f32"]);
+    assert!(!ok && err.contains("cannot be used with"), "{err}");
+    // Private inference reads the agent's configuration for its identity and coordinator.
+    let (ok, err) = agent(&[
+        "predict",
+        "--job",
+        "1",
+        "--config",
+        "/nonexistent/agent.toml",
+        "beats.f32",
+    ]);
+    assert!(!ok && err.contains("/nonexistent/agent.toml"), "{err}");
+}
