@@ -129,9 +129,16 @@ pub fn describe(job: &Value) -> String {
     };
     let labels = spec["labels"].as_str().unwrap_or("aami");
     let preprocessing = net["preprocessing"].as_str().unwrap_or("papers");
+    let start = match spec["init_from"].as_i64() {
+        Some(source) if spec["train_client"] == false => {
+            format!("; starts from job {source}, server layer only")
+        }
+        Some(source) => format!("; starts from job {source}"),
+        None => String::new(),
+    };
     format!(
         "model {} ({}); labels {labels}; preprocessing {preprocessing}; {work}; class weights \
-         {weights}; client lr {}",
+         {weights}; client lr {}{start}",
         model_name(spec),
         layers.join(" → "),
         spec["client_lr"]
@@ -306,6 +313,11 @@ mod tests {
              client tail → 5); labels aami; preprocessing inter_patient; 50 steps of 4 beats per \
              visit; class weights balanced; client lr 0.002"
         );
+        let mut tuned = job.clone();
+        tuned["spec"]["init_from"] = json!(7);
+        assert!(describe(&tuned).ends_with("client lr 0.002; starts from job 7"));
+        tuned["spec"]["train_client"] = json!(false);
+        assert!(describe(&tuned).ends_with("; starts from job 7, server layer only"));
         assert_eq!(model_name(&json!({ "model": { "blocks": [] } })), "custom");
         assert_eq!(model_name(&json!({ "model": "m1" })), "m1");
     }
