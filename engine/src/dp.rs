@@ -6,9 +6,10 @@
 //! order α is computed as in Google's `dp_accounting` (`rdp/rdp_privacy_accountant.py`), after
 //! Mironov, Talwar and Zhang, "Rényi Differential Privacy of the Sampled Gaussian Mechanism"
 //! (2019, arXiv:1908.10530); steps compose by adding RDP, and the total is converted to ε at a
-//! given δ with the conversion of Balle et al. (2020, arXiv:2004.00010, Proposition 12) and
-//! Canonne, Kamath and Steinke (2020, arXiv:2004.00010 / 2001.05990, eq. 20), minimised over
-//! [`ORDERS`]. The neighbouring relation is add-or-remove-one sample.
+//! given δ with the improved conversion `dp_accounting` uses (Canonne, Kamath and Steinke 2020,
+//! arXiv:2004.00010, Proposition 12; Asoodeh et al. 2020, arXiv:2001.05990, eq. 20; Balle et
+//! al. 2020, arXiv:1905.09982), minimised over [`ORDERS`]. The neighbouring relation is
+//! add-or-remove-one sample.
 
 /// What keeps a plan from being made.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
@@ -183,10 +184,10 @@ fn log_erfc_asymptotic(x: f64) -> f64 {
 }
 
 /// ε at `delta` from RDP values `rdp` at [`ORDERS`] (`dp_accounting`'s `compute_epsilon`): per
-/// order `ε_α = r + log(1 − 1/α) − log(δ·α)/(α − 1)` (Balle et al. 2020, Proposition 12;
-/// Canonne, Kamath, Steinke 2020, eq. 20), used only for α > 1.01 where it is numerically
-/// stable; 0 where `δ² + expm1(−r) > 0` (the bound `δ ≤ √(1 − e^(−KL))` via the KL divergence)
-/// or `r < 0` (rounding on extreme inputs); the minimum over orders, at least 0.
+/// order `ε_α = r + log(1 − 1/α) − log(δ·α)/(α − 1)` (arXiv:2004.00010 Proposition 12,
+/// arXiv:2001.05990 eq. 20), used only for α > 1.01 where it is numerically stable; 0 where
+/// `δ² + expm1(−r) > 0` (the bound `δ ≤ √(1 − e^(−KL))` via the KL divergence) or `r < 0`
+/// (rounding on extreme inputs); the minimum over orders, at least 0.
 fn epsilon_from_rdp(mut rdp: impl Iterator<Item = (f64, f64)>, delta: f64) -> f64 {
     if delta <= 0.0 {
         // δ = 0: ε is 0 when every order's RDP is, else unbounded.
