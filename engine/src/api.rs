@@ -279,6 +279,84 @@ pub struct JobSpec {
     /// Who may take the finished model (default: the participating hospitals' agents).
     #[serde(default)]
     pub release: Release,
+    /// Differential privacy of every hospital's training (DP-SGD at its agent); `None`: none.
+    #[serde(default)]
+    pub dp: Option<DpSpec>,
+}
+
+/// Differential privacy of a job: every agent trains with DP-SGD. Each step draws every
+/// training beat independently with probability `q = batch_size / N` (Poisson sampling; `N`
+/// the hospital's training-set size, `batch_size` the expected batch), clips each beat's
+/// gradient to `clip_norm` and adds Gaussian noise of standard deviation
+/// `noise_multiplier · clip_norm` to the sums before anything leaves the agent: the server
+/// layer's gradient that the coordinator receives, and the client layers' update whose result
+/// the next hospital receives. The accountant ([`crate::dp`]) turns this into (ε, δ) per
+/// hospital.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DpSpec {
+    /// σ: the noise's standard deviation over the clip norm. Exactly one of this and
+    /// `target_epsilon`.
+    #[serde(default)]
+    pub noise_multiplier: Option<f64>,
+    /// A target ε per hospital at `delta`: each agent derives σ from its own sampling rate and
+    /// number of steps (so a hospital with fewer beats gets more noise).
+    #[serde(default)]
+    pub target_epsilon: Option<f64>,
+    #[serde(default = "default_delta")]
+    pub delta: f64,
+    /// The bound on each beat's whole gradient (server layer and client layers together).
+    #[serde(default = "default_clip")]
+    pub clip_norm: f64,
+}
+
+fn default_delta() -> f64 {
+    1e-5
+}
+fn default_clip() -> f64 {
+    1.0
+}
+
+impl DpSpec {
+    /// Checks the fields and how they fit the rest of the job; the first problem is returned.
+    fn validate(&self, spec: &JobSpec) -> Result<(), FieldError> {
+        let positive = |field: &str, v: f64, max: f64| {
+            if v.is_finite() && v > 0.0 && v <= max {
+                Ok(())
+            } else {
+                Err(FieldError::new(
+                    format!("dp.{field}"),
+                    format!("must be in (0, {max}], got {v}"),
+                ))
+            }
+        };
+        match (self.noise_multiplier, self.target_epsilon) {
+            (Some(sigma), None) => positive("noise_multiplier", sigma, 100.0)?,
+            (None, Some(eps)) => positive("target_epsilon", eps, 100.0)?,
+            _ => {
+                return Err(FieldError::new(
+                    "dp",
+                    "give exactly one of noise_multiplier and target_epsilon",
+                ));
+            }
+        }
+        positive("delta", self.delta, 0.01)?;
+        positive("clip_norm", self.clip_norm, 1000.0)?;
+        if spec.insecure_plaintext {
+            return Err(FieldError::new(
+                "dp",
+                "needs HE: with insecure_plaintext the coordinator sees every beat's activations",
+            ));
+        }
+        if spec.class_weights == ClassWeights::Balanced {
+            return Err(FieldError::new(
+                "class_weights",
+                "balanced weights depend on each hospital's class counts, which differential \
+                 privacy does not cover: use uniform or fixed weights",
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn one() -> u32 {
@@ -399,6 +477,9 @@ impl JobSpec {
             field: format!("preprocessing.{}", e.field),
             message: e.message,
         })?;
+        if let Some(dp) = &self.dp {
+            dp.validate(self)?;
+        }
         let config = self.model_config();
         config.validate().map_err(|e| model_error(&e, &config))?;
         crate::model::Objective {
@@ -499,6 +580,12 @@ pub struct VisitAssignment {
     pub recipients: Vec<Recipient>,
     /// Seconds the lease lasts without a heartbeat.
     pub lease_seconds: u32,
+    /// The most ε this hospital spends on one job, if its admin set a maximum (with `spec.dp`).
+    #[serde(default)]
+    pub max_epsilon: Option<f64>,
+    /// The ε this hospital has spent on this job in its earlier visits (with `spec.dp`).
+    #[serde(default)]
+    pub epsilon_spent: Option<f64>,
 }
 
 /// Client weights sealed by one agent to another.
@@ -608,6 +695,24 @@ pub struct VisitReport {
     #[serde(default)]
     pub test_evaluation: Option<TestEvaluation>,
     pub sealed: Vec<SealedCopy>,
+    /// With `spec.dp`: what this visit's DP-SGD did and the ε spent so far.
+    #[serde(default)]
+    pub dp: Option<DpReport>,
+}
+
+/// A visit's differential privacy, as its agent ran it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DpReport {
+    /// Training steps of this visit.
+    pub steps: u64,
+    /// The Poisson sampling rate `q` of each step.
+    pub sampling_rate: f64,
+    /// σ.
+    pub noise_multiplier: f64,
+    /// Rows of every step's batch (real beats and padding).
+    pub padded_batch: u32,
+    /// The ε this hospital has spent on the job after this visit (at the job's δ).
+    pub epsilon_spent: f64,
 }
 
 /// A test-set measurement as counts: the confusion matrix of the hospital's held-out beats.
@@ -830,6 +935,70 @@ mod tests {
                 assert!(s.model_config().cut_width().0 <= crate::model::MAX_CUT);
             }
         }
+    }
+
+    #[test]
+    fn dp_takes_one_of_noise_and_target_and_needs_he_and_fixed_weights() {
+        let with = |dp: &str, extra: &str| {
+            let text = format!(r#"{{"name": "j", "hospitals": ["a"], "dp": {dp}{extra}}}"#);
+            serde_json::from_str::<JobSpec>(&text).unwrap().validate()
+        };
+        assert_eq!(spec(r#""m1""#).unwrap().dp, None);
+        let s: JobSpec = serde_json::from_str(
+            r#"{"name": "j", "hospitals": ["a"], "dp": {"target_epsilon": 8}}"#,
+        )
+        .unwrap();
+        let dp = s.dp.clone().unwrap();
+        assert_eq!(
+            (dp.delta, dp.clip_norm, dp.noise_multiplier),
+            (1e-5, 1.0, None)
+        );
+        s.validate().unwrap();
+        with(r#"{"noise_multiplier": 1.1, "clip_norm": 0.5}"#, "").unwrap();
+        let field = |dp: &str, extra: &str| with(dp, extra).unwrap_err().field;
+        assert_eq!(field("{}", ""), "dp");
+        assert_eq!(
+            field(r#"{"noise_multiplier": 1, "target_epsilon": 8}"#, ""),
+            "dp"
+        );
+        assert_eq!(
+            field(r#"{"noise_multiplier": 0}"#, ""),
+            "dp.noise_multiplier"
+        );
+        assert_eq!(field(r#"{"target_epsilon": -1}"#, ""), "dp.target_epsilon");
+        assert_eq!(
+            field(r#"{"target_epsilon": 8, "delta": 0.5}"#, ""),
+            "dp.delta"
+        );
+        assert_eq!(
+            field(r#"{"target_epsilon": 8, "clip_norm": 0}"#, ""),
+            "dp.clip_norm"
+        );
+        assert_eq!(
+            field(
+                r#"{"target_epsilon": 8}"#,
+                r#", "insecure_plaintext": true"#
+            ),
+            "dp"
+        );
+        assert_eq!(
+            field(
+                r#"{"target_epsilon": 8}"#,
+                r#", "class_weights": "balanced""#
+            ),
+            "class_weights"
+        );
+        with(
+            r#"{"target_epsilon": 8}"#,
+            r#", "class_weights": {"fixed": [1, 2, 2, 2, 1]}"#,
+        )
+        .unwrap();
+        assert!(
+            serde_json::from_str::<JobSpec>(
+                r#"{"name": "j", "hospitals": ["a"], "dp": {"epsilon": 8}}"#
+            )
+            .is_err()
+        );
     }
 
     #[test]

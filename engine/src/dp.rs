@@ -390,6 +390,24 @@ pub fn plan_with(
     })
 }
 
+/// The plan a hospital with `train_samples` training samples follows for `spec`
+/// ([`plan_with`] on the spec's DP settings and schedule).
+pub fn plan(spec: &crate::api::JobSpec, train_samples: u64) -> Result<DpPlan, DpError> {
+    let dp = spec.dp.as_ref().ok_or(DpError::NoDp)?;
+    plan_with(
+        dp.noise_multiplier,
+        dp.target_epsilon,
+        dp.delta,
+        &Schedule {
+            batch_size: spec.batch_size,
+            rounds: spec.rounds,
+            local_epochs: spec.local_epochs,
+            local_steps: spec.local_steps,
+        },
+        train_samples,
+    )
+}
+
 /// ε spent after `steps_done` of the plan's steps (same q, σ and conversion δ as the plan).
 pub fn spent(plan: &DpPlan, steps_done: u64) -> f64 {
     epsilon(

@@ -7,6 +7,7 @@
 pub mod api;
 pub mod data;
 pub mod dp;
+pub mod dpsgd;
 pub mod export;
 pub mod he;
 pub mod metrics;

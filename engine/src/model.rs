@@ -634,31 +634,70 @@ pub fn balanced_weights(counts: &[usize], cap: f32) -> Vec<f32> {
         .collect()
 }
 
-#[cfg(test)]
 impl ClientNet {
-    /// Every parameter's gradient, concatenated in a fixed order (for equivalence tests).
+    /// Every parameter's gradient, concatenated in the order of [`ClientNet::parameters`]; a
+    /// parameter without a gradient in `grads` counts as zeros (for equivalence tests).
+    #[cfg(test)]
     pub(crate) fn gradient_values(&self, grads: &burn::optim::GradientsParams) -> Vec<f32> {
+        fn dense<const D: usize>(
+            out: &mut Vec<f32>,
+            grads: &burn::optim::GradientsParams,
+            param: &Param<Tensor<D>>,
+        ) {
+            match grads.get::<D>(param.id) {
+                Some(g) => out.extend(tensor_values(g)),
+                None => out.extend(std::iter::repeat_n(0.0, param.val().shape().num_elements())),
+            }
+        }
         let mut out = Vec::new();
         for conv in &self.convs {
-            out.extend(
-                grads
-                    .get::<3>(conv.weight.id)
-                    .map(tensor_values)
-                    .unwrap_or_default(),
-            );
+            dense(&mut out, grads, &conv.weight);
             if let Some(b) = &conv.bias {
-                out.extend(grads.get::<1>(b.id).map(tensor_values).unwrap_or_default());
+                dense(&mut out, grads, b);
             }
         }
         if let Some(linear) = &self.tail {
-            out.extend(
-                grads
-                    .get::<2>(linear.weight.id)
-                    .map(tensor_values)
-                    .unwrap_or_default(),
-            );
+            dense(&mut out, grads, &linear.weight);
             if let Some(b) = &linear.bias {
-                out.extend(grads.get::<1>(b.id).map(tensor_values).unwrap_or_default());
+                dense(&mut out, grads, b);
+            }
+        }
+        out
+    }
+
+    /// Gradients for the optimiser from `values`, laid out as [`ClientNet::gradient_values`]
+    /// gives them.
+    pub(crate) fn gradients_from_values(
+        &self,
+        values: &[f32],
+        device: &Device,
+    ) -> burn::optim::GradientsParams {
+        fn put<const D: usize>(
+            out: &mut burn::optim::GradientsParams,
+            rest: &mut &[f32],
+            param: &Param<Tensor<D>>,
+            device: &Device,
+        ) {
+            let shape = param.val().shape();
+            let (head, tail) = rest.split_at(shape.num_elements());
+            *rest = tail;
+            out.register(
+                param.id,
+                Tensor::<D>::from_data(TensorData::new(head.to_vec(), shape), device),
+            );
+        }
+        let mut out = burn::optim::GradientsParams::new();
+        let mut rest = values;
+        for conv in &self.convs {
+            put(&mut out, &mut rest, &conv.weight, device);
+            if let Some(b) = &conv.bias {
+                put(&mut out, &mut rest, b, device);
+            }
+        }
+        if let Some(linear) = &self.tail {
+            put(&mut out, &mut rest, &linear.weight, device);
+            if let Some(b) = &linear.bias {
+                put(&mut out, &mut rest, b, device);
             }
         }
         out

@@ -13,6 +13,7 @@
 use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Tensor, TensorData};
 
+use crate::dpsgd::{ClientLayers, DpSgd, Mechanism};
 use crate::he::{ClientKey, HeError, Packing, ServerHe};
 use crate::metrics::MetricsError;
 use crate::model::{
@@ -65,6 +66,8 @@ pub enum ProtocolError {
     },
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    #[error("differential privacy: {0}")]
+    Dp(String),
 }
 
 fn expect(what: &'static str, expected: usize, got: usize) -> Result<(), ProtocolError> {
@@ -223,12 +226,22 @@ enum ClientState {
         values: Vec<f32>,
         labels: Vec<u8>,
         step: Step,
+        /// With DP-SGD: the real rows of the padded batch (the first ones).
+        real: Vec<f32>,
     },
     AwaitInputGradients {
         activations: Tensor<2>,
         stats: BatchStats,
         /// Gradients of the tail's parameters (empty without a tail).
         tail: GradientsParams,
+    },
+    /// With DP-SGD: the input gradients, for each real row's own backward pass.
+    AwaitPrivateInputGradients {
+        stats: BatchStats,
+        /// The real rows of the batch.
+        real: Vec<f32>,
+        /// Each real row's gradient of the tail's parameters (empty without a tail).
+        tails: Vec<Vec<f32>>,
     },
     /// The gradient of the last training batch of a frozen client is on its way.
     AwaitUpdated,
@@ -248,6 +261,8 @@ pub struct ClientSession {
     /// With frozen layers: the server layer's gradient of the last training batch, sent with
     /// the next message.
     pending_update: Option<LayerGradient>,
+    /// DP-SGD's clipping and noise ([`ClientSession::with_dp`]).
+    dp: Option<Mechanism>,
     #[cfg(test)]
     last_gradients: Vec<f32>,
 }
@@ -294,6 +309,7 @@ impl ClientSession {
             state: ClientState::Idle,
             frozen: false,
             pending_update: None,
+            dp: None,
             #[cfg(test)]
             last_gradients: Vec::new(),
         })
@@ -309,6 +325,27 @@ impl ClientSession {
     pub fn frozen(mut self) -> Self {
         self.frozen = true;
         self
+    }
+
+    /// The same session training with DP-SGD ([`crate::dpsgd`]): a training step takes the
+    /// rows of a Poisson sample (at most `dp.padded_batch`, possibly none), pads them with
+    /// dummy rows to `dp.padded_batch`, clips each real row's gradient and sends only noised
+    /// sums. Needs encrypted activations: in the clear each row's activation would leave.
+    pub fn with_dp(mut self, dp: DpSgd) -> Result<Self, ProtocolError> {
+        if self.he.is_none() {
+            return Err(ProtocolError::Dp("needs encrypted activations".into()));
+        }
+        let valid = |v: f64| v.is_finite() && v > 0.0;
+        if !(valid(dp.clip_norm)
+            && valid(dp.expected_batch)
+            && dp.noise_multiplier.is_finite()
+            && dp.noise_multiplier >= 0.0
+            && (1..=u16::MAX as usize).contains(&dp.padded_batch))
+        {
+            return Err(ProtocolError::Dp(format!("invalid settings {dp:?}")));
+        }
+        self.dp = Some(Mechanism::new(dp));
+        Ok(self)
     }
 
     /// With frozen layers: the message carrying the last training batch's gradient of the
@@ -360,6 +397,26 @@ impl ClientSession {
         if !matches!(self.state, ClientState::Idle) {
             return Err(ProtocolError::Unexpected("a step is already in flight"));
         }
+        let (padded_rows, padded_labels);
+        let (rows, labels, real) = match (&self.dp, train) {
+            (Some(dp), true) => {
+                let width = self.config.input_len();
+                let n = rows.len() / width;
+                let padded = dp.config.padded_batch;
+                if rows.len() != n * width || n > padded || labels.len() != n {
+                    return Err(ProtocolError::Dp(format!(
+                        "a step takes at most {padded} rows of {width} values with their \
+                         labels, got {} values and {} labels",
+                        rows.len(),
+                        labels.len()
+                    )));
+                }
+                padded_rows = [rows, &vec![0.0; (padded - n) * width]].concat();
+                padded_labels = [labels, &vec![0; padded - n]].concat();
+                (&padded_rows[..], &padded_labels[..], rows.to_vec())
+            }
+            _ => (rows, labels, Vec::new()),
+        };
         let batch = check_batch(&self.config, rows, labels, train)?;
         let activations = self.model.forward(tensor2(
             rows.to_vec(),
@@ -388,6 +445,7 @@ impl ClientSession {
             values,
             labels: labels.to_vec(),
             step,
+            real,
         };
         let message = if self.frozen {
             ClientMessage::FrozenForward {
@@ -418,6 +476,7 @@ impl ClientSession {
                     values,
                     labels,
                     step,
+                    real,
                 },
                 ServerMessage::Logits(out),
             ) => {
@@ -440,6 +499,9 @@ impl ClientSession {
                         _ => ClientEvent::Evaluated(model::predictions(&logits, classes).collect()),
                     });
                 }
+                if self.dp.is_some() {
+                    return self.private_step(&values, &labels, real, &outputs, batch);
+                }
                 let (stats, g, tail) = loss_and_gradient(
                     &self.model,
                     &self.config,
@@ -453,7 +515,9 @@ impl ClientSession {
                     self.pending_update = Some(layer_gradient(&values, &g, cut, outputs));
                     return Ok(ClientEvent::Trained(stats));
                 }
-                let payload = self.seal_gradients(g, &values, batch)?;
+                let (cut, classes) = (self.config.cut_width().0, self.config.server_outputs());
+                let layer = layer_gradient(&values, &g, cut, classes);
+                let payload = self.seal_gradients(g, layer, batch)?;
                 self.state = ClientState::AwaitInputGradients {
                     activations,
                     stats,
@@ -491,6 +555,15 @@ impl ClientSession {
                 self.model =
                     self.optimizer
                         .step(self.objective.client_lr, self.model.clone(), params);
+                Ok(ClientEvent::Trained(stats))
+            }
+            (
+                ClientState::AwaitPrivateInputGradients { stats, real, tails },
+                ServerMessage::InputGradients(out),
+            ) => {
+                let batch = self.dp.as_ref().expect("DP state").config.padded_batch;
+                let grads = self.open_input_gradients(out, batch)?;
+                self.private_update(&real, &tails, &grads);
                 Ok(ClientEvent::Trained(stats))
             }
             (ClientState::AwaitUpdated, ServerMessage::Updated) => Ok(ClientEvent::Updated),
@@ -571,14 +644,14 @@ impl ClientSession {
     fn seal_gradients(
         &mut self,
         g: Vec<f32>,
-        activations: &[f32],
+        layer: LayerGradient,
         batch: usize,
     ) -> Result<Gradients, ProtocolError> {
         let Some((key, packing)) = &mut self.he else {
             return Ok(Gradients::Plain(g));
         };
-        let (cut, classes) = (self.config.cut_width().0, self.config.server_outputs());
-        let LayerGradient { weight, bias } = layer_gradient(activations, &g, cut, classes);
+        let classes = self.config.server_outputs();
+        let LayerGradient { weight, bias } = layer;
         let mut uploads = Vec::new();
         let mut start = 0;
         for n in packing.chunks(batch) {
@@ -621,8 +694,139 @@ impl ClientSession {
             ClientState::AwaitInputGradients { activations, .. } => {
                 packing.chunks(activations.dims()[0]).count()
             }
+            ClientState::AwaitPrivateInputGradients { .. } => {
+                let batch = self.dp.as_ref().map_or(0, |dp| dp.config.padded_batch);
+                packing.chunks(batch).count()
+            }
         };
         key.prepare(uploads);
+    }
+
+    /// A DP-SGD training step's answer to the logits: each real row's loss (weighted, not
+    /// averaged) and its gradients ([`ClientLayers`]); the server layer's part of each row's
+    /// gradient clipped, summed and noised ([`Mechanism::noisy_mean`]); then either the
+    /// backward message (the rows' unclipped dJ/doutputs encrypted, padding rows zero, and the
+    /// noised layer gradient) or, with frozen layers, the noised gradient pending for the next
+    /// message.
+    ///
+    /// # Shapes
+    /// `values`: `[padded, cut]`; `labels`: `[padded]`; `real`: `[n, input_len]`;
+    /// `outputs`: `[padded, server_outputs]`.
+    fn private_step(
+        &mut self,
+        values: &[f32],
+        labels: &[u8],
+        real: Vec<f32>,
+        outputs: &[f32],
+        batch: usize,
+    ) -> Result<ClientEvent, ProtocolError> {
+        let (cut, width, classes) = (
+            self.config.cut_width().0,
+            self.config.server_outputs(),
+            self.config.classes,
+        );
+        let n = real.len() / self.config.input_len();
+        let params = self.model.parameters();
+        let layers = ClientLayers::new(&self.config, &params);
+        let mut g = vec![0f32; batch * width];
+        let mut tails = Vec::with_capacity(n);
+        let mut stats = BatchStats {
+            samples: n,
+            ..BatchStats::default()
+        };
+        let mut weight_sum = 0f64;
+        for b in 0..n {
+            let out = &outputs[b * width..(b + 1) * width];
+            let logits = if self.model.has_tail() {
+                layers.tail_logits(out)
+            } else {
+                out.to_vec()
+            };
+            let label = usize::from(labels[b]);
+            let w = self
+                .objective
+                .class_weights
+                .as_ref()
+                .map_or(1.0, |w| w[label]);
+            let p = model::softmax(&logits, classes);
+            stats.loss_sum += f64::from(-w * p[label].max(f32::MIN_POSITIVE).ln());
+            weight_sum += f64::from(w);
+            stats.correct += model::correct_predictions(&logits, &labels[b..b + 1], classes);
+            let mut d_logits: Vec<f32> = p.iter().map(|&v| w * v).collect();
+            d_logits[label] -= w;
+            let gb = if self.model.has_tail() {
+                let (d_out, tail) = layers.tail_gradient(out, &d_logits);
+                tails.push(tail);
+                d_out
+            } else {
+                d_logits
+            };
+            g[b * width..(b + 1) * width].copy_from_slice(&gb);
+        }
+        finite("loss gradients", &g)?;
+        // Reported as the usual step does: the weighted mean loss, times the rows.
+        if weight_sum > 0.0 {
+            stats.loss_sum *= n as f64 / weight_sum;
+        }
+        let dp = self.dp.as_mut().expect("DP state");
+        let bound = dp.part_bound(if self.frozen { 1 } else { 2 });
+        let per_sample: Vec<Vec<f32>> = (0..n)
+            .map(|b| {
+                let gb = &g[b * width..(b + 1) * width];
+                let mut v = layer_gradient(&values[b * cut..(b + 1) * cut], gb, cut, width).weight;
+                v.extend_from_slice(gb);
+                v
+            })
+            .collect();
+        let mut noised = dp.noisy_mean(&per_sample, cut * width + width, bound);
+        let bias = noised.split_off(cut * width);
+        let layer = LayerGradient {
+            weight: noised,
+            bias,
+        };
+        if self.frozen {
+            self.pending_update = Some(layer);
+            return Ok(ClientEvent::Trained(stats));
+        }
+        let payload = self.seal_gradients(g, layer, batch)?;
+        self.state = ClientState::AwaitPrivateInputGradients { stats, real, tails };
+        Ok(ClientEvent::Send(ClientMessage::Backward(payload).encode()))
+    }
+
+    /// The client layers' DP-SGD update: each real row's gradient (its dJ/da through the
+    /// convolutions, and its tail gradient), clipped, summed and noised, then the optimiser's
+    /// step.
+    ///
+    /// # Shapes
+    /// `real`: `[n, input_len]`; `tails`: `n × [tail parameters]`; `grads`: `[padded, cut]`.
+    fn private_update(&mut self, real: &[f32], tails: &[Vec<f32>], grads: &[f32]) {
+        let (width, cut) = (self.config.input_len(), self.config.cut_width().0);
+        let n = real.len() / width;
+        let params = self.model.parameters();
+        let layers = ClientLayers::new(&self.config, &params);
+        let per_sample: Vec<Vec<f32>> = (0..n)
+            .map(|b| {
+                let mut v = layers.conv_gradient(
+                    &real[b * width..(b + 1) * width],
+                    &grads[b * cut..(b + 1) * cut],
+                );
+                if let Some(tail) = tails.get(b) {
+                    v.extend_from_slice(tail);
+                }
+                v
+            })
+            .collect();
+        let dp = self.dp.as_mut().expect("DP state");
+        let bound = dp.part_bound(2);
+        let noised = dp.noisy_mean(&per_sample, params.len(), bound);
+        let params = self.model.gradients_from_values(&noised, &self.device);
+        #[cfg(test)]
+        {
+            self.last_gradients = noised;
+        }
+        self.model = self
+            .optimizer
+            .step(self.objective.client_lr, self.model.clone(), params);
     }
 
     /// The client half, for sealing and hand-off.
@@ -1260,6 +1464,123 @@ mod tests {
                 beat.iter().copied().chain(side)
             })
             .collect()
+    }
+
+    fn dp(clip_norm: f64, noise_multiplier: f64, expected_batch: f64, padded: usize) -> DpSgd {
+        DpSgd {
+            clip_norm,
+            noise_multiplier,
+            expected_batch,
+            padded_batch: padded,
+            seed: Some(9),
+        }
+    }
+
+    /// Without clipping or noise, with the expected batch set to the batch's total class
+    /// weight, DP-SGD's per-row gradients sum to the batch-mean gradient of the usual step:
+    /// the same client and server gradients (padding rows add nothing), and the coordinator
+    /// sees the padded batch size whatever the sample.
+    #[test]
+    fn dp_sgd_without_clipping_or_noise_is_the_usual_step_and_pads_the_batch() {
+        let (config, objective) = side_and_tail();
+        let weights = objective.class_weights.clone().unwrap();
+        let data = synthetic(24, 11);
+        let optimizer = ServerOptimizer::default();
+        let mut he = InProcess::new(&config, Privacy::Encrypted, optimizer, 5).unwrap();
+        he.client.set_objective(objective.clone()).unwrap();
+        let mut private = InProcess::new(&config, Privacy::Encrypted, optimizer, 5).unwrap();
+        private.client.set_objective(objective).unwrap();
+        let padded = 9;
+        for (step, batch) in [
+            vec![0, 1, 2, 3, 4, 5],
+            vec![6, 7, 8],
+            vec![9, 10, 11, 12, 13],
+        ]
+        .iter()
+        .enumerate()
+        {
+            let (beats, labels) = gather(&data, batch);
+            let beats = rows(beats, config.beat_len, config.features);
+            let total: f32 = labels.iter().map(|&l| weights[usize::from(l)]).sum();
+            private.client.dp = Some(Mechanism::new(dp(1e9, 0.0, f64::from(total), padded)));
+            let forward = private.client.start(&beats, &labels, true).unwrap();
+            let Ok(ClientMessage::Forward { batch: seen, .. }) = ClientMessage::decode(&forward)
+            else {
+                panic!("a forward message");
+            };
+            assert_eq!(
+                seen as usize, padded,
+                "the coordinator sees the padded batch"
+            );
+            private.client.state = ClientState::Idle;
+            let p = private.train_batch(&beats, &labels).unwrap();
+            let h = he.train_batch(&beats, &labels).unwrap();
+            assert_eq!(p.correct, h.correct);
+            assert!((p.loss_sum - h.loss_sum).abs() < 1e-3, "{p:?} vs {h:?}");
+            let (hc, hs) = (&he.client.last_gradients, &he.server.last_gradients);
+            let (pc, ps) = (
+                &private.client.last_gradients,
+                &private.server.last_gradients,
+            );
+            assert!(norm(hc) > 1e-4 && norm(hs) > 1e-4, "gradients vanished");
+            assert!(
+                max_diff(hc, pc) <= 1e-4,
+                "step {step}: client {}",
+                max_diff(hc, pc)
+            );
+            assert!(
+                max_diff(hs, ps) <= 1e-4,
+                "step {step}: server {}",
+                max_diff(hs, ps)
+            );
+        }
+    }
+
+    /// With clipping: each row's server part is at most C/√2, so the sum the coordinator gets
+    /// is at most n·C/√2 over the expected batch; with noise it differs from step to step even
+    /// on the same rows, and an empty sample is still a (pure-noise) step of the padded size.
+    #[test]
+    fn dp_sgd_clips_each_row_and_noises_what_the_coordinator_receives() {
+        let config = ModelConfig::m1();
+        let data = synthetic(8, 3);
+        let (beats, labels) = gather(&data, &[0, 1, 2, 3]);
+        let optimizer = ServerOptimizer::default();
+        let session = |noise: f64| {
+            let client = ClientSession::new(&config, Privacy::Encrypted, 5)
+                .unwrap()
+                .with_dp(dp(0.01, noise, 4.0, 6))
+                .unwrap();
+            let server = ServerSession::new(&config, Privacy::Encrypted, optimizer, 5).unwrap();
+            InProcess::from_sessions(client, server)
+        };
+        let mut clipped = session(0.0);
+        clipped.train_batch(&beats, &labels).unwrap();
+        let seen = norm(&clipped.server.last_gradients);
+        assert!(
+            seen > 0.0 && seen <= 4.0 * 0.01 / 2f32.sqrt() / 4.0 * 1.001,
+            "{seen}"
+        );
+        let mut noisy = session(1.0);
+        noisy.train_batch(&beats, &labels).unwrap();
+        let first = noisy.server.last_gradients.clone();
+        noisy.train_batch(&[], &[]).unwrap();
+        let empty = noisy.server.last_gradients.clone();
+        // Noise of σ·C / 4 = 0.0025 per coordinate: far above the clipped signal.
+        assert!(norm(&first) > 10.0 * seen, "{} vs {seen}", norm(&first));
+        assert!(norm(&empty) > 10.0 * seen);
+        assert!(max_diff(&first, &empty) > 1e-3);
+        // Plaintext sessions cannot use DP-SGD, and a sample beyond the pad is refused.
+        assert!(
+            ClientSession::new(&config, Privacy::Plaintext, 5)
+                .unwrap()
+                .with_dp(dp(1.0, 1.0, 4.0, 6))
+                .is_err()
+        );
+        let (seven, seven_labels) = gather(&data, &[0, 1, 2, 3, 4, 5, 6]);
+        assert!(matches!(
+            noisy.train_batch(&seven, &seven_labels),
+            Err(ProtocolError::Dp(_))
+        ));
     }
 
     #[test]

@@ -4,6 +4,7 @@ use rand::{SeedableRng, seq::SliceRandom};
 use rand_chacha::ChaCha8Rng;
 
 use crate::data::Dataset;
+use crate::dpsgd::PoissonBatches;
 use crate::metrics::Confusion;
 use crate::protocol::{BatchStats, ProtocolError, Trainer};
 
@@ -115,6 +116,25 @@ pub fn train_epoch(
         let (beats, labels) = gather(data, batch);
         totals.add(trainer.train_batch(&beats, &labels)?);
         progress(totals.samples, order.len());
+    }
+    Ok(totals)
+}
+
+/// `steps` DP-SGD steps on `data`, each on the next Poisson sample of `batches` (the trainer's
+/// client pads and privatises it, [`crate::protocol::ClientSession::with_dp`]).
+/// `progress(step, steps)` is called after every step.
+pub fn train_private_steps(
+    trainer: &mut dyn Trainer,
+    data: &Dataset,
+    batches: &mut PoissonBatches,
+    steps: u64,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Totals, ProtocolError> {
+    let mut totals = Totals::default();
+    for step in 1..=steps {
+        let (beats, labels) = gather(data, &batches.next_batch());
+        totals.add(trainer.train_batch(&beats, &labels)?);
+        progress(step, steps);
     }
     Ok(totals)
 }

@@ -64,6 +64,9 @@ pub struct Config {
     pub split: Split,
     /// Keep only a share of the data (demos).
     pub shard: Option<Shard>,
+    /// The most ε (at each job's δ) this agent spends on one job with differential privacy,
+    /// whatever the coordinator says; visits past it are refused before any step.
+    pub max_epsilon: Option<f64>,
 }
 
 /// One source of beats.
@@ -470,6 +473,13 @@ impl Config {
         }
         for source in &self.sources {
             source.check()?;
+        }
+        if let Some(eps) = self.max_epsilon
+            && !(eps.is_finite() && eps > 0.0)
+        {
+            return Err(AgentError::Config(format!(
+                "max_epsilon must be a positive number, got {eps}"
+            )));
         }
         let split = &self.split;
         if let Some(fraction) = split.test_fraction

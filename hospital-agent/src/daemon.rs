@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use crate::AgentError;
 use crate::client::{Coordinator, HEARTBEAT_INTERVAL};
 use crate::config::{Config, LocalData};
+use crate::privacy::Budget;
 use crate::state::AgentState;
 use crate::visit::{self, Observer, VisitSummary};
 
@@ -32,6 +33,8 @@ type Cut = Result<Arc<LocalData>, String>;
 pub struct Datasets {
     load: Box<Loader>,
     kept: Mutex<Vec<(Preprocessing, LabelSet, Cut)>>,
+    /// The privacy budget of the agent whose data this is.
+    budget: Budget,
 }
 
 impl Datasets {
@@ -40,7 +43,11 @@ impl Datasets {
 
     /// The data of `config`'s sources and split ([`Config::load_data`]).
     pub fn new(config: Config) -> Self {
-        Self::with_loader(move |p, labels| config.load_data(p, labels).map(Arc::new))
+        let budget = Budget::in_state_dir(&config.state_dir, config.max_epsilon);
+        let mut datasets =
+            Self::with_loader(move |p, labels| config.load_data(p, labels).map(Arc::new));
+        datasets.budget = budget;
+        datasets
     }
 
     /// Data from `load` (tests give one data set whatever the job).
@@ -53,6 +60,7 @@ impl Datasets {
         Self {
             load: Box::new(load),
             kept: Mutex::new(Vec::new()),
+            budget: Budget::default(),
         }
     }
 
@@ -192,7 +200,7 @@ pub async fn run(
             Ok(data) => {
                 let mut observer = display(&assignment);
                 tokio::select! {
-                    r = visit::run(&coordinator, &state.secret_key, &assignment, &data, observer.as_mut()) => r,
+                    r = visit::run_with_budget(&coordinator, &state.secret_key, &assignment, &data, observer.as_mut(), &datasets.budget) => r,
                     _ = shutdown.changed() => Err(AgentError::Shutdown),
                     _ = fenced_rx.changed() => Err(AgentError::Fenced),
                     _ = turns_true(&mut revoked_rx) => Err(AgentError::Revoked),
@@ -212,7 +220,7 @@ pub async fn run(
         // A fenced or revoked attempt has lost the visit already: nothing to give back.
         let lost = matches!(e, AgentError::Fenced | AgentError::Revoked)
             || matches!(e, AgentError::Closed { code, .. } if code == close::FENCED || code == close::REVOKED);
-        let refused = matches!(e, AgentError::Unsupported(_));
+        let refused = matches!(e, AgentError::Unsupported(_) | AgentError::OverBudget(_));
         if stopping {
             tracing::info!(
                 visit = assignment.visit_id,

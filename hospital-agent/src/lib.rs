@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod inference;
 pub mod model_dir;
 pub mod predict;
+pub mod privacy;
 pub mod release;
 pub mod seal;
 pub mod state;
@@ -35,6 +36,9 @@ pub enum AgentError {
     /// visit is refused with this reason, other jobs go on.
     #[error("this hospital's data cannot give what the job asks: {0}")]
     Unsupported(String),
+    /// The visit would take the hospital past its privacy budget: refused before any step.
+    #[error("refused by the hospital's privacy budget: {0}")]
+    OverBudget(String),
     #[error("coordinator unreachable: {0}")]
     Http(#[from] reqwest::Error),
     #[error("enrolment refused: {0}")]

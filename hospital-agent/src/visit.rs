@@ -12,6 +12,7 @@ use futures_util::{SinkExt, StreamExt};
 use medsplit_engine::api::{
     AgentFrame, CoordinatorFrame, SealedCopy, TestEvaluation, VisitAssignment, VisitReport,
 };
+use medsplit_engine::dpsgd::PoissonBatches;
 use medsplit_engine::metrics::Confusion;
 use medsplit_engine::model::Objective;
 use medsplit_engine::protocol::{ClientEvent, ClientSession, Privacy};
@@ -20,6 +21,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::client::{Coordinator, Session};
 use crate::config::LocalData;
+use crate::privacy::{Budget, PrivateVisit};
 use crate::{AgentError, seal};
 
 /// What the agent's user sees of a visit in progress.
@@ -49,13 +51,26 @@ pub struct VisitSummary {
     pub train_bytes_down: u64,
 }
 
-/// Runs a claimed visit to completion.
+/// Runs a claimed visit to completion, with no privacy budget of the agent's own.
 pub async fn run(
     coordinator: &Coordinator,
     key: &SecretKey,
     a: &VisitAssignment,
     data: &LocalData,
     observer: &mut dyn Observer,
+) -> Result<VisitSummary, AgentError> {
+    run_with_budget(coordinator, key, a, data, observer, &Budget::default()).await
+}
+
+/// Runs a claimed visit to completion; a job with differential privacy is trained with
+/// DP-SGD within `budget` ([`PrivateVisit`]).
+pub async fn run_with_budget(
+    coordinator: &Coordinator,
+    key: &SecretKey,
+    a: &VisitAssignment,
+    data: &LocalData,
+    observer: &mut dyn Observer,
+    budget: &Budget,
 ) -> Result<VisitSummary, AgentError> {
     let config = a.spec.model_config();
     let have = (
@@ -99,6 +114,18 @@ pub async fn run(
         client_lr: a.spec.client_lr,
         class_weights: a.spec.class_weights.for_counts(&data.train.class_counts()),
     })?;
+    // Before the session opens: a visit over the budget takes no step.
+    let private = PrivateVisit::start(a, data.train.len(), budget)?;
+    let mut poisson = None;
+    if let Some(p) = &private {
+        client = client.with_dp(p.sgd.clone())?;
+        poisson = Some(PoissonBatches::new(
+            data.train.len(),
+            p.plan.sampling_rate,
+            p.sgd.padded_batch,
+            None,
+        ));
+    }
     let mut ws = coordinator.session(a.visit_id, a.attempt).await?;
     let mut link = Link::default();
 
@@ -113,7 +140,16 @@ pub async fn run(
         let started = Instant::now();
         let mut totals = Totals::default();
         let mut next_report = 0u64;
-        for batch in work.batches(epoch) {
+        // With DP-SGD every step is a fresh Poisson sample; an epoch is N / batch_size steps.
+        let batches: Box<dyn Iterator<Item = Vec<usize>> + Send + '_> =
+            match (&mut poisson, &private) {
+                (Some(poisson), Some(p)) => {
+                    let steps = p.plan.steps_per_visit / u64::from(epochs.max(1));
+                    Box::new((0..steps).map(|_| poisson.next_batch()))
+                }
+                _ => work.batches(epoch),
+            };
+        for batch in batches {
             let (beats, labels) = gather(&data.train, &batch);
             let mut out = client.start(&beats, &labels, true)?;
             let stats = loop {
@@ -129,7 +165,7 @@ pub async fn run(
                 }
             };
             totals.add(stats);
-            let done = totals.samples as u64;
+            let done = (totals.samples as u64).min(total);
             observer.batch_done(done);
             if done >= next_report || done == total {
                 next_report = done + total / 50 + 1;
@@ -212,6 +248,7 @@ pub async fn run(
             .as_ref()
             .map(|c| TestEvaluation::new(data.evaluation(), c)),
         sealed,
+        dp: private.as_ref().map(PrivateVisit::report),
     };
     send_text(&mut ws, &AgentFrame::Complete(report)).await?;
     loop {
@@ -448,6 +485,8 @@ mod tests {
             handoff: None,
             recipients: Vec::new(),
             lease_seconds: 30,
+            max_epsilon: None,
+            epsilon_spent: None,
         }
     }
 

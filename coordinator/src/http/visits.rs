@@ -97,6 +97,8 @@ async fn try_claim(s: &AppState, agent: i64, hospital: i64) -> Result<Option<Vis
             })
             .collect(),
         lease_seconds: s.settings.lease.as_secs() as u32,
+        max_epsilon: None,
+        epsilon_spent: None,
     }))
 }
 

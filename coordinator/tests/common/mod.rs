@@ -332,6 +332,7 @@ pub fn synthetic_data(beats: usize, seed: u64) -> LocalData {
             ..Split::default()
         },
         shard: None,
+        max_epsilon: None,
     }
     .load_data(&Preprocessing::papers(), LabelSet::Papers)
     .unwrap()

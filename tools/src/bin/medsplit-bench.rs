@@ -15,8 +15,10 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use medsplit_engine::api::{ClassWeights, JobSpec, ModelName, ModelSpec};
+use medsplit_engine::api::{ClassWeights, DpSpec, JobSpec, ModelName, ModelSpec};
 use medsplit_engine::data::{self, Dataset};
+use medsplit_engine::dp;
+use medsplit_engine::dpsgd::{DpSgd, PoissonBatches};
 use medsplit_engine::export::{CardEvaluation, ModelCard, TrainedModel};
 use medsplit_engine::metrics::{Confusion, EvalKind};
 use medsplit_engine::model::{ModelConfig, Objective, ServerOptimizer};
@@ -24,7 +26,9 @@ use medsplit_engine::preprocess::{LabelSet, Preprocessing};
 use medsplit_engine::protocol::{
     ClientSession, InProcess, LocalModel, Privacy, ServerSession, Trainer,
 };
-use medsplit_engine::training::{SampleStream, epoch_order, evaluate, train_epoch};
+use medsplit_engine::training::{
+    SampleStream, epoch_order, evaluate, train_epoch, train_private_steps,
+};
 use medsplit_engine::wfdb::{self, DS1, DS2};
 use serde::Serialize;
 
@@ -121,6 +125,19 @@ struct Args {
     /// plaintext forward pass.
     #[arg(long)]
     private_inference: bool,
+    /// cyclic-he (in process): train with DP-SGD at this noise multiplier σ (each hospital's
+    /// Poisson sampling rate from its training-set size; ε per hospital printed and in the JSON).
+    #[arg(long, conflicts_with = "dp_epsilon")]
+    dp_noise: Option<f64>,
+    /// cyclic-he (in process): DP-SGD with σ chosen per hospital for this ε.
+    #[arg(long)]
+    dp_epsilon: Option<f64>,
+    /// DP-SGD's bound on each beat's gradient.
+    #[arg(long, default_value_t = 1.0)]
+    dp_clip: f64,
+    /// DP-SGD's δ.
+    #[arg(long, default_value_t = 1e-5)]
+    dp_delta: f64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum)]
@@ -198,7 +215,19 @@ struct ModeResult {
     /// ds1-cv: each fold's test patients.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     folds: Vec<Vec<String>>,
+    /// cyclic-he with DP-SGD: its setting and each hospital's ε.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dp: Option<DpResult>,
     metrics: Confusion,
+}
+
+#[derive(Serialize)]
+struct DpResult {
+    clip_norm: f64,
+    noise_multiplier: Option<f64>,
+    target_epsilon: Option<f64>,
+    delta: f64,
+    epsilon_per_hospital: Vec<f64>,
 }
 
 /// What every mode trains on and is measured with.
@@ -524,6 +553,7 @@ fn run_mode(
         final_train_loss: final_loss,
         hospitals: Vec::new(),
         folds: Vec::new(),
+        dp: None,
         metrics,
     })
 }
@@ -604,6 +634,7 @@ fn cyclic(setup: &Setup, args: &Args) -> anyhow::Result<ModeResult> {
     let mut traffic = (0u64, 0u64);
     let mut final_loss = f64::NAN;
     let mut last: Option<InProcess> = None;
+    let mut epsilons = Vec::new();
     for round in 0..rounds {
         let started = Instant::now();
         let mut loss = (0.0, 0usize);
@@ -620,10 +651,70 @@ fn cyclic(setup: &Setup, args: &Args) -> anyhow::Result<ModeResult> {
                 None => ServerSession::new(config, Privacy::Encrypted, setup.optimizer, args.seed)?,
                 Some(p) => ServerSession::resume(config, Privacy::Encrypted, setup.optimizer, p)?,
             };
-            let mut visit = InProcess::from_sessions(client, server);
-            let order = visit_order(data.len(), args, round, h)?;
             let label = format!("cyclic-he round {}/{rounds} hospital {}", round + 1, h + 1);
-            let (_, totals) = timed_epoch(&mut visit, data, &order, args.batch_size, &label)?;
+            let (mut visit, totals) = match dp_spec(args) {
+                None => {
+                    let mut visit = InProcess::from_sessions(client, server);
+                    let order = visit_order(data.len(), args, round, h)?;
+                    let (_, totals) =
+                        timed_epoch(&mut visit, data, &order, args.batch_size, &label)?;
+                    (visit, totals)
+                }
+                Some(spec) => {
+                    let schedule = dp::Schedule {
+                        batch_size: args.batch_size as u32,
+                        rounds: rounds as u32,
+                        local_epochs: 1,
+                        local_steps: args.local_steps.map(|s| s as u32),
+                    };
+                    let plan = dp::plan_with(
+                        spec.noise_multiplier,
+                        spec.target_epsilon,
+                        spec.delta,
+                        &schedule,
+                        data.len() as u64,
+                    )?;
+                    let seed = args.seed ^ ((round as u64) << 32 | h as u64);
+                    let client = client.with_dp(DpSgd {
+                        clip_norm: spec.clip_norm,
+                        noise_multiplier: plan.noise_multiplier,
+                        expected_batch: plan.sampling_rate * data.len() as f64,
+                        padded_batch: plan.padded_batch as usize,
+                        seed: Some(seed),
+                    })?;
+                    if round == 0 {
+                        eprintln!(
+                            "hospital {}: DP-SGD q = {:.5}, σ = {:.3}, {} steps per visit of \
+                             {} rows, ε = {:.3} at δ = {} after {rounds} rounds",
+                            h + 1,
+                            plan.sampling_rate,
+                            plan.noise_multiplier,
+                            plan.steps_per_visit,
+                            plan.padded_batch,
+                            plan.epsilon,
+                            plan.delta
+                        );
+                        epsilons.push(plan.epsilon);
+                    }
+                    let mut visit = InProcess::from_sessions(client, server);
+                    let mut batches = PoissonBatches::new(
+                        data.len(),
+                        plan.sampling_rate,
+                        plan.padded_batch as usize,
+                        Some(seed),
+                    );
+                    let started = Instant::now();
+                    let totals = train_private_steps(
+                        &mut visit,
+                        data,
+                        &mut batches,
+                        plan.steps_per_visit,
+                        &mut |_, _| {},
+                    )?;
+                    eprintln!("{label}: {:.1} s", started.elapsed().as_secs_f64());
+                    (visit, totals)
+                }
+            };
             loss.0 += totals.loss_sum;
             loss.1 += totals.samples;
             let t = visit.traffic();
@@ -665,7 +756,24 @@ fn cyclic(setup: &Setup, args: &Args) -> anyhow::Result<ModeResult> {
         final_train_loss: final_loss,
         hospitals: names,
         folds: Vec::new(),
+        dp: dp_spec(args).map(|spec| DpResult {
+            clip_norm: spec.clip_norm,
+            noise_multiplier: spec.noise_multiplier,
+            target_epsilon: spec.target_epsilon,
+            delta: spec.delta,
+            epsilon_per_hospital: epsilons,
+        }),
         metrics,
+    })
+}
+
+/// The run's DP setting (`--dp-noise` or `--dp-epsilon`), if any.
+fn dp_spec(args: &Args) -> Option<DpSpec> {
+    (args.dp_noise.is_some() || args.dp_epsilon.is_some()).then(|| DpSpec {
+        noise_multiplier: args.dp_noise,
+        target_epsilon: args.dp_epsilon,
+        delta: args.dp_delta,
+        clip_norm: args.dp_clip,
     })
 }
 
@@ -833,6 +941,7 @@ fn cross_validate(mode: Mode, setup: &Setup, args: &Args) -> anyhow::Result<Mode
             .iter()
             .map(|g| patient_names(&setup.train, g))
             .collect(),
+        dp: None,
         metrics: pooled,
     })
 }
@@ -1164,6 +1273,7 @@ mod websocket {
             final_train_loss: progress.final_loss,
             hospitals: patients,
             folds: Vec::new(),
+            dp: None,
             metrics,
         })
     }

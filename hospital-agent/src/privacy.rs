@@ -1,0 +1,153 @@
+//! The agent's side of differential privacy: the DP-SGD plan of a visit, the hospital's budget
+//! checked before any step is taken, and a ledger of the steps this agent has taken per job.
+//!
+//! The budget is the smaller of the maximum the coordinator passes on (the hospital admin's
+//! setting) and the agent's own `max_epsilon` (its configuration): a coordinator that drops the
+//! first cannot lift the second. The steps counted before a visit are the larger of the
+//! ledger's (every step this agent took on the job, including visits that failed half-way:
+//! their noised gradients left all the same) and those the job's earlier rounds took by plan.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use medsplit_engine::api::{DpReport, VisitAssignment};
+use medsplit_engine::dp::{self, DpPlan};
+use medsplit_engine::dpsgd::DpSgd;
+use serde::{Deserialize, Serialize};
+
+use crate::AgentError;
+
+/// Where the agent's privacy budget comes from.
+#[derive(Clone, Debug, Default)]
+pub struct Budget {
+    /// The agent's own maximum ε per job (its configuration), if any.
+    pub max_epsilon: Option<f64>,
+    /// The ledger file (in the state directory); `None`: no ledger (tests, benchmarks).
+    pub ledger: Option<PathBuf>,
+}
+
+#[derive(Default, Serialize, Deserialize)]
+struct LedgerFile {
+    /// DP-SGD steps taken per job id.
+    jobs: BTreeMap<i64, u64>,
+}
+
+const LEDGER: &str = "privacy-ledger.json";
+
+impl Budget {
+    /// The budget of an agent whose state directory is `dir`.
+    pub fn in_state_dir(dir: &Path, max_epsilon: Option<f64>) -> Self {
+        Self {
+            max_epsilon,
+            ledger: Some(dir.join(LEDGER)),
+        }
+    }
+
+    fn read(&self) -> Result<LedgerFile, AgentError> {
+        let Some(path) = &self.ledger else {
+            return Ok(LedgerFile::default());
+        };
+        match fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                AgentError::Config(format!("{}: not a privacy ledger: {e}", path.display()))
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(LedgerFile::default()),
+            Err(e) => Err(AgentError::Config(format!("{}: {e}", path.display()))),
+        }
+    }
+
+    /// Steps this agent has recorded for `job`.
+    pub fn steps(&self, job: i64) -> Result<u64, AgentError> {
+        Ok(self.read()?.jobs.get(&job).copied().unwrap_or(0))
+    }
+
+    /// Records `steps` more steps for `job` (written 0600, then renamed into place).
+    fn record(&self, job: i64, steps: u64) -> Result<(), AgentError> {
+        let Some(path) = &self.ledger else {
+            return Ok(());
+        };
+        let mut ledger = self.read()?;
+        *ledger.jobs.entry(job).or_default() += steps;
+        let tmp = path.with_extension("tmp");
+        let write = || -> std::io::Result<()> {
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(&serde_json::to_vec(&ledger).expect("serializable"))?;
+            f.sync_all()?;
+            fs::rename(&tmp, path)
+        };
+        write().map_err(|e| AgentError::Config(format!("{}: {e}", path.display())))
+    }
+}
+
+/// A visit's DP-SGD: the plan for this hospital, the session settings, and the steps counted
+/// before it.
+pub struct PrivateVisit {
+    pub plan: DpPlan,
+    pub sgd: DpSgd,
+    /// Steps counted before this visit.
+    pub steps_before: u64,
+}
+
+impl PrivateVisit {
+    /// The DP-SGD of visit `a` over `train_samples` training beats, or `None` for a job
+    /// without DP. Refuses ([`AgentError::OverBudget`]) a visit that would take the hospital
+    /// past its budget, before any step; otherwise records the visit's steps in the ledger
+    /// (before training: a visit that fails half-way has spent them).
+    pub fn start(
+        a: &VisitAssignment,
+        train_samples: usize,
+        budget: &Budget,
+    ) -> Result<Option<Self>, AgentError> {
+        let Some(spec) = &a.spec.dp else {
+            return Ok(None);
+        };
+        let plan = dp::plan(&a.spec, train_samples as u64)
+            .map_err(|e| AgentError::Unsupported(format!("differential privacy: {e}")))?;
+        let by_plan = u64::from(a.round) * plan.steps_per_visit;
+        let steps_before = budget.steps(a.job_id)?.max(by_plan);
+        let after = dp::spent(&plan, steps_before + plan.steps_per_visit)
+            .max(a.epsilon_spent.unwrap_or(0.0));
+        let limits = [a.max_epsilon, budget.max_epsilon];
+        if let Some(limit) = limits.into_iter().flatten().reduce(f64::min)
+            && after > limit
+        {
+            return Err(AgentError::OverBudget(format!(
+                "this visit would bring the hospital's ε on job {} to {after:.3} (δ = {}), over \
+                 its maximum of {limit}",
+                a.job_id, spec.delta
+            )));
+        }
+        budget.record(a.job_id, plan.steps_per_visit)?;
+        let sgd = DpSgd {
+            clip_norm: spec.clip_norm,
+            noise_multiplier: plan.noise_multiplier,
+            expected_batch: plan.sampling_rate * train_samples as f64,
+            padded_batch: plan.padded_batch as usize,
+            seed: None,
+        };
+        Ok(Some(Self {
+            plan,
+            sgd,
+            steps_before,
+        }))
+    }
+
+    /// What the visit reports: its steps and the ε spent after them.
+    pub fn report(&self) -> DpReport {
+        DpReport {
+            steps: self.plan.steps_per_visit,
+            sampling_rate: self.plan.sampling_rate,
+            noise_multiplier: self.plan.noise_multiplier,
+            padded_batch: self.plan.padded_batch,
+            epsilon_spent: dp::spent(&self.plan, self.steps_before + self.plan.steps_per_visit),
+        }
+    }
+}
