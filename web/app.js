@@ -1079,9 +1079,20 @@ function specSummary(spec, network, source) {
     ['When a visit keeps failing', FAILURE_LABELS[spec.on_failure] ?? spec.on_failure],
     ['Encryption', encryptionBadge(spec)],
     ['Who may take the finished model', RELEASE_LABELS[spec.release ?? 'participants'] ?? spec.release, true],
+    ['Differential privacy', dpText(spec), true],
   ];
   return h('dl', { class: 'spec' }, items.map(([k, v, wide]) =>
     h('div', { class: wide ? 'wide' : null }, h('dt', {}, k), h('dd', {}, v))));
+}
+
+/** A job's differential privacy in a sentence. */
+function dpText(spec) {
+  const dp = spec.dp;
+  if (!dp) return 'None: no ε bounds what the coordinator and the next hospital can learn from the training';
+  const noise = dp.noise_multiplier != null
+    ? `noise multiplier σ = ${dp.noise_multiplier}`
+    : `σ chosen by each hospital's agent for ε = ${dp.target_epsilon}`;
+  return `DP-SGD: each step a Poisson sample (expected ${spec.batch_size} beats), each beat's gradient clipped to ${dp.clip_norm}, ${noise}, δ = ${dp.delta}`;
 }
 
 /** How each hospital cuts its beats for the job (from the API's view of the network). */

@@ -417,7 +417,11 @@ async function walkthrough(browser) {
   await researcher.waitForURL(/\/jobs\/\d+$/);
   const jobUrl = researcher.url();
   await researcher.getByText('pending', { exact: false }).first().waitFor();
-  const seedShown = await researcher.locator('.spec div').filter({ hasText: 'Seed' }).locator('dd').textContent();
+  const seedShown = await researcher
+    .locator('.spec div')
+    .filter({ has: researcher.locator('dt', { hasText: /^Seed$/ }) })
+    .locator('dd')
+    .textContent();
   check(seedShown === MAX_SEED, `the job shows the seed it was given (${seedShown})`);
 
   // --- Hospital admin approves it.
@@ -487,7 +491,7 @@ async function walkthrough(browser) {
   await researcher.goto('/jobs/new');
   await researcher.locator('#job-name').fill(CONFIGURED);
   await researcher.getByRole('checkbox', { name: HOSPITAL }).check();
-  await researcher.getByLabel('Model').selectOption('m1_tail');
+  await researcher.getByLabel('Model', { exact: true }).selectOption('m1_tail');
   check(await researcher.getByLabel('Label set').inputValue() === 'aami', 'the label set is AAMI unless chosen');
   check(await researcher.getByLabel('Preprocessing').inputValue() === 'papers', 'the papers’ preprocessing unless chosen');
   await researcher.getByLabel('Label set').selectOption('papers');
