@@ -651,6 +651,9 @@ struct Attacker {
 /// label counts) before it fishes.
 const PROBE_STEPS: usize = 4;
 
+/// The largest magnitude of a fishing weight or bias (the packing refuses 64 and beyond).
+const FISHING_LIMIT: f64 = 48.0;
+
 impl Attacker {
     fn new(config: &ModelConfig, class_weights: Option<Vec<f32>>, seed: u64) -> Self {
         let (cut, outputs) = (config.cut_width().0, config.server_outputs());
@@ -914,7 +917,12 @@ impl Attacker {
         if step < PROBE_STEPS || !self.logits || batch == 1 {
             return (weight, bias);
         }
-        let slope = 8.0 / self.spread.max(1e-6);
+        // Sharp enough to saturate, within the fixed-point range of the encrypted layer's weights
+        // and biases (and logits well below its wrap-around).
+        let largest = self.direction.iter().fold(0f64, |m, d| m.max(d.abs()));
+        let slope = (8.0 / self.spread.max(1e-6))
+            .min(FISHING_LIMIT / self.threshold.abs().max(1e-9))
+            .min(FISHING_LIMIT / largest.max(1e-9));
         for i in 0..cut {
             weight[i * k + self.fish] = (slope * self.direction[i]) as f32;
         }
