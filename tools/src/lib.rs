@@ -3,6 +3,7 @@
 //! coordinator over REST and WebSocket like any other client; the demo and the benchmarks also
 //! start the platform's processes on this machine ([`local`]).
 
+pub mod attack;
 pub mod inference;
 pub mod local;
 pub mod report;

@@ -138,6 +138,29 @@ struct Args {
     /// DP-SGD's δ.
     #[arg(long, default_value_t = 1e-5)]
     dp_delta: f64,
+    /// Play the coordinator on training and reconstruct each sample's cut-layer activation and
+    /// label from what it receives (tools/src/attack.rs); the figures per --attack-batch-sizes.
+    #[arg(long)]
+    attack: bool,
+    /// --attack: batch sizes to attack, each on its own training run.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,32")]
+    attack_batch_sizes: Vec<usize>,
+    /// --attack: samples attacked per window.
+    #[arg(long, default_value_t = 512)]
+    attack_samples: usize,
+    /// --attack: training samples between the first window and a second, later one (0: none).
+    #[arg(long, default_value_t = 0)]
+    attack_later: usize,
+    /// --attack: also a malicious coordinator that chooses its layer's weights ("fishing").
+    #[arg(long)]
+    attack_malicious: bool,
+    /// --attack: `split-he` (the backward message's sums) or `split` (the same sums formed by
+    /// the harness from the plaintext messages; faster).
+    #[arg(long, default_value = "split-he")]
+    attack_privacy: String,
+    /// --attack: neighbours of the k-NN score.
+    #[arg(long, default_value_t = 5)]
+    knn_k: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum)]
@@ -299,6 +322,9 @@ fn try_main(args: Args) -> anyhow::Result<()> {
             .context("configuring worker threads")?;
     }
     let setup = load(&args)?;
+    if args.attack {
+        return attack(&setup, &args);
+    }
     eprintln!(
         "{}: {} train / {} test beats ({}), labels {}, model {}, cut {}, batch {}, {} epochs, seed {}",
         setup.name,
@@ -369,6 +395,46 @@ fn try_main(args: Args) -> anyhow::Result<()> {
             threads: rayon::current_num_threads(),
             results,
         };
+        std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn attack(setup: &Setup, args: &Args) -> anyhow::Result<()> {
+    use medsplit_tools::attack::{self, AttackOptions, DpOptions, Target};
+    let privacy = match args.attack_privacy.as_str() {
+        "split-he" => Privacy::Encrypted,
+        "split" => Privacy::Plaintext,
+        other => bail!("--attack-privacy {other}: split-he or split"),
+    };
+    let options = AttackOptions {
+        batch_sizes: args.attack_batch_sizes.clone(),
+        samples: args.attack_samples,
+        later: args.attack_later,
+        malicious: args.attack_malicious,
+        privacy,
+        knn_k: args.knn_k,
+        seed: args.seed,
+        dp: dp_spec(args).map(|spec| DpOptions {
+            noise_multiplier: spec.noise_multiplier,
+            target_epsilon: spec.target_epsilon,
+            delta: spec.delta,
+            clip_norm: spec.clip_norm,
+        }),
+        ..AttackOptions::default()
+    };
+    let target = Target {
+        config: &setup.config,
+        objective: setup.objective(&setup.train),
+        optimizer: setup.optimizer,
+        train: &setup.train,
+    };
+    let mut report = attack::run(&target, &options)?;
+    report.dataset = setup.name.clone();
+    print!("{}", attack::table(&report));
+    if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
             .with_context(|| format!("writing {}", path.display()))?;
         eprintln!("wrote {}", path.display());
