@@ -785,10 +785,10 @@ impl Attacker {
             let c: Vec<f64> = c.iter().map(|&x| x as f64).collect();
             let (sums, counts) = self.class_sums(&wg, &bg, &v, &c, batch);
             let mut rec = expand(&sums, &counts);
-            if batch < k {
-                if let Some(better) = self.subspace_solve(&wg, &bg, &v, &c, batch, &rec) {
-                    rec = better;
-                }
+            if batch < k
+                && let Some(better) = self.subspace_solve(&wg, &bg, &v, &c, batch, &rec)
+            {
+                rec = better;
             }
             rec
         };
@@ -1305,15 +1305,17 @@ fn symmetric_eigen(m: &[Vec<f64>]) -> (Vec<f64>, Vec<Vec<f64>>) {
                 let t = theta.signum() / (theta.abs() + (theta * theta + 1.0).sqrt());
                 let t = if theta == 0.0 { 1.0 } else { t };
                 let (cs, sn) = (1.0 / (t * t + 1.0).sqrt(), t / (t * t + 1.0).sqrt());
-                for k in 0..n {
-                    let (akp, akq) = (a[k][p], a[k][q]);
-                    a[k][p] = cs * akp - sn * akq;
-                    a[k][q] = sn * akp + cs * akq;
+                for row in a.iter_mut() {
+                    let (akp, akq) = (row[p], row[q]);
+                    row[p] = cs * akp - sn * akq;
+                    row[q] = sn * akp + cs * akq;
                 }
-                for k in 0..n {
-                    let (apk, aqk) = (a[p][k], a[q][k]);
-                    a[p][k] = cs * apk - sn * aqk;
-                    a[q][k] = sn * apk + cs * aqk;
+                // q > p: rows p and q, both mutable.
+                let (low, high) = a.split_at_mut(q);
+                for (x, y) in low[p].iter_mut().zip(high[0].iter_mut()) {
+                    let (apk, aqk) = (*x, *y);
+                    *x = cs * apk - sn * aqk;
+                    *y = sn * apk + cs * aqk;
                 }
                 for row in v.iter_mut() {
                     let (vp, vq) = (row[p], row[q]);

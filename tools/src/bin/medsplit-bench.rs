@@ -835,7 +835,7 @@ fn cyclic(setup: &Setup, args: &Args) -> anyhow::Result<ModeResult> {
 
 /// The run's DP setting (`--dp-noise` or `--dp-epsilon`), if any.
 fn dp_spec(args: &Args) -> Option<DpSpec> {
-    (args.dp_noise.is_some() || args.dp_epsilon.is_some()).then(|| DpSpec {
+    (args.dp_noise.is_some() || args.dp_epsilon.is_some()).then_some(DpSpec {
         noise_multiplier: args.dp_noise,
         target_epsilon: args.dp_epsilon,
         delta: args.dp_delta,
