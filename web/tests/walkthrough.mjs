@@ -123,6 +123,13 @@ async function toast(page) {
   return (await page.locator('#status').textContent()).trim();
 }
 
+/** The message the page announces next: waits for it (a loaded machine may take a while), then reads it. */
+async function announced(page) {
+  await page.waitForFunction(() => document.getElementById('status').textContent.trim() !== '', null,
+    { timeout: 10000 }).catch(() => {});
+  return toast(page);
+}
+
 async function shot(page, name) {
   await accessibility(page, name);
   await fits(page, name);
@@ -359,7 +366,7 @@ async function walkthrough(browser) {
   await shot(ward, 'hospital-agents');
   await ghostRow.getByRole('button', { name: /Delete/ }).click();
   await ghostRow.waitFor({ state: 'detached' });
-  check((await toast(ward)).includes('deleted'), 'the deletion is announced');
+  check((await announced(ward)).includes('deleted'), 'the deletion is announced');
 
   // --- Researcher: a job from the form, validated like the API.
   step('researcher submits a job from the form');
@@ -375,7 +382,7 @@ async function walkthrough(browser) {
   await researcher.keyboard.type(PASSWORD);
   await researcher.keyboard.press('Enter');
   await researcher.waitForURL('**/jobs');
-  check((await toast(researcher)).startsWith('Logged in as'), 'the log-in is announced');
+  check((await announced(researcher)).startsWith('Logged in as'), 'the log-in is announced');
   await researcher.getByRole('link', { name: 'New job' }).click();
   await researcher.waitForURL('**/jobs/new');
   const fieldError = async (id) => {
@@ -535,7 +542,7 @@ async function walkthrough(browser) {
   await ward.waitForURL('**/hospital');
   await agentRow.getByRole('button', { name: /Revoke/ }).click();
   await agentRow.getByText('Revoked', { exact: true }).waitFor();
-  check((await toast(ward)).includes('revoked'), 'the revocation is announced');
+  check((await announced(ward)).includes('revoked'), 'the revocation is announced');
   // The message belongs to the agents page: it goes with it.
   await ward.getByRole('link', { name: 'Job consent' }).click();
   await ward.waitForURL('**/hospital/jobs');
