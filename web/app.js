@@ -915,7 +915,7 @@ function agentsPage(page) {
 
   document.getElementById('main').append(pageHeading('Agents'),
     h('p', { class: 'lede' }, `The training daemons of ${session.me.hospital ?? 'your hospital'}. Each one enrols once with a one-time token.`),
-    h('div', { class: 'toolbar' }, createButton), tokenPanel, live.el, list);
+    h('div', { class: 'toolbar' }, createButton), tokenPanel, live.el, list, privacyBudget(page));
 
   agentsPoll = poller(page, async () => {
     const agents = await GET('/v1/agents');
@@ -923,6 +923,47 @@ function agentsPage(page) {
     patch(list, renderAgents(agents)); // always: the "last seen" times move on
     live.ok();
   }, 3000, live.error);
+}
+
+/** The hospital's maximum ε per job: consent to a job over it is refused, and agents refuse to train past it. */
+function privacyBudget(page) {
+  const max = input('max-epsilon', 'max_epsilon', { inputmode: 'decimal', autocomplete: 'off' });
+  const save = h('button', { type: 'submit', id: 'save-max-epsilon' }, 'Save maximum');
+  const current = h('p', { class: 'meta', id: 'max-epsilon-current' }, loading());
+  const form = h('form', { id: 'max-epsilon-form', class: 'stack', novalidate: true },
+    field('Maximum ε per job', max, 'Leave empty for no maximum. A job whose projected ε for your hospital is higher cannot be approved, and your agents refuse to train past it.'),
+    h('div', { class: 'actions' }, save));
+  const errors = formErrors(form);
+  const show = (value) => {
+    current.textContent = value == null ? 'No maximum is set: any job can be approved, with or without differential privacy.'
+      : `At most ε = ${value} per job; jobs without differential privacy cannot be approved.`;
+  };
+  form.addEventListener('submit', guard(async (event) => {
+    event.preventDefault();
+    errors.clear();
+    const text = max.value.trim();
+    const value = text === '' ? null : Number(text);
+    if (value !== null && !(Number.isFinite(value) && value > 0)) {
+      errors.field(max, 'Enter a positive number, or leave it empty for no maximum.');
+      return;
+    }
+    try {
+      const hospital = await busy(save, () => api('PUT', `/v1/hospitals/${session.me.hospital_id}/max-epsilon`, { max_epsilon: value }));
+      if (!page.active) return;
+      show(hospital.max_epsilon);
+      announce(hospital.max_epsilon == null ? 'Maximum ε removed' : `Maximum ε set to ${hospital.max_epsilon}`);
+    } catch (e) {
+      showApiError(errors, e, (f) => ({ max_epsilon: max })[f]);
+    }
+  }));
+  GET('/v1/hospitals').then((all) => {
+    if (!page.active) return;
+    const mine = all.find((x) => x.id === session.me.hospital_id);
+    max.value = mine?.max_epsilon ?? '';
+    show(mine?.max_epsilon ?? null);
+  }).catch((e) => { current.textContent = errorText(e); });
+  return h('section', { class: 'panel budget', 'aria-labelledby': 'budget-heading' },
+    h('h2', { id: 'budget-heading' }, 'Privacy budget'), current, form);
 }
 
 function showToken(panel, token) {
@@ -1003,6 +1044,7 @@ function consentPage(page) {
     job.spec.init_from ? h('p', { class: 'notice', id: `job-${job.id}-source` }, h('strong', {}, 'Transfer learning: '),
       `this job starts from ${sourceText(job)}.`) : null,
     specSummary(job.spec, job.network, job.source),
+    epsilonTable(job, `job-${job.id}-epsilon`),
     consentList(job),
     h('div', { class: 'actions' },
       h('button', { type: 'button', 'data-focus-key': `approve-${job.id}`, onclick: guard(() => decide(job, 'approve')) },
@@ -1135,6 +1177,69 @@ function classWeightsText(weights) {
   if (weights === 'balanced') return 'Balanced: each hospital weighs its classes inversely to their frequency';
   if (Array.isArray(weights.fixed)) return `Fixed: ${weights.fixed.join(', ')} (in the label set’s order)`;
   return JSON.stringify(weights);
+}
+
+/** ε with two decimals, or why there is none. */
+const fmtEps = (x) => (x == null ? '—' : x.toFixed(2));
+
+/** Each hospital's ε on a job: projected before consent, spent after each visit, its maximum. */
+function epsilonTable(job, id) {
+  if (!job.spec.dp) {
+    return h('p', { class: 'warning', id }, h('strong', {}, 'No differential privacy: '),
+      'nothing bounds what the coordinator and the next hospital can learn from the training (ε is unbounded).');
+  }
+  const projected = (x) => (x.projected_epsilon == null
+    ? h('span', { class: 'meta' }, x.projection_note ?? '—')
+    : `${fmtEps(x.projected_epsilon)}${x.noise_multiplier == null ? ' (target)' : ` (σ ${x.noise_multiplier.toFixed(3)})`}`);
+  const over = (x) => x.max_epsilon != null && (x.projected_epsilon == null || x.projected_epsilon > x.max_epsilon);
+  return dataTable({
+    id, caption: `ε per hospital over the whole job (δ = ${job.spec.dp.delta})`, rowHeaders: true,
+    columns: ['Hospital', 'Training beats', 'Projected ε', 'ε spent', 'Maximum ε'],
+    rows: job.privacy.map((x) => [x.hospital, fmtCount(x.train_samples), projected(x), fmtEps(x.epsilon_spent),
+      x.max_epsilon == null ? 'none' : h('span', { class: over(x) ? 'error-text' : null },
+        `${x.max_epsilon}${over(x) ? ' (exceeded: approval is refused)' : ''}`)]),
+  });
+}
+
+/** The privacy report of a job: what the coordinator saw, the attacks' figures, DP's cost. */
+function privacyView(job, report) {
+  if (!report) return loading();
+  const seen = report.seen.length === 0
+    ? h('p', { class: 'empty' }, 'No visit has completed yet.')
+    : dataTable({
+      id: 'privacy-seen', caption: 'What the coordinator received (up) and sent (down)', rowHeaders: true,
+      columns: ['Message', 'Direction', 'Count', 'Bytes', 'What it carries'],
+      rows: report.seen.map((m) => [m.kind, m.direction, fmtCount(m.count), fmtMB(m.bytes), m.carries]),
+    });
+  const a = report.attack;
+  const attack = dataTable({
+    id: 'privacy-attack',
+    caption: `The attack harness at batch size ${a.measured_batch_size}${a.dp ? `, with DP (ε ${fmtEps(a.measured_epsilon)})` : ', without DP'}`,
+    rowHeaders: true,
+    columns: ['Coordinator', 'Training', 'Median centered cosine', 'Recovered > 0.9', 'Labels recovered', 'kNN accuracy', 'Majority class'],
+    rows: a.results.map((r) => [r.attacker, r.window === 'later' ? 'later steps' : 'first steps', r.cosine_median.toFixed(3),
+      fmtPct(r.recovered_share), fmtPct(r.label_recovery), fmtPct(r.knn_accuracy), fmtPct(r.majority_rate)]),
+  });
+  const acc = report.accuracy;
+  const row = (name, x) => [name, fmtPct(x.accuracy), fmtPct(x.majority_rate), x.macro_f1?.toFixed(3) ?? '—',
+    x.classes?.map((c) => `${c.name} ${(c.sensitivity * 100).toFixed(1)} / ${(c.ppv * 100).toFixed(1)}`).join(', ') ?? '—'];
+  const accuracy = dataTable({
+    id: 'privacy-accuracy', caption: `DP's cost on new patients: ${acc.task ?? 'the inter-patient benchmark'}`, rowHeaders: true,
+    columns: ['Training', 'Accuracy', 'Majority class', 'Macro-F1', 'Se / PPV per class'],
+    rows: [row('Without DP', acc.without_dp), row(`With DP (ε ${acc.with_dp.epsilon ?? '—'})`, acc.with_dp)],
+  });
+  return [
+    h('h3', {}, 'ε per hospital'), epsilonTable(job, 'privacy-epsilon'),
+    h('h3', {}, 'What the coordinator saw'),
+    h('p', { class: 'meta' }, report.encrypted
+      ? 'Activations and the gradients it returns are encrypted; the summed gradient of its own layer arrives in plaintext.'
+      : 'Encryption is off: the coordinator sees activations and gradients in plaintext.'),
+    seen,
+    h('h3', {}, 'What an attacker recovers from it'),
+    h('p', { class: 'meta' }, 'Measured on MIT-BIH with exactly what the coordinator receives, centered cosine against the true activations; an honest-but-curious coordinator and one that chooses its weights to isolate one beat.'),
+    attack,
+    h('h3', {}, 'What DP costs'), accuracy,
+  ];
 }
 
 function consentList(job) {
@@ -1480,6 +1585,7 @@ function jobPage(page, id) {
   const plots = h('div', { class: 'plots' });
   const traffic = h('div');
   const exportsBox = h('div');
+  const privacyBox = h('div');
   const eventsBox = h('div');
   const section = (headingId, heading, ...body) => h('section', { class: 'panel', 'aria-labelledby': headingId },
     h('h2', { id: headingId }, heading), ...body);
@@ -1487,6 +1593,7 @@ function jobPage(page, id) {
   let job = null;
   let metrics = null;
   let exports = [];
+  let privacy = null;
   let jobPoll = null;
   let exportPoll = null;
   // The round whose test results are shown; null: the latest measured.
@@ -1537,21 +1644,23 @@ function jobPage(page, id) {
     patchIfChanged(plots, [job.spec.rounds, metrics.rounds], () => plotsView(job, metrics.rounds));
     patchIfChanged(traffic, metrics.visits, () => trafficView(metrics.visits));
     patchIfChanged(exportsBox, [job.status, job.spec.release, exports], () => exportsView(job, exports));
+    patchIfChanged(privacyBox, [job.privacy, privacy], () => privacyView(job, privacy));
     patchIfChanged(eventsBox, [events.length && events[events.length - 1].id, metrics.visits],
       () => eventsView(events, job, metrics.visits));
   }
 
   async function load() {
     const after = events.length ? events[events.length - 1].id : 0;
-    const [j, m, fresh, x] = await Promise.all([
+    const [j, m, fresh, x, p] = await Promise.all([
       GET(`/v1/jobs/${id}`), GET(`/v1/jobs/${id}/metrics`), GET(`/v1/jobs/${id}/events?after=${after}`),
-      GET(`/v1/jobs/${id}/exports`),
+      GET(`/v1/jobs/${id}/exports`), GET(`/v1/jobs/${id}/privacy`),
     ]);
     if (!page.active) return;
     const wasLive = job && LIVE_JOB.has(job.status);
     job = j;
     metrics = m;
     exports = x;
+    privacy = p;
     events.push(...fresh);
     renderJob();
     if (LIVE_JOB.has(job.status)) {
@@ -1580,6 +1689,7 @@ function jobPage(page, id) {
     section('plots-heading', 'Training curves', plots),
     section('traffic-heading', 'Encrypted traffic and time per visit', traffic),
     section('exports-heading', 'The trained model', exportsBox),
+    section('privacy-heading', 'Privacy', privacyBox),
     section('spec-heading', 'Job specification', summary),
     section('events-heading', 'Recent events', eventsBox),
   );

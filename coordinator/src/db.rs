@@ -19,13 +19,15 @@ pub struct Hospital {
     pub id: i64,
     pub name: String,
     pub disabled: bool,
+    /// The most ε the hospital spends on one job, if its admin set a maximum.
+    pub max_epsilon: Option<f64>,
     pub created_at: DateTime<Utc>,
 }
 
 pub async fn create_hospital(e: impl PgExecutor<'_>, name: &str) -> sqlx::Result<Hospital> {
     sqlx::query_as!(
         Hospital,
-        "insert into hospitals (name) values ($1) returning id, name, disabled, created_at",
+        "insert into hospitals (name) values ($1) returning id, name, disabled, max_epsilon, created_at",
         name
     )
     .fetch_one(e)
@@ -35,7 +37,7 @@ pub async fn create_hospital(e: impl PgExecutor<'_>, name: &str) -> sqlx::Result
 pub async fn list_hospitals(e: impl PgExecutor<'_>) -> sqlx::Result<Vec<Hospital>> {
     sqlx::query_as!(
         Hospital,
-        "select id, name, disabled, created_at from hospitals order by name"
+        "select id, name, disabled, max_epsilon, created_at from hospitals order by name"
     )
     .fetch_all(e)
     .await
@@ -44,7 +46,7 @@ pub async fn list_hospitals(e: impl PgExecutor<'_>) -> sqlx::Result<Vec<Hospital
 pub async fn hospital(e: impl PgExecutor<'_>, id: i64) -> sqlx::Result<Option<Hospital>> {
     sqlx::query_as!(
         Hospital,
-        "select id, name, disabled, created_at from hospitals where id = $1",
+        "select id, name, disabled, max_epsilon, created_at from hospitals where id = $1",
         id
     )
     .fetch_optional(e)
@@ -60,6 +62,22 @@ pub async fn set_hospital_disabled(
         "update hospitals set disabled = $2 where id = $1",
         id,
         disabled
+    )
+    .execute(e)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Sets (or clears) a hospital's maximum ε per job; false if there is no such hospital.
+pub async fn set_max_epsilon(
+    e: impl PgExecutor<'_>,
+    id: i64,
+    max_epsilon: Option<f64>,
+) -> sqlx::Result<bool> {
+    let r = sqlx::query!(
+        "update hospitals set max_epsilon = $2 where id = $1",
+        id,
+        max_epsilon
     )
     .execute(e)
     .await?;
@@ -402,6 +420,41 @@ pub async fn agent_active(e: impl PgExecutor<'_>, id: i64) -> sqlx::Result<bool>
     .fetch_optional(e)
     .await?;
     Ok(row.is_some())
+}
+
+/// Records what an agent has of its data.
+pub async fn set_agent_data(
+    e: impl PgExecutor<'_>,
+    id: i64,
+    train_samples: i64,
+    test_samples: i64,
+) -> sqlx::Result<()> {
+    sqlx::query!(
+        "update agents set train_samples = $2, test_samples = $3, data_reported_at = now()
+         where id = $1",
+        id,
+        train_samples,
+        test_samples
+    )
+    .execute(e)
+    .await?;
+    Ok(())
+}
+
+/// The training beats a hospital's agents last reported: the latest report of an active agent.
+pub async fn hospital_train_samples(
+    e: impl PgExecutor<'_>,
+    hospital_id: i64,
+) -> sqlx::Result<Option<i64>> {
+    Ok(sqlx::query_scalar!(
+        "select train_samples from agents
+         where hospital_id = $1 and revoked_at is null and train_samples is not null
+         order by data_reported_at desc limit 1",
+        hospital_id
+    )
+    .fetch_optional(e)
+    .await?
+    .flatten())
 }
 
 pub async fn set_agent_version(e: impl PgExecutor<'_>, id: i64, version: &str) -> sqlx::Result<()> {
@@ -796,6 +849,12 @@ pub struct Visit {
     pub server_seconds: Option<f64>,
     pub wall_seconds: Option<f64>,
     pub last_error: Option<String>,
+    /// The visit's DP-SGD as its agent reported it.
+    pub dp: Option<Json<medsplit_engine::api::DpReport>>,
+    /// The ε the hospital had spent on the job after this visit.
+    pub epsilon_spent: Option<f64>,
+    /// What the coordinator received and sent, per message kind.
+    pub message_kinds: Option<Json<Vec<MessageKind>>>,
     /// Class names of the test confusion matrix.
     #[serde(skip)]
     pub test_classes: Option<Vec<String>>,
@@ -807,15 +866,26 @@ pub struct Visit {
     pub test_evaluation: Option<String>,
 }
 
+/// Messages of one kind and direction in a visit's session.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct MessageKind {
+    /// `up` (agent to coordinator) or `down`.
+    pub direction: String,
+    pub kind: String,
+    pub count: i64,
+    pub bytes: i64,
+}
+
 pub async fn visits(e: impl PgExecutor<'_>, job_id: i64) -> sqlx::Result<Vec<Visit>> {
     sqlx::query_as!(
         Visit,
-        "select id, job_id, seq, round, position, hospital_id, status, attempt, failures, agent_id,
+        r#"select id, job_id, seq, round, position, hospital_id, status, attempt, failures, agent_id,
                 lease_expires_at, started_at, finished_at, progress, train_loss, train_accuracy,
                 train_samples, test_accuracy, test_samples, bytes_up, bytes_down, messages,
                 server_seconds, wall_seconds, last_error, test_classes, test_confusion,
-                test_evaluation
-         from visits where job_id = $1 order by seq",
+                test_evaluation, dp as "dp: Json<medsplit_engine::api::DpReport>", epsilon_spent,
+                message_kinds as "message_kinds: Json<Vec<MessageKind>>"
+         from visits where job_id = $1 order by seq"#,
         job_id
     )
     .fetch_all(e)
@@ -825,15 +895,32 @@ pub async fn visits(e: impl PgExecutor<'_>, job_id: i64) -> sqlx::Result<Vec<Vis
 pub async fn visit(e: impl PgExecutor<'_>, id: i64) -> sqlx::Result<Option<Visit>> {
     sqlx::query_as!(
         Visit,
-        "select id, job_id, seq, round, position, hospital_id, status, attempt, failures, agent_id,
+        r#"select id, job_id, seq, round, position, hospital_id, status, attempt, failures, agent_id,
                 lease_expires_at, started_at, finished_at, progress, train_loss, train_accuracy,
                 train_samples, test_accuracy, test_samples, bytes_up, bytes_down, messages,
                 server_seconds, wall_seconds, last_error, test_classes, test_confusion,
-                test_evaluation
-         from visits where id = $1",
+                test_evaluation, dp as "dp: Json<medsplit_engine::api::DpReport>", epsilon_spent,
+                message_kinds as "message_kinds: Json<Vec<MessageKind>>"
+         from visits where id = $1"#,
         id
     )
     .fetch_optional(e)
+    .await
+}
+
+/// The ε a hospital has spent on a job: the largest its completed visits reported.
+pub async fn epsilon_spent(
+    e: impl PgExecutor<'_>,
+    job_id: i64,
+    hospital_id: i64,
+) -> sqlx::Result<Option<f64>> {
+    sqlx::query_scalar!(
+        "select max(epsilon_spent) from visits
+         where job_id = $1 and hospital_id = $2 and status = 'completed'",
+        job_id,
+        hospital_id
+    )
+    .fetch_one(e)
     .await
 }
 
@@ -1116,6 +1203,8 @@ pub struct VisitOutcome {
     pub bytes_down: i64,
     pub messages: i64,
     pub server_seconds: f64,
+    pub message_kinds: Vec<MessageKind>,
+    pub dp: Option<medsplit_engine::api::DpReport>,
 }
 
 /// Completes this attempt of a running visit; `None` if the attempt was fenced (lease lost, job
@@ -1133,6 +1222,7 @@ pub async fn complete_visit(
                 test_accuracy = $7, test_samples = $8, bytes_up = $9, bytes_down = $10,
                 messages = $11, server_seconds = $12,
                 test_classes = $13, test_confusion = $14, test_evaluation = $15,
+                message_kinds = $16, dp = $17, epsilon_spent = $18,
                 wall_seconds = extract(epoch from now() - started_at)::float8
          where id = $1 and attempt = $2 and agent_id = $3 and status = 'running'
            and lease_expires_at > now()
@@ -1152,6 +1242,9 @@ pub async fn complete_visit(
         m.test.as_ref().map(|t| t.0.as_slice()),
         m.test.as_ref().map(|t| t.1.as_slice()),
         m.test.as_ref().map(|t| t.2),
+        Json(&m.message_kinds) as _,
+        m.dp.as_ref().map(Json) as _,
+        m.dp.as_ref().map(|d| d.epsilon_spent),
     )
     .fetch_optional(&mut *tx)
     .await?;

@@ -4,6 +4,7 @@
 //! checkpoint of the server layer, sealed client weights, next visit queued — in one
 //! transaction fenced by the attempt number.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
@@ -15,6 +16,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use medsplit_engine::api::{AgentFrame, CoordinatorFrame, FieldError, VisitReport, close};
 use medsplit_engine::metrics::{Confusion, EvalKind};
 use medsplit_engine::protocol::{Privacy, ServerSession};
+use medsplit_engine::wire;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -37,6 +39,8 @@ struct Visit {
     classes: Vec<String>,
     /// Whether this visit's round measures the test set.
     evaluates: bool,
+    /// Whether the job trains with DP-SGD (its reports then carry `dp`).
+    dp: bool,
 }
 
 /// `GET /v1/visits/{id}/session?attempt=N`: only the agent holding this attempt of the visit,
@@ -108,6 +112,7 @@ pub async fn upgrade(
             .map(|c| c.to_string())
             .collect(),
         evaluates: u32::try_from(visit.round).is_ok_and(|r| spec.evaluates(r)),
+        dp: spec.dp.is_some(),
     };
     let limit = s.settings.max_message_bytes;
     Ok(ws
@@ -134,6 +139,31 @@ struct Counters {
     bytes_down: i64,
     messages: i64,
     server_time: Duration,
+    /// Messages and bytes per (direction, kind): what the privacy report shows the coordinator saw.
+    kinds: BTreeMap<(&'static str, &'static str), (i64, i64)>,
+}
+
+impl Counters {
+    fn count(&mut self, direction: &'static str, kind: Option<&'static str>, bytes: usize) {
+        let entry = self
+            .kinds
+            .entry((direction, kind.unwrap_or("unreadable")))
+            .or_default();
+        entry.0 += 1;
+        entry.1 += bytes as i64;
+    }
+
+    fn message_kinds(&self) -> Vec<db::MessageKind> {
+        self.kinds
+            .iter()
+            .map(|(&(direction, kind), &(count, bytes))| db::MessageKind {
+                direction: direction.into(),
+                kind: kind.into(),
+                count,
+                bytes,
+            })
+            .collect()
+    }
 }
 
 async fn run(s: AppState, mut socket: WebSocket, visit: Visit, server: ServerSession) {
@@ -206,6 +236,7 @@ async fn serve(
         match message {
             Message::Binary(bytes) => {
                 counters.bytes_up += bytes.len() as i64;
+                counters.count("up", wire::client_kind(&bytes), bytes.len());
                 let started = Instant::now();
                 let srv = server.as_mut().expect("server layer present");
                 let reply = compute(|| srv.handle(&bytes));
@@ -213,6 +244,7 @@ async fn serve(
                 match reply {
                     Ok(reply) => {
                         counters.bytes_down += reply.len() as i64;
+                        counters.count("down", wire::server_kind(&reply), reply.len());
                         counters.messages += 2;
                         if socket.send(Message::Binary(reply.into())).await.is_err() {
                             return End::AgentLeft;
@@ -313,6 +345,7 @@ fn check_report(r: &VisitReport, visit: &Visit, agents: &[db::JobAgent]) -> Resu
         return Err(FieldError::new("train_loss", "must be finite and non-negative").into());
     }
     let test = check_test(r, visit)?;
+    check_dp(r, visit)?;
     let mut out = Vec::new();
     for (i, copy) in r.sealed.iter().enumerate() {
         let Some(agent) = agents.iter().find(|a| a.id == copy.recipient_agent_id) else {
@@ -344,6 +377,31 @@ fn check_report(r: &VisitReport, visit: &Visit, agents: &[db::JobAgent]) -> Resu
         .into());
     }
     Ok(Checked { sealed: out, test })
+}
+
+/// The DP report: present exactly when the job trains with DP-SGD, with figures in range.
+fn check_dp(r: &VisitReport, visit: &Visit) -> Result<()> {
+    let Some(dp) = &r.dp else {
+        if visit.dp {
+            return Err(
+                FieldError::new("dp", "the job trains with DP-SGD: the report is missing").into(),
+            );
+        }
+        return Ok(());
+    };
+    if !visit.dp {
+        return Err(FieldError::new("dp", "the job does not train with DP-SGD").into());
+    }
+    if !(dp.sampling_rate > 0.0 && dp.sampling_rate <= 1.0) {
+        return Err(FieldError::new("dp.sampling_rate", "must be in (0, 1]").into());
+    }
+    if !(dp.noise_multiplier.is_finite() && dp.noise_multiplier > 0.0) {
+        return Err(FieldError::new("dp.noise_multiplier", "must be a positive number").into());
+    }
+    if !(dp.epsilon_spent.is_finite() && dp.epsilon_spent >= 0.0) {
+        return Err(FieldError::new("dp.epsilon_spent", "must be a non-negative number").into());
+    }
+    Ok(())
 }
 
 /// The test measurement: present exactly when the round measures the test set, one row and
@@ -444,6 +502,8 @@ async fn complete(
         bytes_down: c.bytes_down,
         messages: c.messages,
         server_seconds: c.server_time.as_secs_f64(),
+        message_kinds: c.message_kinds(),
+        dp: report.dp.clone(),
     };
     let mut tx = s.db.begin().await?;
     let Some((job_id, seq)) =
@@ -466,6 +526,7 @@ async fn complete(
             "test_majority_rate": test.as_ref().map(|(_, c)| c.majority_rate()),
             "test_evaluation": test.as_ref().map(|(kind, _)| kind.as_str()),
             "bytes_up": c.bytes_up, "bytes_down": c.bytes_down,
+            "epsilon_spent": report.dp.as_ref().map(|d| d.epsilon_spent),
         }),
     )
     .await?;

@@ -580,7 +580,8 @@ pub struct VisitAssignment {
     pub recipients: Vec<Recipient>,
     /// Seconds the lease lasts without a heartbeat.
     pub lease_seconds: u32,
-    /// The most ε this hospital spends on one job, if its admin set a maximum (with `spec.dp`).
+    /// The most ε this hospital spends on one job, if its admin set a maximum (a job without
+    /// `spec.dp` is then refused: its ε is unbounded).
     #[serde(default)]
     pub max_epsilon: Option<f64>,
     /// The ε this hospital has spent on this job in its earlier visits (with `spec.dp`).

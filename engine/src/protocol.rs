@@ -175,7 +175,7 @@ fn loss_and_gradient(
 ///
 /// # Shapes
 /// `activations`: `[B, cut]`, `g`: `[B, outputs]` → weight `[cut, outputs]`, bias `[outputs]`.
-fn layer_gradient(activations: &[f32], g: &[f32], cut: usize, outputs: usize) -> LayerGradient {
+pub fn layer_gradient(activations: &[f32], g: &[f32], cut: usize, outputs: usize) -> LayerGradient {
     let mut weight = vec![0f64; cut * outputs];
     let mut bias = vec![0f64; outputs];
     for (a, gb) in activations.chunks_exact(cut).zip(g.chunks_exact(outputs)) {

@@ -95,6 +95,28 @@ pub enum Outputs {
     Encrypted(Vec<DownloadCiphertext>),
 }
 
+/// The kind of an encoded client message (its tag), for counting what the server receives;
+/// `None` for bytes that are not one of this version's.
+pub fn client_kind(bytes: &[u8]) -> Option<&'static str> {
+    match bytes {
+        [VERSION, 1, ..] => Some("Forward"),
+        [VERSION, 2, ..] => Some("Backward"),
+        [VERSION, 3, ..] => Some("FrozenForward"),
+        [VERSION, 4, ..] => Some("Update"),
+        _ => None,
+    }
+}
+
+/// The kind of an encoded server message (its tag).
+pub fn server_kind(bytes: &[u8]) -> Option<&'static str> {
+    match bytes {
+        [VERSION, 1, ..] => Some("Logits"),
+        [VERSION, 2, ..] => Some("InputGradients"),
+        [VERSION, 3, ..] => Some("Updated"),
+        _ => None,
+    }
+}
+
 impl ClientMessage {
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::new();
@@ -523,6 +545,33 @@ mod tests {
         } else {
             ServerMessage::decode(bytes).map(|_| ())
         }
+    }
+
+    #[test]
+    fn every_message_has_its_kind() {
+        let kinds: Vec<_> = samples()
+            .iter()
+            .map(|(b, client)| match client {
+                true => client_kind(b),
+                false => server_kind(b),
+            })
+            .collect();
+        let expected = [
+            "Forward",
+            "Forward",
+            "Backward",
+            "Backward",
+            "FrozenForward",
+            "FrozenForward",
+            "Update",
+            "Logits",
+            "InputGradients",
+            "Updated",
+        ];
+        assert_eq!(kinds, expected.map(Some));
+        assert_eq!(client_kind(&[VERSION, 9]), None);
+        assert_eq!(client_kind(&[VERSION + 1, 1]), None);
+        assert_eq!(server_kind(&[]), None);
     }
 
     #[test]

@@ -194,11 +194,20 @@ impl Coordinator {
         path: &str,
         body: &T,
     ) -> Result<reqwest::Response, AgentError> {
+        self.send(reqwest::Method::POST, path, body).await
+    }
+
+    async fn send<T: Serialize>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: &T,
+    ) -> Result<reqwest::Response, AgentError> {
         let token = self.token().await?;
         let resp = self
             .endpoint
             .http
-            .post(self.endpoint.url(path))
+            .request(method, self.endpoint.url(path))
             .bearer_auth(token)
             .json(body)
             .send()
@@ -244,6 +253,15 @@ impl Coordinator {
             .await?
             .json()
             .await?)
+    }
+
+    /// Tells the coordinator how many beats the hospital has for training and testing (under the
+    /// default cut), from which it projects each job's ε before consent.
+    pub async fn report_data(&self, train: usize, test: usize) -> Result<(), AgentError> {
+        let body = serde_json::json!({ "train_samples": train, "test_samples": test });
+        self.send(reqwest::Method::PUT, "/v1/agent/data", &body)
+            .await
+            .map(|_| ())
     }
 
     /// Claims a visit, waiting up to `wait` for one to be queued.

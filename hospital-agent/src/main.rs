@@ -164,7 +164,15 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Run { config } => {
             let (config, state, coordinator) = connect(&config)?;
-            report(&config.survey()?);
+            let survey = config.survey()?;
+            report(&survey);
+            // The coordinator projects each job's ε from these counts; a failure is not fatal.
+            if let Err(e) = coordinator
+                .report_data(survey.split.train_beats, survey.split.test_beats)
+                .await
+            {
+                tracing::warn!(error = %e, "the data's size was not reported to the coordinator");
+            }
             tracing::info!(
                 agent = state.identity.agent_id,
                 coordinator = %state.identity.coordinator,

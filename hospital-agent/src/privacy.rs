@@ -99,15 +99,25 @@ pub struct PrivateVisit {
 impl PrivateVisit {
     /// The DP-SGD of visit `a` over `train_samples` training beats, or `None` for a job
     /// without DP. Refuses ([`AgentError::OverBudget`]) a visit that would take the hospital
-    /// past its budget, before any step; otherwise records the visit's steps in the ledger
+    /// past its budget, before any step, and a job without DP when there is a budget; otherwise records the visit's steps in the ledger
     /// (before training: a visit that fails half-way has spent them).
     pub fn start(
         a: &VisitAssignment,
         train_samples: usize,
         budget: &Budget,
     ) -> Result<Option<Self>, AgentError> {
+        let limits = [a.max_epsilon, budget.max_epsilon];
+        let limit = limits.into_iter().flatten().reduce(f64::min);
         let Some(spec) = &a.spec.dp else {
-            return Ok(None);
+            // Without DP nothing bounds ε: a hospital with a maximum does not train such a job.
+            return match limit {
+                Some(limit) => Err(AgentError::OverBudget(format!(
+                    "job {} has no differential privacy, so its ε is unbounded; this hospital \
+                     spends at most ε = {limit} on a job",
+                    a.job_id
+                ))),
+                None => Ok(None),
+            };
         };
         let plan = dp::plan(&a.spec, train_samples as u64)
             .map_err(|e| AgentError::Unsupported(format!("differential privacy: {e}")))?;
@@ -115,8 +125,7 @@ impl PrivateVisit {
         let steps_before = budget.steps(a.job_id)?.max(by_plan);
         let after = dp::spent(&plan, steps_before + plan.steps_per_visit)
             .max(a.epsilon_spent.unwrap_or(0.0));
-        let limits = [a.max_epsilon, budget.max_epsilon];
-        if let Some(limit) = limits.into_iter().flatten().reduce(f64::min)
+        if let Some(limit) = limit
             && after > limit
         {
             return Err(AgentError::OverBudget(format!(
@@ -148,6 +157,106 @@ impl PrivateVisit {
             noise_multiplier: self.plan.noise_multiplier,
             padded_batch: self.plan.padded_batch,
             epsilon_spent: dp::spent(&self.plan, self.steps_before + self.plan.steps_per_visit),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assignment(dp: serde_json::Value, round: u32, max_epsilon: Option<f64>) -> VisitAssignment {
+        serde_json::from_value(serde_json::json!({
+            "visit_id": 1, "attempt": 1, "job_id": 7, "round": round, "position": 0,
+            "spec": {
+                "name": "j", "hospitals": ["a"], "rounds": 2, "batch_size": 8,
+                "class_weights": "uniform", "dp": dp,
+            },
+            "handoff": null, "recipients": [], "lease_seconds": 30,
+            "max_epsilon": max_epsilon, "epsilon_spent": null,
+        }))
+        .unwrap()
+    }
+
+    fn ledger() -> Budget {
+        let dir = std::env::temp_dir().join(format!(
+            "medsplit-ledger-{}-{}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        fs::create_dir_all(&dir).unwrap();
+        Budget::in_state_dir(&dir, None)
+    }
+
+    #[test]
+    fn a_job_without_dp_is_refused_under_any_maximum() {
+        let plain = assignment(serde_json::Value::Null, 0, None);
+        assert!(
+            PrivateVisit::start(&plain, 100, &Budget::default())
+                .unwrap()
+                .is_none()
+        );
+        let capped = assignment(serde_json::Value::Null, 0, Some(8.0));
+        let e = PrivateVisit::start(&capped, 100, &Budget::default())
+            .err()
+            .unwrap();
+        assert!(
+            matches!(&e, AgentError::OverBudget(m) if m.contains("unbounded")),
+            "{e}"
+        );
+        let own = Budget {
+            max_epsilon: Some(8.0),
+            ledger: None,
+        };
+        assert!(PrivateVisit::start(&plain, 100, &own).is_err());
+    }
+
+    #[test]
+    fn the_ledger_counts_every_visit_and_the_smaller_maximum_refuses_before_training() {
+        let dp = serde_json::json!({ "noise_multiplier": 1.0 });
+        let budget = ledger();
+        let n = 400;
+        let plan = dp::plan(&assignment(dp.clone(), 0, None).spec, n).unwrap();
+        let first = PrivateVisit::start(&assignment(dp.clone(), 0, None), n as usize, &budget)
+            .unwrap()
+            .unwrap();
+        assert_eq!(first.steps_before, 0);
+        assert_eq!(budget.steps(7).unwrap(), plan.steps_per_visit);
+        let one_visit = first.report().epsilon_spent;
+        assert!((one_visit - dp::spent(&plan, plan.steps_per_visit)).abs() < 1e-12);
+        // The same visit again (it failed half-way): its steps count twice, and a maximum
+        // between one and two visits' ε refuses it without recording anything.
+        let two_visits = dp::spent(&plan, 2 * plan.steps_per_visit);
+        let limit = (one_visit + two_visits) / 2.0;
+        let e = PrivateVisit::start(&assignment(dp.clone(), 0, Some(limit)), n as usize, &budget)
+            .err()
+            .unwrap();
+        assert!(matches!(e, AgentError::OverBudget(_)), "{e}");
+        assert_eq!(budget.steps(7).unwrap(), plan.steps_per_visit);
+        let own = Budget {
+            max_epsilon: Some(limit),
+            ..budget.clone()
+        };
+        assert!(
+            PrivateVisit::start(&assignment(dp.clone(), 0, Some(100.0)), n as usize, &own).is_err()
+        );
+        let again = PrivateVisit::start(
+            &assignment(dp, 0, Some(two_visits + 1e-6)),
+            n as usize,
+            &budget,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(again.steps_before, plan.steps_per_visit);
+        assert!((again.report().epsilon_spent - two_visits).abs() < 1e-12);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(budget.ledger.as_ref().unwrap())
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
         }
     }
 }

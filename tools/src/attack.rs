@@ -44,7 +44,9 @@ use medsplit_engine::data::Dataset;
 use medsplit_engine::dp;
 use medsplit_engine::dpsgd::{DpSgd, PoissonBatches};
 use medsplit_engine::model::{ModelConfig, Objective, ServerOptimizer};
-use medsplit_engine::protocol::{ClientEvent, ClientSession, Privacy, ServerSession};
+use medsplit_engine::protocol::{
+    ClientEvent, ClientSession, Privacy, ServerSession, layer_gradient,
+};
 use medsplit_engine::training::{SampleStream, gather};
 use medsplit_engine::wire::{Activations, ClientMessage, Gradients, LayerGradient};
 use serde::Serialize;
@@ -382,7 +384,7 @@ fn step(
         (Some(batch), ClientMessage::Backward(Gradients::Plain(g))) => {
             let a = plain_activations.context("plaintext activations")?;
             let outputs = g.len() / batch;
-            Some(summed_gradient(&a, &g, a.len() / batch, outputs))
+            Some(layer_gradient(&a, &g, a.len() / batch, outputs))
         }
         _ => bail!("unexpected backward message"),
     };
@@ -392,33 +394,6 @@ fn step(
     match client.on_message(&reply)? {
         ClientEvent::Trained(_) => Ok(view),
         _ => bail!("the training step did not finish"),
-    }
-}
-
-/// `Σ_b a_bᵀ g_b` and `Σ_b g_b` summed in f64, as the client computes them for the backward
-/// message of `split-he`.
-///
-/// # Shapes
-/// `activations`: `[B, cut]`, `g`: `[B, outputs]` → weight `[cut, outputs]`, bias `[outputs]`.
-pub fn summed_gradient(
-    activations: &[f32],
-    g: &[f32],
-    cut: usize,
-    outputs: usize,
-) -> LayerGradient {
-    let mut weight = vec![0f64; cut * outputs];
-    let mut bias = vec![0f64; outputs];
-    for (a, gb) in activations.chunks_exact(cut).zip(g.chunks_exact(outputs)) {
-        for (i, &ai) in a.iter().enumerate() {
-            for (j, &gj) in gb.iter().enumerate() {
-                weight[i * outputs + j] += ai as f64 * gj as f64;
-            }
-        }
-        bias.iter_mut().zip(gb).for_each(|(b, &gj)| *b += gj as f64);
-    }
-    LayerGradient {
-        weight: weight.into_iter().map(|v| v as f32).collect(),
-        bias: bias.into_iter().map(|v| v as f32).collect(),
     }
 }
 

@@ -467,6 +467,16 @@ async function walkthrough(browser) {
       && (await sensitivityPoints.count()) === 5 * ROUNDS,
   );
   await testResults(researcher, jobUrl);
+  step('the privacy card shows what the coordinator saw and what an attacker recovers from it');
+  const seenTable = researcher.locator('#privacy-seen');
+  await seenTable.waitFor();
+  const seenText = await seenTable.textContent();
+  check(seenText.includes('Backward') && seenText.includes('InputGradients') && seenText.includes('in plaintext'),
+    `what the coordinator saw: ${seenText}`);
+  const attackCaption = await researcher.locator('#privacy-attack caption').textContent();
+  check(attackCaption.includes('without DP'), `the attack figures of the job's setting: ${attackCaption}`);
+  check((await researcher.locator('#privacy-epsilon').textContent()).includes('No differential privacy'),
+    'a job without DP says that nothing bounds ε');
   seen.add(await points.count());
   const counts = [...seen].sort((a, b) => a - b);
   step(`accuracy points seen while running: ${counts.join(', ')}`);
@@ -535,6 +545,29 @@ async function walkthrough(browser) {
   await researcher.getByRole('button', { name: 'Cancel job' }).click();
   await until('the job to show as cancelled', async () =>
     /cancelled/i.test(await researcher.locator('.job-status').first().textContent()));
+
+  // --- Hospital admin caps the hospital's ε: checked next to the field, stored, then removed.
+  step('hospital admin sets and removes the hospital\'s maximum ε');
+  await ward.getByRole('link', { name: 'Agents' }).click();
+  await ward.waitForURL('**/hospital');
+  const maxField = ward.getByLabel('Maximum ε per job');
+  await ward.locator('#max-epsilon-current').filter({ hasText: 'No maximum' }).waitFor();
+  await maxField.fill('-1');
+  await ward.getByRole('button', { name: 'Save maximum' }).click();
+  await ward.locator('#max-epsilon[aria-invalid="true"]').waitFor();
+  await maxField.fill('6');
+  await ward.getByRole('button', { name: 'Save maximum' }).click();
+  check((await announced(ward)).includes('Maximum ε set to 6'), 'the maximum is announced');
+  await ward.locator('#max-epsilon-current').filter({ hasText: 'At most ε = 6' }).waitFor();
+  const stored = await ward.evaluate(async () => (await fetch('/v1/hospitals')).json());
+  check(stored.find((x) => x.name === HOSPITAL)?.max_epsilon === 6, `the maximum is stored: ${JSON.stringify(stored)}`);
+  await shot(ward, 'hospital-privacy-budget');
+  await maxField.fill('');
+  await ward.getByRole('button', { name: 'Save maximum' }).click();
+  await ward.locator('#max-epsilon-current').filter({ hasText: 'No maximum' }).waitFor();
+  // Away and back: the revocation's announcement below is the only one on the page.
+  await ward.getByRole('link', { name: 'Job consent' }).click();
+  await ward.waitForURL('**/hospital/jobs');
 
   // --- Hospital admin revokes the agent; the page shows it, and the agent stops at once.
   step('hospital admin revokes the agent');

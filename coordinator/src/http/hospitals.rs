@@ -4,6 +4,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use medsplit_engine::api::FieldError;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -16,6 +17,10 @@ pub(super) fn router() -> Router<AppState> {
     Router::new()
         .route("/v1/hospitals", get(list_hospitals).post(create_hospital))
         .route("/v1/hospitals/{id}/disable", post(disable_hospital))
+        .route(
+            "/v1/hospitals/{id}/max-epsilon",
+            axum::routing::put(set_max_epsilon),
+        )
 }
 
 #[derive(Deserialize)]
@@ -45,6 +50,57 @@ async fn create_hospital(
     .await?;
     tx.commit().await?;
     Ok((StatusCode::CREATED, Json(h)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MaxEpsilon {
+    /// The most ε the hospital spends on one job; `null` removes the maximum.
+    max_epsilon: Option<f64>,
+}
+
+/// The hospital's admins (and platform admins) set the most ε it spends on one job. Jobs already
+/// approved keep running; their agents refuse any visit that would go past the new maximum.
+async fn set_max_epsilon(
+    State(s): State<AppState>,
+    p: Principal,
+    Path(id): Path<i64>,
+    Body(body): Body<MaxEpsilon>,
+) -> Result<Json<db::Hospital>> {
+    match p.role {
+        Role::PlatformAdmin => {}
+        Role::HospitalAdmin if p.hospital == Some(id) => {}
+        Role::HospitalAdmin => {
+            return Err(Error::Forbidden(
+                "only this hospital's admins set its maximum ε",
+            ));
+        }
+        _ => return Err(Error::Forbidden("admins only")),
+    }
+    if let Some(eps) = body.max_epsilon
+        && !(eps > 0.0 && eps <= 1000.0)
+    {
+        return Err(
+            FieldError::new("max_epsilon", "must be in (0, 1000], or null for none").into(),
+        );
+    }
+    let mut tx = s.db.begin().await?;
+    if !db::set_max_epsilon(&mut *tx, id, body.max_epsilon).await? {
+        return Err(Error::NotFound("hospital"));
+    }
+    audit(
+        &mut *tx,
+        &p,
+        "hospital.max_epsilon",
+        format!("hospital:{id}"),
+        json!({ "max_epsilon": body.max_epsilon }),
+    )
+    .await?;
+    tx.commit().await?;
+    let h = db::hospital(&s.db, id)
+        .await?
+        .ok_or(Error::NotFound("hospital"))?;
+    Ok(Json(h))
 }
 
 async fn list_hospitals(

@@ -38,6 +38,8 @@ pub struct JobView {
     /// The job whose model this one starts from (`spec.init_from`).
     source: Option<SourceJob>,
     hospitals: Vec<db::JobHospital>,
+    /// Each hospital's ε on this job: projected (before consent) and spent, and its maximum.
+    privacy: Vec<super::privacy::HospitalPrivacy>,
     visits_done: usize,
     visits_total: usize,
     current: Option<Current>,
@@ -126,9 +128,11 @@ async fn job_view(e: &db::Db, job: db::JobRow) -> Result<JobView> {
         }),
         None => None,
     };
+    let privacy = super::privacy::hospitals(e, job.id, &job.spec, &hospitals).await?;
     Ok(JobView {
         id: job.id,
         source,
+        privacy,
         name: job.name,
         status: job.status,
         owner_id: job.owner_id,
@@ -343,7 +347,10 @@ async fn consent(
 ) -> Result<Json<JobView>> {
     p.require(Role::HospitalAdmin)?;
     let hospital = p.hospital()?;
-    visible_job(&s, &p, id).await?;
+    let job = visible_job(&s, &p, id).await?;
+    if matches!(body.decision, Decision::Approve) {
+        super::privacy::check_consent(&s.db, &job.spec, hospital).await?;
+    }
     let decision = match body.decision {
         Decision::Approve => "approved",
         Decision::Decline => "declined",

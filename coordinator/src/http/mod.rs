@@ -20,6 +20,7 @@ mod extract;
 mod hospitals;
 mod jobs;
 pub(crate) mod models;
+mod privacy;
 pub(crate) mod text;
 mod users;
 mod visits;
@@ -46,6 +47,7 @@ pub fn routes(state: AppState) -> Router {
         .merge(visits::router())
         .merge(jobs::router())
         .merge(models::router())
+        .merge(privacy::router())
         .route("/v1/jobs/{id}/inference", get(crate::inference::upgrade))
         .fallback(crate::web::serve)
         .layer(tower_http::limit::RequestBodyLimitLayer::new(1 << 20))

@@ -22,6 +22,7 @@ pub(super) fn router() -> Router<AppState> {
     Router::new()
         .route("/v1/agent/claim", post(claim))
         .route("/v1/agent/heartbeat", post(heartbeat))
+        .route("/v1/agent/data", axum::routing::put(data))
         .route("/v1/visits/{id}/release", post(release))
         .route("/v1/visits/{id}/session", get(session::upgrade))
 }
@@ -66,6 +67,20 @@ async fn try_claim(s: &AppState, agent: i64, hospital: i64) -> Result<Option<Vis
     };
     let handoff = db::handoff(&mut *tx, c.job_id, c.seq, agent).await?;
     let recipients = db::job_agents(&mut *tx, c.job_id).await?;
+    // The hospital's ε limit and what it has spent travel with the visit: its agent refuses
+    // a visit that would go past the limit.
+    // (A maximum with a job without DP: the agent refuses it, its ε being unbounded.)
+    let max_epsilon = db::hospital(&mut *tx, hospital)
+        .await?
+        .and_then(|h| h.max_epsilon);
+    let epsilon_spent = match c.spec.dp {
+        Some(_) => Some(
+            db::epsilon_spent(&mut *tx, c.job_id, hospital)
+                .await?
+                .unwrap_or(0.0),
+        ),
+        None => None,
+    };
     db::job_event(
         &mut *tx,
         c.job_id,
@@ -97,9 +112,36 @@ async fn try_claim(s: &AppState, agent: i64, hospital: i64) -> Result<Option<Vis
             })
             .collect(),
         lease_seconds: s.settings.lease.as_secs() as u32,
-        max_epsilon: None,
-        epsilon_spent: None,
+        max_epsilon,
+        epsilon_spent,
     }))
+}
+
+/// What an agent has of its data, under the default cut: the coordinator projects each job's ε
+/// from it before consent.
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataReport {
+    pub train_samples: u64,
+    pub test_samples: u64,
+}
+
+async fn data(
+    State(s): State<AppState>,
+    p: Principal,
+    Body(body): Body<DataReport>,
+) -> Result<StatusCode> {
+    p.require(Role::Agent)?;
+    let count = |field: &str, v: u64| {
+        i64::try_from(v)
+            .ok()
+            .filter(|&v| v <= 1 << 40)
+            .ok_or_else(|| medsplit_engine::api::FieldError::new(field, "at most 2^40"))
+    };
+    let train = count("train_samples", body.train_samples)?;
+    let test = count("test_samples", body.test_samples)?;
+    db::set_agent_data(&s.db, p.id, train, test).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(Deserialize, Serialize)]

@@ -67,6 +67,15 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// A job's privacy report: the ε each hospital is projected to spend and has spent, what
+    /// the coordinator saw (message kinds, counts, bytes), what the attack harness recovers
+    /// from that at the job's batch size and DP setting, and DP's accuracy cost.
+    Privacy {
+        job: i64,
+        /// Print the REST response (JSON) instead.
+        #[arg(long)]
+        json: bool,
+    },
     /// Cancel a job.
     Cancel { job: i64 },
     /// Run the platform on this machine: Postgres, a coordinator and agents as real processes
@@ -182,6 +191,16 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
                 for round in m["rounds"].as_array().into_iter().flatten() {
                     print!("{}", report::round(&m, round, Detail::PerHospital));
                 }
+            }
+        }
+        Cmd::Privacy { job, json } => {
+            let r = rest()?
+                .call("GET", &format!("/v1/jobs/{job}/privacy"), None)
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", report::privacy(&r));
             }
         }
         Cmd::Cancel { job } => {
