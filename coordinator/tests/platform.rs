@@ -1080,9 +1080,9 @@ async fn an_agent_whose_data_cannot_give_the_label_set_refuses_with_the_reason(p
 async fn a_killed_agent_s_visit_is_retried(pool: Pool) {
     let p = Platform::new(&pool, 1, &[]).await;
     let mut a = p.enrol(0).await;
-    a.data = std::sync::Arc::new(synthetic_data(2000, 0));
+    a.data = std::sync::Arc::new(synthetic_data(4000, 0));
     let mut s = spec(&["h0"], 1);
-    s["batch_size"] = json!(1);
+    s["batch_size"] = json!(2);
     let id = p.approved_job(s).await;
     let running = a.spawn();
     // Wait until training is under way, then kill the agent without a goodbye.
@@ -1541,9 +1541,9 @@ fn the_signing_key_file_must_be_private_and_long() {
 async fn an_agent_shutting_down_gives_its_visit_back_at_once(pool: Pool) {
     let p = Platform::new(&pool, 1, &["--lease-seconds", "600"]).await;
     let mut a = p.enrol(0).await;
-    a.data = std::sync::Arc::new(synthetic_data(2000, 0));
+    a.data = std::sync::Arc::new(synthetic_data(4000, 0));
     let mut s = spec(&["h0"], 1);
-    s["batch_size"] = json!(1);
+    s["batch_size"] = json!(2);
     let id = p.approved_job(s).await;
     let (running, logs) = a.spawn_logged();
     wait_until_training(&pool, id).await;

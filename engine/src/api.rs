@@ -587,6 +587,10 @@ pub struct VisitAssignment {
     /// The ε this hospital has spent on this job in its earlier visits (with `spec.dp`).
     #[serde(default)]
     pub epsilon_spent: Option<f64>,
+    /// The e-mail address of the researcher who owns the job (a hospital's policy may name
+    /// the researchers it trains for).
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 /// Client weights sealed by one agent to another.

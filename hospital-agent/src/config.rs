@@ -67,6 +67,9 @@ pub struct Config {
     /// The most ε (at each job's δ) this agent spends on one job with differential privacy,
     /// whatever the coordinator says; visits past it are refused before any step.
     pub max_epsilon: Option<f64>,
+    /// What this hospital trains (`[policy]`); the safe defaults when absent.
+    #[serde(default)]
+    pub policy: crate::policy::Policy,
 }
 
 /// One source of beats.
@@ -474,6 +477,7 @@ impl Config {
         for source in &self.sources {
             source.check()?;
         }
+        self.policy.validate().map_err(AgentError::Config)?;
         if let Some(eps) = self.max_epsilon
             && !(eps.is_finite() && eps > 0.0)
         {

@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use crate::AgentError;
 use crate::client::{Coordinator, HEARTBEAT_INTERVAL};
 use crate::config::{Config, LocalData};
+use crate::policy::Policy;
 use crate::privacy::Budget;
 use crate::state::AgentState;
 use crate::visit::{self, Observer, VisitSummary};
@@ -35,6 +36,8 @@ pub struct Datasets {
     kept: Mutex<Vec<(Preprocessing, LabelSet, Cut)>>,
     /// The privacy budget of the agent whose data this is.
     budget: Budget,
+    /// What the hospital trains: checked before its data is read for a visit.
+    policy: Policy,
 }
 
 impl Datasets {
@@ -44,10 +47,18 @@ impl Datasets {
     /// The data of `config`'s sources and split ([`Config::load_data`]).
     pub fn new(config: Config) -> Self {
         let budget = Budget::in_state_dir(&config.state_dir, config.max_epsilon);
+        let policy = config.policy.clone();
         let mut datasets =
             Self::with_loader(move |p, labels| config.load_data(p, labels).map(Arc::new));
         datasets.budget = budget;
+        datasets.policy = policy;
         datasets
+    }
+
+    /// The same data under `policy` (the configuration's, in the daemon; tests choose theirs).
+    pub fn with_policy(mut self, policy: Policy) -> Self {
+        self.policy = policy;
+        self
     }
 
     /// Data from `load` (tests give one data set whatever the job).
@@ -61,6 +72,7 @@ impl Datasets {
             load: Box::new(load),
             kept: Mutex::new(Vec::new()),
             budget: Budget::default(),
+            policy: Policy::default(),
         }
     }
 
@@ -179,20 +191,27 @@ pub async fn run(
             round = assignment.round + 1,
             "visit claimed"
         );
-        // The job's data: cut now unless an earlier visit did (the heartbeat keeps the lease).
-        let loading = {
-            let datasets = datasets.clone();
-            let (p, labels) = (
-                assignment.spec.preprocessing.clone(),
-                assignment.spec.labels,
-            );
-            tokio::task::spawn_blocking(move || datasets.get(&p, labels))
-        };
-        let data = tokio::select! {
-            r = loading => r.unwrap_or_else(|e| Err(AgentError::Config(format!("loading the data: {e}")))),
-            _ = shutdown.changed() => Err(AgentError::Shutdown),
-            _ = fenced_rx.changed() => Err(AgentError::Fenced),
-            _ = turns_true(&mut revoked_rx) => Err(AgentError::Revoked),
+        // The hospital's policy first: a job it does not allow is refused before any data is
+        // read. Then the job's data: cut now unless an earlier visit did (the heartbeat keeps
+        // the lease).
+        let data = match datasets.policy.check(&assignment) {
+            Err(reason) => Err(AgentError::Policy(reason)),
+            Ok(()) => {
+                let loading = {
+                    let datasets = datasets.clone();
+                    let (p, labels) = (
+                        assignment.spec.preprocessing.clone(),
+                        assignment.spec.labels,
+                    );
+                    tokio::task::spawn_blocking(move || datasets.get(&p, labels))
+                };
+                tokio::select! {
+                    r = loading => r.unwrap_or_else(|e| Err(AgentError::Config(format!("loading the data: {e}")))),
+                    _ = shutdown.changed() => Err(AgentError::Shutdown),
+                    _ = fenced_rx.changed() => Err(AgentError::Fenced),
+                    _ = turns_true(&mut revoked_rx) => Err(AgentError::Revoked),
+                }
+            }
         };
         // A source that cannot be read for one job must not stop the agent serving others.
         let loaded = data.is_ok();
@@ -220,7 +239,10 @@ pub async fn run(
         // A fenced or revoked attempt has lost the visit already: nothing to give back.
         let lost = matches!(e, AgentError::Fenced | AgentError::Revoked)
             || matches!(e, AgentError::Closed { code, .. } if code == close::FENCED || code == close::REVOKED);
-        let refused = matches!(e, AgentError::Unsupported(_) | AgentError::OverBudget(_));
+        let refused = matches!(
+            e,
+            AgentError::Unsupported(_) | AgentError::OverBudget(_) | AgentError::Policy(_)
+        );
         if stopping {
             tracing::info!(
                 visit = assignment.visit_id,

@@ -7,6 +7,7 @@ pub mod config;
 pub mod daemon;
 pub mod inference;
 pub mod model_dir;
+pub mod policy;
 pub mod predict;
 pub mod privacy;
 pub mod release;
@@ -39,6 +40,10 @@ pub enum AgentError {
     /// The visit would take the hospital past its privacy budget: refused before any step.
     #[error("refused by the hospital's privacy budget: {0}")]
     OverBudget(String),
+    /// The hospital's policy (agent.toml `[policy]`) does not allow the job: refused before any
+    /// data is read.
+    #[error("refused by the hospital's policy: {0}")]
+    Policy(String),
     #[error("coordinator unreachable: {0}")]
     Http(#[from] reqwest::Error),
     #[error("enrolment refused: {0}")]

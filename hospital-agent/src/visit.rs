@@ -487,6 +487,7 @@ mod tests {
             lease_seconds: 30,
             max_epsilon: None,
             epsilon_spent: None,
+            owner: None,
         }
     }
 

@@ -2,7 +2,7 @@
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use medsplit_engine::api::FieldError;
 use serde::Deserialize;
@@ -17,10 +17,7 @@ pub(super) fn router() -> Router<AppState> {
     Router::new()
         .route("/v1/hospitals", get(list_hospitals).post(create_hospital))
         .route("/v1/hospitals/{id}/disable", post(disable_hospital))
-        .route(
-            "/v1/hospitals/{id}/max-epsilon",
-            axum::routing::put(set_max_epsilon),
-        )
+        .route("/v1/hospitals/{id}/max-epsilon", put(set_max_epsilon))
 }
 
 #[derive(Deserialize)]

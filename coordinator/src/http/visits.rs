@@ -5,7 +5,7 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -22,7 +22,7 @@ pub(super) fn router() -> Router<AppState> {
     Router::new()
         .route("/v1/agent/claim", post(claim))
         .route("/v1/agent/heartbeat", post(heartbeat))
-        .route("/v1/agent/data", axum::routing::put(data))
+        .route("/v1/agent/data", put(data))
         .route("/v1/visits/{id}/release", post(release))
         .route("/v1/visits/{id}/session", get(session::upgrade))
 }
@@ -81,6 +81,7 @@ async fn try_claim(s: &AppState, agent: i64, hospital: i64) -> Result<Option<Vis
         ),
         None => None,
     };
+    let owner = db::job(&mut *tx, c.job_id).await?.map(|j| j.owner);
     db::job_event(
         &mut *tx,
         c.job_id,
@@ -114,6 +115,7 @@ async fn try_claim(s: &AppState, agent: i64, hospital: i64) -> Result<Option<Vis
         lease_seconds: s.settings.lease.as_secs() as u32,
         max_epsilon,
         epsilon_spent,
+        owner,
     }))
 }
 

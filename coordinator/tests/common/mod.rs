@@ -333,6 +333,7 @@ pub fn synthetic_data(beats: usize, seed: u64) -> LocalData {
         },
         shard: None,
         max_epsilon: None,
+        policy: Default::default(),
     }
     .load_data(&Preprocessing::papers(), LabelSet::Papers)
     .unwrap()
@@ -365,6 +366,14 @@ impl TestAgent {
 
     pub fn spawn(&self) -> Running {
         self.spawn_with(self.datasets())
+    }
+
+    /// Runs the daemon on `data` under `policy` instead of the default one.
+    pub fn spawn_under(&self, policy: medsplit_agent::policy::Policy) -> Running {
+        let data = self.data.clone();
+        self.spawn_with(Arc::new(
+            Datasets::with_loader(move |_, _| Ok(data.clone())).with_policy(policy),
+        ))
     }
 
     /// Runs the daemon on `datasets` (e.g. cut from a configuration, per job).
