@@ -1006,7 +1006,13 @@ async fn an_agent_whose_data_cannot_give_the_label_set_refuses_with_the_reason(p
     std::fs::write(dir.join("aami.csv"), csv).unwrap();
     let config = |name: &str, sources: String| {
         let path = dir.join(format!("{name}.toml"));
-        std::fs::write(&path, format!("state_dir = \"/nonexistent\"\n{sources}")).unwrap();
+        let state = dir.join(format!("{name}-state"));
+        std::fs::create_dir_all(&state).unwrap();
+        std::fs::write(
+            &path,
+            format!("state_dir = {:?}\n{sources}", state.display().to_string()),
+        )
+        .unwrap();
         medsplit_agent::config::Config::load(&path).unwrap()
     };
     let synthetic = config(
@@ -1020,8 +1026,8 @@ async fn an_agent_whose_data_cannot_give_the_label_set_refuses_with_the_reason(p
             dir.join("aami.csv").display().to_string()
         ),
     );
-    let r0 = a0.spawn_with(Arc::new(Datasets::new(synthetic)));
-    let r1 = a1.spawn_with(Arc::new(Datasets::new(aami)));
+    let r0 = a0.spawn_with(Arc::new(Datasets::new(synthetic).unwrap()));
+    let r1 = a1.spawn_with(Arc::new(Datasets::new(aami).unwrap()));
 
     let mut s = spec(&["h0", "h1"], 1);
     s["local_steps"] = json!(2);

@@ -7,6 +7,8 @@ use std::io::IsTerminal;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
 use medsplit_engine::api::{VisitAssignment, close};
 use medsplit_engine::preprocess::{LabelSet, Preprocessing};
 use medsplit_engine::training::Totals;
@@ -16,6 +18,7 @@ use tokio::sync::watch;
 use crate::AgentError;
 use crate::client::{Coordinator, HEARTBEAT_INTERVAL};
 use crate::config::{Config, LocalData};
+use crate::peers::PeerKeys;
 use crate::policy::Policy;
 use crate::privacy::Budget;
 use crate::state::AgentState;
@@ -38,21 +41,26 @@ pub struct Datasets {
     budget: Budget,
     /// What the hospital trains: checked before its data is read for a visit.
     policy: Policy,
+    /// The peers' public keys as first seen: checked on every assignment.
+    peers: PeerKeys,
 }
 
 impl Datasets {
     /// Cuts kept in memory; the least recently loaded goes first.
     pub const KEPT: usize = 4;
 
-    /// The data of `config`'s sources and split ([`Config::load_data`]).
-    pub fn new(config: Config) -> Self {
+    /// The data of `config`'s sources and split ([`Config::load_data`]), with the pins of its
+    /// state directory.
+    pub fn new(config: Config) -> Result<Self, AgentError> {
         let budget = Budget::in_state_dir(&config.state_dir, config.max_epsilon);
+        let peers = PeerKeys::in_state_dir(&config.state_dir)?;
         let policy = config.policy.clone();
         let mut datasets =
             Self::with_loader(move |p, labels| config.load_data(p, labels).map(Arc::new));
         datasets.budget = budget;
         datasets.policy = policy;
-        datasets
+        datasets.peers = peers;
+        Ok(datasets)
     }
 
     /// The same data under `policy` (the configuration's, in the daemon; tests choose theirs).
@@ -73,6 +81,7 @@ impl Datasets {
             kept: Mutex::new(Vec::new()),
             budget: Budget::default(),
             policy: Policy::default(),
+            peers: PeerKeys::default(),
         }
     }
 
@@ -194,8 +203,15 @@ pub async fn run(
         // The hospital's policy first: a job it does not allow is refused before any data is
         // read. Then the job's data: cut now unless an earlier visit did (the heartbeat keeps
         // the lease).
-        let data = match datasets.policy.check(&assignment) {
+        let own_key = B64.encode(state.secret_key.public_key().as_bytes());
+        let allowed = match datasets.policy.check(&assignment) {
             Err(reason) => Err(AgentError::Policy(reason)),
+            Ok(()) => datasets
+                .peers
+                .check(&assignment, state.identity.agent_id, &own_key),
+        };
+        let data = match allowed {
+            Err(e) => Err(e),
             Ok(()) => {
                 let loading = {
                     let datasets = datasets.clone();
@@ -241,7 +257,10 @@ pub async fn run(
             || matches!(e, AgentError::Closed { code, .. } if code == close::FENCED || code == close::REVOKED);
         let refused = matches!(
             e,
-            AgentError::Unsupported(_) | AgentError::OverBudget(_) | AgentError::Policy(_)
+            AgentError::Unsupported(_)
+                | AgentError::OverBudget(_)
+                | AgentError::Policy(_)
+                | AgentError::KeyChanged(_)
         );
         if stopping {
             tracing::info!(

@@ -7,6 +7,7 @@ pub mod config;
 pub mod daemon;
 pub mod inference;
 pub mod model_dir;
+pub mod peers;
 pub mod policy;
 pub mod predict;
 pub mod privacy;
@@ -44,6 +45,10 @@ pub enum AgentError {
     /// data is read.
     #[error("refused by the hospital's policy: {0}")]
     Policy(String),
+    /// The assignment gives an agent another public key than the one pinned for it (or this
+    /// agent a key not its own): refused before any data is read.
+    #[error("refused: a public key changed: {0}")]
+    KeyChanged(String),
     #[error("coordinator unreachable: {0}")]
     Http(#[from] reqwest::Error),
     #[error("enrolment refused: {0}")]

@@ -81,6 +81,13 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Print this agent's key fingerprint and those of the peer agents it has pinned, for the
+    /// hospitals to compare out of band (a key that changes is refused).
+    Keys {
+        /// The agent's configuration (its state directory).
+        #[arg(long, default_value = "/etc/medsplit/agent.toml")]
+        config: PathBuf,
+    },
     /// Export a finished job's whole model, when the job's release policy lets this hospital
     /// take it: the ONNX graph, the weights (safetensors) and the model card, into a new
     /// directory. The coordinator records the export.
@@ -190,7 +197,7 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
                 }
                 stop_tx.send_replace(true);
             });
-            let datasets = Arc::new(Datasets::new(config));
+            let datasets = Arc::new(Datasets::new(config)?);
             medsplit_agent::daemon::run(coordinator, Arc::new(state), datasets, stop_rx).await?;
             Ok(())
         }
@@ -235,6 +242,33 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
                     .collect::<Vec<_>>()
                     .join(", ")
             );
+            Ok(())
+        }
+        Command::Keys { config } => {
+            let config = Config::load(&config)?;
+            let state = state::load(&config.state_dir)?;
+            let own = base64::Engine::encode(
+                &base64::engine::general_purpose::STANDARD,
+                state.secret_key.public_key().as_bytes(),
+            );
+            println!(
+                "this agent   {:>6}  {}",
+                state.identity.agent_id,
+                medsplit_agent::peers::fingerprint(&own)
+            );
+            let peers = medsplit_agent::peers::PeerKeys::in_state_dir(&config.state_dir)?;
+            let pinned = peers.pinned();
+            if pinned.is_empty() {
+                println!(
+                    "no peer keys pinned yet (they are pinned at the first visit that names them)"
+                );
+            }
+            for (agent, key) in pinned {
+                println!(
+                    "peer agent   {agent:>6}  {}",
+                    medsplit_agent::peers::fingerprint(&key)
+                );
+            }
             Ok(())
         }
         Command::Evaluate { inputs } => {
