@@ -908,13 +908,14 @@ function agentsPage(page) {
     ? h('p', { class: 'empty' }, 'No agents enrolled yet. Create an enrolment token and run its command on a machine at your hospital.')
     : dataTable({
       id: 'agents-table', caption: 'Agents',
-      columns: ['Name', 'Status', 'Version', 'Last seen', 'Current visit', 'Enrolled', 'Actions'],
-      rows: agents.map((a) => [a.name, agentStatus(a), a.version || '—', agoEl(a.last_seen_at),
-        a.current_visit == null ? '—' : `visit ${a.current_visit}`, timeEl(a.enrolled_at), action(a)]),
+      columns: ['Name', 'Status', 'Version', 'Key fingerprint', 'Last seen', 'Current visit', 'Enrolled', 'Actions'],
+      rows: agents.map((a) => [a.name, agentStatus(a), a.version || '—', h('code', { class: 'fingerprint' }, a.key_fingerprint),
+        agoEl(a.last_seen_at), a.current_visit == null ? '—' : `visit ${a.current_visit}`, timeEl(a.enrolled_at), action(a)]),
     }));
 
   document.getElementById('main').append(pageHeading('Agents'),
-    h('p', { class: 'lede' }, `The training daemons of ${session.me.hospital ?? 'your hospital'}. Each one enrols once with a one-time token.`),
+    h('p', { class: 'lede' }, `The training daemons of ${session.me.hospital ?? 'your hospital'}. Each one enrols once with a one-time token. `,
+      'Other hospitals’ agents pin each key the first time they see it: compare fingerprints with ', h('code', {}, 'medsplit-agent keys'), ' out of band.'),
     h('div', { class: 'toolbar' }, createButton), tokenPanel, live.el, list, privacyBudget(page));
 
   agentsPoll = poller(page, async () => {
@@ -1045,6 +1046,7 @@ function consentPage(page) {
       `this job starts from ${sourceText(job)}.`) : null,
     specSummary(job.spec, job.network, job.source),
     epsilonTable(job, `job-${job.id}-epsilon`),
+    agentApproval(job),
     consentList(job),
     h('div', { class: 'actions' },
       h('button', { type: 'button', 'data-focus-key': `approve-${job.id}`, onclick: guard(() => decide(job, 'approve')) },
@@ -1081,6 +1083,24 @@ function consentPage(page) {
     renderJobs(jobs);
     live.ok();
   }, 5000, live.error);
+}
+
+/**
+ * What the hospital's agents check themselves: the job approved on their host (its digest),
+ * and the keys of the agents the weights are sealed to.
+ */
+function agentApproval(job) {
+  return h('div', { class: 'agent-approval', id: `job-${job.id}-agents` },
+    h('p', { class: 'notice' }, h('strong', {}, 'Approve at your agents too: '),
+      'they train only jobs approved on their own host. Run ', h('code', {}, `medsplit-agent approve ${job.id}`),
+      ' there; it shows the job as your agent receives it, with the digest ',
+      h('code', { class: 'digest' }, job.digest), '. Do not approve if the two differ.'),
+    dataTable({
+      id: `job-${job.id}-keys`, caption: 'Agents the model’s client layers are sealed to',
+      columns: ['Hospital', 'Agent', 'Key fingerprint'],
+      rows: job.agents.filter((a) => a.active).map((a) => [a.hospital, `${a.name} (${a.id})`,
+        h('code', { class: 'fingerprint' }, a.key_fingerprint)]),
+    }));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -474,14 +474,22 @@ pub struct AgentInfo {
     pub last_seen_at: Option<DateTime<Utc>>,
     pub revoked_at: Option<DateTime<Utc>>,
     pub current_visit: Option<i64>,
+    /// The agent's public key, shown as its fingerprint for hospitals to compare out of band.
+    #[serde(rename = "key_fingerprint", serialize_with = "fingerprint")]
+    pub public_key: Vec<u8>,
     /// Seen (any authenticated request, heartbeats every few seconds) within the last 30 s.
     pub online: bool,
+}
+
+fn fingerprint<S: serde::Serializer>(key: &[u8], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&medsplit_engine::api::key_fingerprint(key))
 }
 
 pub async fn list_agents(e: impl PgExecutor<'_>, hospital_id: i64) -> sqlx::Result<Vec<AgentInfo>> {
     sqlx::query_as!(
         AgentInfo,
         r#"select a.id, a.hospital_id, a.name, a.version, a.enrolled_at, a.last_seen_at, a.revoked_at,
+                  a.public_key,
                   (select v.id from visits v where v.agent_id = a.id and v.status = 'running' limit 1)
                     as current_visit,
                   coalesce(a.revoked_at is null and a.last_seen_at > now() - interval '30 seconds', false)
@@ -724,7 +732,8 @@ pub async fn start_job_if_approved(tx: &mut sqlx::PgConnection, job_id: i64) -> 
          from job_hospitals jh
          cross join generate_series(0, $2 - 1) r
          cross join (select count(*)::int as count from job_hospitals where job_id = $1) n
-         where jh.job_id = $1",
+         where jh.job_id = $1
+         order by r, jh.position",
         job_id,
         rounds
     )
@@ -1017,6 +1026,9 @@ pub async fn handoff(
 /// An agent of one of a job's hospitals.
 pub struct JobAgent {
     pub id: i64,
+    pub name: String,
+    /// The agent's hospital's name.
+    pub hospital: String,
     pub public_key: Vec<u8>,
     /// Neither revoked nor of a disabled hospital: it may train the job's later visits, and
     /// client weights are sealed to it.
@@ -1027,7 +1039,8 @@ pub struct JobAgent {
 pub async fn job_agents(e: impl PgExecutor<'_>, job_id: i64) -> sqlx::Result<Vec<JobAgent>> {
     sqlx::query_as!(
         JobAgent,
-        r#"select a.id, a.public_key, (a.revoked_at is null and not h.disabled) as "active!"
+        r#"select a.id, a.name, h.name as hospital, a.public_key,
+                  (a.revoked_at is null and not h.disabled) as "active!"
            from agents a
            join hospitals h on h.id = a.hospital_id
            join job_hospitals jh on jh.hospital_id = a.hospital_id

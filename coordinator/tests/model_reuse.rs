@@ -77,7 +77,7 @@ async fn private_inference_agrees_with_the_plaintext_model_and_is_audited(pool: 
     // model: the hospitals' policy allows it here.
     let allowing = medsplit_agent::policy::Policy {
         allow_plaintext: true,
-        ..Default::default()
+        ..common::trusting()
     };
     let running: Vec<_> = agents[..2]
         .iter()

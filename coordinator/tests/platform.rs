@@ -1026,8 +1026,14 @@ async fn an_agent_whose_data_cannot_give_the_label_set_refuses_with_the_reason(p
             dir.join("aami.csv").display().to_string()
         ),
     );
-    let r0 = a0.spawn_with(Arc::new(Datasets::new(synthetic).unwrap()));
-    let r1 = a1.spawn_with(Arc::new(Datasets::new(aami).unwrap()));
+    let r0 = a0.spawn_with(Arc::new(
+        Datasets::new(synthetic)
+            .unwrap()
+            .with_policy(common::trusting()),
+    ));
+    let r1 = a1.spawn_with(Arc::new(
+        Datasets::new(aami).unwrap().with_policy(common::trusting()),
+    ));
 
     let mut s = spec(&["h0", "h1"], 1);
     s["local_steps"] = json!(2);

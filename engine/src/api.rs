@@ -392,6 +392,31 @@ impl FieldError {
     }
 }
 
+/// The digest a hospital approves a job by: SHA-256 (hex) of the job's id, its owner's e-mail
+/// address and its specification as JSON. The agent computes it from every assignment and
+/// trains only a job whose digest its hospital approved (`medsplit-agent approve`); the
+/// dashboard shows the same digest beside the job.
+pub fn job_digest(job_id: i64, owner: &str, spec: &JobSpec) -> String {
+    use sha2::{Digest, Sha256};
+    let json = serde_json::to_vec(&(job_id, owner, spec)).expect("a job spec serializes");
+    Sha256::digest(&json)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A public key's fingerprint, for hospitals to compare out of band: the first 16 bytes of the
+/// key's SHA-256, in hex groups of four (`3f2a 91c0 …`).
+pub fn key_fingerprint(public_key: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(public_key);
+    digest[..16]
+        .chunks(2)
+        .map(|c| format!("{:02x}{:02x}", c[0], c[1]))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 impl JobSpec {
     /// The whole-number fields and their allowed ranges (inclusive). The dashboard's job form
     /// checks the same ranges (`web/app.js`, `INT_FIELDS`; a test compares them).

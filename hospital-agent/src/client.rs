@@ -236,6 +236,12 @@ impl Coordinator {
         check(resp).await
     }
 
+    /// A job of this agent's hospital as the coordinator describes it (for its admin to
+    /// approve at the agent).
+    pub async fn job(&self, job: i64) -> Result<crate::approvals::JobToApprove, AgentError> {
+        Ok(self.get(&format!("/v1/jobs/{job}")).await?.json().await?)
+    }
+
     /// A finished job's client layers, sealed to this agent.
     pub async fn client_release(&self, job: i64) -> Result<ClientRelease, AgentError> {
         Ok(self

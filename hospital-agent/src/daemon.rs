@@ -16,6 +16,7 @@ use rand::Rng;
 use tokio::sync::watch;
 
 use crate::AgentError;
+use crate::approvals::{Approvals, Handoffs};
 use crate::client::{Coordinator, HEARTBEAT_INTERVAL};
 use crate::config::{Config, LocalData};
 use crate::peers::PeerKeys;
@@ -43,6 +44,10 @@ pub struct Datasets {
     policy: Policy,
     /// The peers' public keys as first seen: checked on every assignment.
     peers: PeerKeys,
+    /// The jobs the hospital approved here (when its policy requires it).
+    pub approvals: Approvals,
+    /// The newest weights seen per job: an older hand-off is refused.
+    handoffs: Handoffs,
 }
 
 impl Datasets {
@@ -54,12 +59,16 @@ impl Datasets {
     pub fn new(config: Config) -> Result<Self, AgentError> {
         let budget = Budget::in_state_dir(&config.state_dir, config.max_epsilon);
         let peers = PeerKeys::in_state_dir(&config.state_dir)?;
+        let approvals = Approvals::in_state_dir(&config.state_dir);
+        let handoffs = Handoffs::in_state_dir(&config.state_dir)?;
         let policy = config.policy.clone();
         let mut datasets =
             Self::with_loader(move |p, labels| config.load_data(p, labels).map(Arc::new));
         datasets.budget = budget;
         datasets.policy = policy;
         datasets.peers = peers;
+        datasets.approvals = approvals;
+        datasets.handoffs = handoffs;
         Ok(datasets)
     }
 
@@ -82,6 +91,8 @@ impl Datasets {
             budget: Budget::default(),
             policy: Policy::default(),
             peers: PeerKeys::default(),
+            approvals: Approvals::default(),
+            handoffs: Handoffs::default(),
         }
     }
 
@@ -111,6 +122,18 @@ impl Datasets {
         }
         all.push((preprocessing.clone(), labels, cut.clone()));
         kept(&cut)
+    }
+
+    /// Whether this hospital trains assignment `a` at all: its policy, its approval of the job
+    /// (when the policy requires one), the pinned keys and the newest weights seen.
+    fn allows(&self, a: &VisitAssignment, state: &AgentState) -> Result<(), AgentError> {
+        self.policy.check(a).map_err(AgentError::Policy)?;
+        if self.policy.require_approval {
+            self.approvals.check(a)?;
+        }
+        let own_key = B64.encode(state.secret_key.public_key().as_bytes());
+        self.peers.check(a, state.identity.agent_id, &own_key)?;
+        self.handoffs.check(a)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Preprocessing, LabelSet, Cut)>> {
@@ -200,16 +223,11 @@ pub async fn run(
             round = assignment.round + 1,
             "visit claimed"
         );
-        // The hospital's policy first: a job it does not allow is refused before any data is
-        // read. Then the job's data: cut now unless an earlier visit did (the heartbeat keeps
-        // the lease).
-        let own_key = B64.encode(state.secret_key.public_key().as_bytes());
-        let allowed = match datasets.policy.check(&assignment) {
-            Err(reason) => Err(AgentError::Policy(reason)),
-            Ok(()) => datasets
-                .peers
-                .check(&assignment, state.identity.agent_id, &own_key),
-        };
+        // The hospital's policy first: a job it does not allow, did not approve here, or that
+        // changes a pinned key or rolls the weights back is refused before any data is read.
+        // Then the job's data: cut now unless an earlier visit did (the heartbeat keeps the
+        // lease).
+        let allowed = datasets.allows(&assignment, &state);
         let data = match allowed {
             Err(e) => Err(e),
             Ok(()) => {
@@ -247,6 +265,9 @@ pub async fn run(
         let e = match outcome {
             Ok(summary) => {
                 log_summary(&assignment, &summary);
+                if let Err(e) = datasets.handoffs.completed(&assignment) {
+                    tracing::warn!(error = %e, "the visit's hand-off could not be recorded");
+                }
                 continue;
             }
             Err(e) => e,
@@ -261,6 +282,7 @@ pub async fn run(
                 | AgentError::OverBudget(_)
                 | AgentError::Policy(_)
                 | AgentError::KeyChanged(_)
+                | AgentError::Rollback(_)
         );
         if stopping {
             tracing::info!(

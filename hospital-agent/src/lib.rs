@@ -2,6 +2,7 @@
 //! the loss and a per-visit HE secret key; claims visits from the coordinator and trains them.
 //! Only ciphertexts, aggregate measurements and sealed weights leave it.
 
+pub mod approvals;
 pub mod client;
 pub mod config;
 pub mod daemon;
@@ -49,6 +50,10 @@ pub enum AgentError {
     /// agent a key not its own): refused before any data is read.
     #[error("refused: a public key changed: {0}")]
     KeyChanged(String),
+    /// The assignment hands over older client weights than this agent has already had of the
+    /// job (or none): refused before any data is read.
+    #[error("refused: the coordinator rolls the job back: {0}")]
+    Rollback(String),
     #[error("coordinator unreachable: {0}")]
     Http(#[from] reqwest::Error),
     #[error("enrolment refused: {0}")]

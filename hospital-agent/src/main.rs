@@ -81,6 +81,25 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Approve a job at this agent, as the hospital's admin: shows the job as the coordinator
+    /// describes it and, on yes, records its digest in the state directory. The daemon trains
+    /// only approved jobs, and refuses one whose specification changed after its approval.
+    /// Without JOB: lists the approved jobs.
+    Approve {
+        job: Option<i64>,
+        /// Approve without asking (for scripts that have shown the job otherwise).
+        #[arg(long)]
+        yes: bool,
+        /// Withdraw the approval of JOB: its later visits are refused.
+        #[arg(long, conflicts_with = "yes")]
+        withdraw: bool,
+        #[arg(
+            long,
+            env = "MEDSPLIT_AGENT_CONFIG",
+            default_value = "/etc/medsplit/agent.toml"
+        )]
+        config: PathBuf,
+    },
     /// Print this agent's key fingerprint and those of the peer agents it has pinned, for the
     /// hospitals to compare out of band (a key that changes is refused).
     Keys {
@@ -244,6 +263,12 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Approve {
+            job,
+            yes,
+            withdraw,
+            config,
+        } => approve(job, yes, withdraw, &config).await,
         Command::Keys { config } => {
             let config = Config::load(&config)?;
             let state = state::load(&config.state_dir)?;
@@ -278,9 +303,73 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// `medsplit-agent approve`: list, approve or withdraw.
+async fn approve(
+    job: Option<i64>,
+    yes: bool,
+    withdraw: bool,
+    config: &std::path::Path,
+) -> anyhow::Result<()> {
+    use medsplit_agent::approvals::Approvals;
+    let config = Config::load(config)?;
+    let approvals = Approvals::in_state_dir(&config.state_dir);
+    let Some(job) = job else {
+        if withdraw {
+            anyhow::bail!("--withdraw needs the job's id");
+        }
+        let approved = approvals.list()?;
+        if approved.is_empty() {
+            println!("no job approved at this agent yet (medsplit-agent approve JOB)");
+        }
+        for (id, a) in approved {
+            println!(
+                "job {id:>6}  {}  approved {}  {} ({})",
+                &a.digest[..16.min(a.digest.len())],
+                a.approved_at,
+                a.name,
+                a.owner
+            );
+        }
+        return Ok(());
+    };
+    if withdraw {
+        if approvals.withdraw(job)? {
+            println!("approval of job {job} withdrawn: its later visits are refused");
+        } else {
+            println!("job {job} was not approved at this agent");
+        }
+        return Ok(());
+    }
+    let (_, _, coordinator) = connect_at(&config)?;
+    let described = coordinator.job(job).await?;
+    println!("{}", described.describe());
+    if !yes {
+        use std::io::{BufRead, Write};
+        print!("approve this job at this hospital? [y/N] ");
+        std::io::stdout().flush()?;
+        let mut answer = String::new();
+        std::io::stdin().lock().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            println!("not approved");
+            return Ok(());
+        }
+    }
+    let approval = approvals.approve(&described)?;
+    println!(
+        "job {job} approved at this agent (digest {}); its visits are trained once the \
+         hospital's consent is also given on the dashboard",
+        approval.digest
+    );
+    Ok(())
+}
+
 /// The agent's configuration, its state (identity key, credential) and its coordinator.
 fn connect(path: &std::path::Path) -> anyhow::Result<(Config, state::AgentState, Coordinator)> {
-    let config = Config::load(path)?;
+    connect_at(&Config::load(path)?)
+}
+
+fn connect_at(config: &Config) -> anyhow::Result<(Config, state::AgentState, Coordinator)> {
+    let config = config.clone();
     let state = state::load(&config.state_dir)?;
     let endpoint = Endpoint::new(&state.identity.coordinator, config.ca_cert.as_deref())?;
     let coordinator = Coordinator::new(endpoint, state.identity.credential.clone());

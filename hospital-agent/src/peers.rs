@@ -7,19 +7,15 @@
 //! (`medsplit-agent keys`).
 
 use std::collections::BTreeMap;
-use std::fs;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use medsplit_engine::api::VisitAssignment;
+use medsplit_engine::api::{VisitAssignment, key_fingerprint};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
-use crate::AgentError;
+use crate::{AgentError, state};
 
 const FILE: &str = "peer-keys.json";
 
@@ -104,49 +100,29 @@ impl PeerKeys {
 }
 
 fn read(path: &Path) -> Result<BTreeMap<i64, String>, AgentError> {
-    match fs::read(path) {
-        Ok(bytes) => serde_json::from_slice::<PinFile>(&bytes)
-            .map(|f| f.agents)
-            .map_err(|e| AgentError::Config(format!("{}: not a key file: {e}", path.display()))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
-        Err(e) => Err(AgentError::Config(format!("{}: {e}", path.display()))),
-    }
+    Ok(state::read_json::<PinFile>(path, "a key file")?.agents)
 }
 
 /// Writes the pins (0600, then renamed into place).
 fn write(path: &Path, agents: &BTreeMap<i64, String>) -> Result<(), AgentError> {
-    let file = PinFile {
-        agents: agents.clone(),
-    };
-    let tmp = path.with_extension("tmp");
-    let result = (|| -> std::io::Result<()> {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(&serde_json::to_vec_pretty(&file).expect("serializable"))?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    result.map_err(|e| AgentError::Config(format!("{}: {e}", path.display())))
+    state::write_json(
+        path,
+        &PinFile {
+            agents: agents.clone(),
+        },
+    )
 }
 
-/// A key's fingerprint: the first 16 bytes of the SHA-256 of the key, in hex groups of four
-/// (`3f2a 91c0 …`); a key that is not base64 is fingerprinted as text.
+/// A key's fingerprint ([`key_fingerprint`]); a key that is not base64 is fingerprinted as
+/// text.
 pub fn fingerprint(key: &str) -> String {
-    let bytes = B64.decode(key).unwrap_or_else(|_| key.as_bytes().to_vec());
-    let digest = Sha256::digest(&bytes);
-    digest[..16]
-        .chunks(2)
-        .map(|c| format!("{:02x}{:02x}", c[0], c[1]))
-        .collect::<Vec<_>>()
-        .join(" ")
+    key_fingerprint(&B64.decode(key).unwrap_or_else(|_| key.as_bytes().to_vec()))
 }
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
 
     fn key(byte: u8) -> String {

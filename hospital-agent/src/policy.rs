@@ -15,6 +15,9 @@ use serde::Deserialize;
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Policy {
+    /// Only jobs an admin approved at this agent (`medsplit-agent approve`), with the
+    /// specification approved: the coordinator's record of consent is not enough. Default true.
+    pub require_approval: bool,
     /// Jobs with `insecure_plaintext` (activations and gradients in the clear). Default false.
     pub allow_plaintext: bool,
     /// The smallest batch a job may ask (the expected batch under DP). Default 2.
@@ -42,6 +45,7 @@ pub struct Policy {
 impl Default for Policy {
     fn default() -> Self {
         Self {
+            require_approval: true,
             allow_plaintext: false,
             min_batch_size: 2,
             require_dp: false,

@@ -8,9 +8,6 @@
 //! their noised gradients left all the same) and those the job's earlier rounds took by plan.
 
 use std::collections::BTreeMap;
-use std::fs;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use medsplit_engine::api::{DpReport, VisitAssignment};
@@ -18,7 +15,7 @@ use medsplit_engine::dp::{self, DpPlan};
 use medsplit_engine::dpsgd::DpSgd;
 use serde::{Deserialize, Serialize};
 
-use crate::AgentError;
+use crate::{AgentError, state};
 
 /// Where the agent's privacy budget comes from.
 #[derive(Clone, Debug, Default)]
@@ -47,15 +44,9 @@ impl Budget {
     }
 
     fn read(&self) -> Result<LedgerFile, AgentError> {
-        let Some(path) = &self.ledger else {
-            return Ok(LedgerFile::default());
-        };
-        match fs::read(path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                AgentError::Config(format!("{}: not a privacy ledger: {e}", path.display()))
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(LedgerFile::default()),
-            Err(e) => Err(AgentError::Config(format!("{}: {e}", path.display()))),
+        match &self.ledger {
+            Some(path) => state::read_json(path, "a privacy ledger"),
+            None => Ok(LedgerFile::default()),
         }
     }
 
@@ -71,19 +62,7 @@ impl Budget {
         };
         let mut ledger = self.read()?;
         *ledger.jobs.entry(job).or_default() += steps;
-        let tmp = path.with_extension("tmp");
-        let write = || -> std::io::Result<()> {
-            let mut f = fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(&serde_json::to_vec(&ledger).expect("serializable"))?;
-            f.sync_all()?;
-            fs::rename(&tmp, path)
-        };
-        write().map_err(|e| AgentError::Config(format!("{}: {e}", path.display())))
+        state::write_json(path, &ledger)
     }
 }
 
@@ -163,6 +142,8 @@ impl PrivateVisit {
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
 
     fn assignment(dp: serde_json::Value, round: u32, max_epsilon: Option<f64>) -> VisitAssignment {

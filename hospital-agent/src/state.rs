@@ -133,3 +133,38 @@ pub fn contains_key(haystack: &[u8], key: &SecretKey) -> bool {
     let k = key.to_bytes();
     haystack.windows(k.len()).any(|w| w == k)
 }
+
+/// Reads a JSON file of the state directory (pins, ledgers, approvals): its default if it does
+/// not exist yet. `what` names the file's kind in errors.
+pub fn read_json<T: serde::de::DeserializeOwned + Default>(
+    path: &Path,
+    what: &str,
+) -> Result<T, crate::AgentError> {
+    match fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map_err(|e| crate::AgentError::Config(format!("{}: not {what}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
+        Err(e) => Err(crate::AgentError::Config(format!(
+            "{}: {e}",
+            path.display()
+        ))),
+    }
+}
+
+/// Replaces a JSON file of the state directory: written 0600 beside it, synced, then renamed
+/// into place, so that a crash leaves the old file or the new one, never half of either.
+pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), crate::AgentError> {
+    let tmp = path.with_extension("tmp");
+    let write = || -> std::io::Result<()> {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(&serde_json::to_vec_pretty(value).expect("serializable"))?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    };
+    write().map_err(|e| crate::AgentError::Config(format!("{}: {e}", path.display())))
+}

@@ -229,3 +229,50 @@ fn predict_takes_an_exported_model_or_a_job_and_says_which_is_missing() {
     ]);
     assert!(!ok && err.contains("/nonexistent/agent.toml"), "{err}");
 }
+
+/// `approve` without a coordinator: the list, a withdrawal of nothing, and an approval that
+/// cannot reach the coordinator records nothing.
+#[test]
+fn approve_lists_withdraws_and_records_nothing_it_could_not_show() {
+    let dir = std::env::temp_dir().join(format!("medsplit-agent-approve-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let state = dir.join("state");
+    let identity = medsplit_agent::state::Identity {
+        coordinator: "http://127.0.0.1:9".into(),
+        agent_id: 1,
+        hospital_id: 1,
+        credential: "c".into(),
+    };
+    medsplit_agent::state::save(&state, &identity, &medsplit_agent::state::new_key()).unwrap();
+    let config = dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = {:?}\n[[sources]]\nformat = \"synthetic\"\npatients = 3\nbeats = 50\nseed = 1\n",
+            state.display().to_string()
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let stdout = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_medsplit-agent"))
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!err.contains("panicked"), "{err}");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            err,
+        )
+    };
+    let (ok, out, _) = stdout(&["approve", "--config", config]);
+    assert!(ok && out.contains("no job approved"), "{out}");
+    let (ok, out, _) = stdout(&["approve", "7", "--withdraw", "--config", config]);
+    assert!(ok && out.contains("was not approved"), "{out}");
+    let (ok, _, err) = stdout(&["approve", "7", "--yes", "--config", config]);
+    assert!(!ok && err.contains("unreachable"), "{err}");
+    assert!(!state.join("approvals.json").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

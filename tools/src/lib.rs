@@ -6,5 +6,6 @@
 pub mod attack;
 pub mod inference;
 pub mod local;
+pub mod relay;
 pub mod report;
 pub mod spec;

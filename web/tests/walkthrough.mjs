@@ -439,6 +439,19 @@ async function walkthrough(browser) {
   const jobId = jobUrl.split('/').pop();
   const requested = await pending.locator('.requested').textContent();
   check(requested.startsWith(`Job ${jobId}, requested by ${RESEARCHER} on `), `the consent card tells jobs apart: ${requested}`);
+  // The agent trains only jobs approved on its own host: the admin approves there too, after
+  // checking that the agent shows the digest the consent card shows, and the agent's key.
+  const digest = (await pending.locator('code.digest').textContent()).trim();
+  check(/^[0-9a-f]{64}$/.test(digest), `the consent card shows the job's digest: ${digest}`);
+  const approve = run(['approve', jobId, '--yes', '--config', config], 'approve');
+  check((await exited(approve)) === 0, `medsplit-agent approve exited: ${approve.log.join('')}`);
+  check(approve.log.join('').includes(digest), `the agent shows the same digest: ${approve.log.join('')}`);
+  const keys = run(['keys', '--config', config], 'keys');
+  check((await exited(keys)) === 0, `medsplit-agent keys exited: ${keys.log.join('')}`);
+  const ownKey = keys.log.join('').match(/this agent\s+\d+\s+([0-9a-f ]{39})/)?.[1];
+  const sealedTo = await pending.getByRole('table', { name: /sealed to/ }).textContent();
+  check(ownKey && sealedTo.includes('ward-7') && sealedTo.includes(ownKey),
+    `the consent card shows the agent's key fingerprint (${ownKey}): ${sealedTo}`);
   await shot(ward, 'hospital-consent');
   await pending.getByRole('button', { name: 'Approve' }).click();
   await ward.getByText('approved', { exact: false }).first().waitFor();

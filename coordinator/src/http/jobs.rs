@@ -5,7 +5,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
-use medsplit_engine::api::{FieldError, JobSpec, Release};
+use medsplit_engine::api::{FieldError, JobSpec, Release, job_digest, key_fingerprint};
 use medsplit_engine::metrics::{Confusion, EvalKind};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -34,10 +34,16 @@ pub struct JobView {
     /// The owner's e-mail address: who asks the hospitals' consent.
     owner: String,
     spec: JobSpec,
+    /// What a hospital approves at its agent (`medsplit-agent approve` shows the same digest):
+    /// SHA-256 of the id, the owner and the specification.
+    digest: String,
     network: Network,
     /// The job whose model this one starts from (`spec.init_from`).
     source: Option<SourceJob>,
     hospitals: Vec<db::JobHospital>,
+    /// The agents of the job's hospitals (the client weights are sealed to the active ones),
+    /// with their key fingerprints for the hospitals to compare out of band.
+    agents: Vec<AgentKey>,
     /// Each hospital's ε on this job: projected (before consent) and spent, and its maximum.
     privacy: Vec<super::privacy::HospitalPrivacy>,
     visits_done: usize,
@@ -47,6 +53,15 @@ pub struct JobView {
     created_at: DateTime<Utc>,
     started_at: Option<DateTime<Utc>>,
     finished_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Serialize)]
+struct AgentKey {
+    id: i64,
+    name: String,
+    hospital: String,
+    active: bool,
+    key_fingerprint: String,
 }
 
 /// The shapes of the network the spec describes: what the coordinator's encrypted layer sees,
@@ -129,7 +144,20 @@ async fn job_view(e: &db::Db, job: db::JobRow) -> Result<JobView> {
         None => None,
     };
     let privacy = super::privacy::hospitals(e, job.id, &job.spec, &hospitals).await?;
+    let agents = db::job_agents(e, job.id)
+        .await?
+        .into_iter()
+        .map(|a| AgentKey {
+            id: a.id,
+            key_fingerprint: key_fingerprint(&a.public_key),
+            name: a.name,
+            hospital: a.hospital,
+            active: a.active,
+        })
+        .collect();
     Ok(JobView {
+        digest: job_digest(job.id, &job.owner, &job.spec),
+        agents,
         id: job.id,
         source,
         privacy,
@@ -150,18 +178,17 @@ async fn job_view(e: &db::Db, job: db::JobRow) -> Result<JobView> {
     })
 }
 
-/// Loads a job the caller may see: its owner, a platform admin, or an admin of a hospital it
-/// names.
+/// Loads a job the caller may see: its owner, a platform admin, or an admin or agent of a
+/// hospital it names.
 pub(super) async fn visible_job(s: &AppState, p: &Principal, id: i64) -> Result<db::JobRow> {
     let job = db::job(&s.db, id).await?.ok_or(Error::NotFound("job"))?;
     let allowed = match p.role {
         Role::PlatformAdmin => true,
         Role::Researcher => job.owner_id == p.id,
-        Role::HospitalAdmin => db::job_hospitals(&s.db, id)
+        Role::HospitalAdmin | Role::Agent => db::job_hospitals(&s.db, id)
             .await?
             .iter()
             .any(|h| Some(h.hospital_id) == p.hospital),
-        Role::Agent => false,
     };
     if !allowed {
         return Err(Error::NotFound("job"));

@@ -339,6 +339,16 @@ pub fn synthetic_data(beats: usize, seed: u64) -> LocalData {
     .unwrap()
 }
 
+/// The default policy, except that the hospital's consent on the dashboard is enough: the tests
+/// of everything else do not approve each job at the agent (tests/policy.rs checks that the
+/// default refuses a job that was not).
+pub fn trusting() -> medsplit_agent::policy::Policy {
+    medsplit_agent::policy::Policy {
+        require_approval: false,
+        ..Default::default()
+    }
+}
+
 pub struct TestAgent {
     pub state: Arc<AgentState>,
     pub data: Arc<LocalData>,
@@ -358,10 +368,10 @@ impl TestAgent {
         )
     }
 
-    /// The agent's data for any job: `data`, already cut.
+    /// The agent's data for any job: `data`, already cut; under [`trusting`].
     pub fn datasets(&self) -> Arc<Datasets> {
         let data = self.data.clone();
-        Arc::new(Datasets::with_loader(move |_, _| Ok(data.clone())))
+        Arc::new(Datasets::with_loader(move |_, _| Ok(data.clone())).with_policy(trusting()))
     }
 
     pub fn spawn(&self) -> Running {

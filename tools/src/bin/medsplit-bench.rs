@@ -119,6 +119,14 @@ struct Args {
     /// cluster) and an agent on loopback.
     #[arg(long, value_enum, default_value_t = Transport::InProcess)]
     transport: Transport,
+    /// With --transport websocket: the round-trip time between the agents and the coordinator,
+    /// in milliseconds (a relay in this process delays each direction by half of it).
+    #[arg(long, default_value_t = 0.0)]
+    rtt_ms: f64,
+    /// With --transport websocket: the bandwidth of the link each way, in Mbit/s (default:
+    /// unlimited).
+    #[arg(long)]
+    bandwidth_mbps: Option<f64>,
     /// With --transport websocket: once the job has finished, classify the test set through
     /// private inference (the first hospital's agent, the coordinator's final layer on
     /// ciphertexts) and print beats per second, bytes per beat and the agreement with the
@@ -311,6 +319,12 @@ fn try_main(args: Args) -> anyhow::Result<()> {
         if std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some()) {
             bail!("--export {}: the directory is not empty", dir.display());
         }
+    }
+    let link = medsplit_tools::relay::Link::new(args.rtt_ms, args.bandwidth_mbps)?;
+    if !link.is_loopback() && args.transport != Transport::Websocket {
+        bail!(
+            "--rtt-ms and --bandwidth-mbps slow the link to a coordinator: add --transport websocket"
+        );
     }
     if args.private_inference && args.transport != Transport::Websocket {
         bail!("--private-inference runs through a coordinator: add --transport websocket");
@@ -1187,6 +1201,14 @@ mod websocket {
         let (url, server) = coordinator_runtime
             .spawn(start_coordinator(pg.url.clone()))
             .await??;
+        // The agents reach the coordinator over the emulated link, if one is set.
+        let link = medsplit_tools::relay::Link::new(args.rtt_ms, args.bandwidth_mbps)?;
+        let (_relay, agent_url) = coordinator_runtime
+            .spawn(medsplit_tools::relay::in_front_of(url.clone(), link))
+            .await??;
+        if !link.is_loopback() {
+            eprintln!("agents reach the coordinator over {}", link.describe());
+        }
         let admin = Rest::new(&url)
             .login("bench@medsplit.local", PASSWORD)
             .await?;
@@ -1205,7 +1227,8 @@ mod websocket {
         let mut hospital_admins = Vec::new();
         for name in &names {
             let hospital_admin = local::hospital_with_admin(&admin, name, PASSWORD).await?;
-            let (coordinator, key) = local::enrol_in_process(&url, &hospital_admin, name).await?;
+            let (coordinator, key) =
+                local::enrol_in_process(&agent_url, &hospital_admin, name).await?;
             agents.push((Arc::new(coordinator), key));
             hospital_admins.push(hospital_admin);
         }
@@ -1327,7 +1350,10 @@ mod websocket {
         let per_epoch = epochs.max(1) as u64;
         Ok(ModeResult {
             mode: mode.name().into(),
-            transport: "websocket".into(),
+            transport: match link.is_loopback() {
+                true => "websocket".into(),
+                false => format!("websocket, {}", link.describe()),
+            },
             batch_size: args.batch_size,
             epochs,
             local_steps,

@@ -31,6 +31,13 @@ struct Args {
     samples: usize,
     #[arg(long, default_value_t = 4)]
     batch_size: u32,
+    /// The round-trip time between the agents and the coordinator, in milliseconds (a relay in
+    /// this process delays each direction by half of it).
+    #[arg(long, default_value_t = 0.0)]
+    rtt_ms: f64,
+    /// The bandwidth of each agent's link each way, in Mbit/s (default: unlimited).
+    #[arg(long)]
+    bandwidth_mbps: Option<f64>,
     /// Write the figures as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -134,6 +141,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .context("the coordinator exited")?;
     let url = line.rsplit(' ').next().unwrap_or_default().to_string();
 
+    // Each agent's connections go through the emulated link, if one is set (one relay: each
+    // connection gets a link of its own).
+    let link = medsplit_tools::relay::Link::new(args.rtt_ms, args.bandwidth_mbps)?;
+    let (_relay, agent_url) = medsplit_tools::relay::in_front_of(url.clone(), link).await?;
     let admin = Rest::new(&url)
         .login("load@medsplit.local", PASSWORD)
         .await?;
@@ -143,7 +154,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     for i in 0..args.agents {
         let name = format!("load-{i}");
         let ha = local::hospital_with_admin(&admin, &name, PASSWORD).await?;
-        let (coordinator, secret) = local::enrol_in_process(&url, &ha, &name).await?;
+        let (coordinator, secret) = local::enrol_in_process(&agent_url, &ha, &name).await?;
         let job = researcher
             .call(
                 "POST",
@@ -209,6 +220,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "agents": args.agents,
         "jobs": args.agents,
         "batch_size": args.batch_size,
+        "link": link.describe(),
         "samples_trained": samples,
         "batches": lat.len(),
         "wall_seconds": wall,

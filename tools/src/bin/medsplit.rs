@@ -110,6 +110,13 @@ struct Demo {
     batch_size: Option<u32>,
     #[arg(long, default_value_t = 1)]
     local_epochs: u32,
+    /// The round-trip time between the agents and the coordinator, in milliseconds (a relay in
+    /// this process delays each direction by half of it).
+    #[arg(long, default_value_t = 0.0)]
+    rtt_ms: f64,
+    /// The bandwidth of each agent's link each way, in Mbit/s (default: unlimited).
+    #[arg(long)]
+    bandwidth_mbps: Option<f64>,
     /// Write the final summary as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -414,6 +421,15 @@ async fn demo(args: Demo) -> anyhow::Result<()> {
     let url = line.rsplit(' ').next().unwrap_or_default().to_string();
     let _coordinator = Proc(child);
     eprintln!("demo: coordinator at {url}");
+    // The agents reach the coordinator over the emulated link, if one is set.
+    let link = medsplit_tools::relay::Link::new(args.rtt_ms, args.bandwidth_mbps)?;
+    let (_relay, agent_url) = medsplit_tools::relay::in_front_of(url.clone(), link).await?;
+    if !link.is_loopback() {
+        eprintln!(
+            "demo: agents reach the coordinator over {} at {agent_url}",
+            link.describe()
+        );
+    }
 
     let admin = Rest::new(&url)
         .login("admin@demo.example", DEMO_PASSWORD)
@@ -430,7 +446,7 @@ async fn demo(args: Demo) -> anyhow::Result<()> {
             .args([
                 "enrol",
                 "--coordinator",
-                &url,
+                &agent_url,
                 "--name",
                 &format!("agent-{}", i + 1),
             ])
@@ -489,6 +505,22 @@ async fn demo(args: Demo) -> anyhow::Result<()> {
     }
     let job = researcher.call("POST", "/v1/jobs", Some(spec)).await?;
     let id = job["id"].as_i64().unwrap_or_default();
+    // Each hospital approves the job twice: at its agent, which trains only jobs approved on its
+    // own host (recording the job's digest), and on the dashboard.
+    for i in 0..names.len() {
+        let out = Command::new(&agent_bin)
+            .args(["approve", &id.to_string(), "--yes", "--config"])
+            .arg(dir.join(format!("agent-{}.toml", i + 1)))
+            .output()
+            .await?;
+        if !out.status.success() {
+            bail!(
+                "approving job {id} at agent-{}: {}",
+                i + 1,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
     for ha in &hospital_admins {
         ha.call(
             "POST",
@@ -498,7 +530,7 @@ async fn demo(args: Demo) -> anyhow::Result<()> {
         .await?;
     }
     eprintln!(
-        "demo: job {id} approved by {} hospitals: {} rounds, HE on",
+        "demo: job {id} approved by {} hospitals, at their agents and on the dashboard: {} rounds, HE on",
         names.len(),
         args.rounds
     );
