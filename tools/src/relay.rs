@@ -6,23 +6,25 @@
 //! Each direction is a link of its own, modelled as a queue in front of a wire: a chunk read at
 //! time `t` starts to go out when the wire is free (`start = max(t, free)`), takes
 //! `len / bandwidth` to go out (`free = start + len / bandwidth`), and arrives half a round trip
-//! later (`free + rtt / 2`). Chunks keep their order. Reading stops while a direction holds more
-//! than [`QUEUED`] bytes in flight, so that a slow link pushes back on its sender like a real one
+//! later (`free + rtt / 2`). Chunks keep their order. A direction holds at most [`QUEUED`] chunks
+//! between reading and delivering, so that a slow link pushes back on its sender like a real one
 //! (the TCP window) instead of buffering without bound.
+//!
+//! Each direction runs on two threads of its own with blocking sockets: a reader, and a writer
+//! that sleeps until each chunk's time. The OS sleeps to within tens of microseconds, where an
+//! async timer rounds every wait up to the next millisecond, which would add a millisecond or
+//! two to every message (a round trip per message at 0 ms).
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
-use tokio::time::Instant;
+use tokio::net::TcpListener;
 
-/// The most bytes one direction holds between reading and delivering: 4 MiB, a generous TCP
-/// window (enough to fill 100 Mbit/s at 300 ms).
-pub const QUEUED: usize = 4 << 20;
+/// The most chunks (of up to 64 KiB) one direction holds between reading and delivering: 4 MiB,
+/// a generous TCP window (enough to fill 100 Mbit/s at 300 ms).
+pub const QUEUED: usize = 64;
 
 /// How slow the link is.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -87,15 +89,22 @@ impl Relay {
         let addr = listener.local_addr()?;
         let accept = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let Ok(server) = TcpStream::connect(upstream).await else {
+                let Ok(client) = client.into_std() else {
+                    continue;
+                };
+                std::thread::spawn(move || {
+                    let Ok(server) = TcpStream::connect(upstream) else {
                         return;
                     };
+                    let _ = client.set_nonblocking(false);
                     let _ = client.set_nodelay(true);
                     let _ = server.set_nodelay(true);
-                    let (cr, cw) = client.into_split();
-                    let (sr, sw) = server.into_split();
-                    tokio::join!(direction(cr, sw, link), direction(sr, cw, link));
+                    let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) else {
+                        return;
+                    };
+                    let up = std::thread::spawn(move || direction(client, server, link));
+                    direction(s2, c2, link);
+                    let _ = up.join();
                 });
             }
         });
@@ -133,57 +142,51 @@ fn with_host(url: &str, addr: SocketAddr) -> String {
     format!("{scheme}://{addr}{path}")
 }
 
-/// One direction of a connection: read, schedule, deliver; closes the writing side when the
-/// reading side ends (after delivering what was read).
-async fn direction(mut from: OwnedReadHalf, to: OwnedWriteHalf, link: Link) {
-    let room = Arc::new(Semaphore::new(QUEUED));
-    let (tx, rx) =
-        mpsc::unbounded_channel::<(Instant, Vec<u8>, tokio::sync::OwnedSemaphorePermit)>();
-    let deliver = tokio::spawn(deliver(rx, to));
+/// One direction of a connection: read, schedule, deliver (on a thread of its own); closes the
+/// writing side when the reading side ends, after delivering what was read.
+fn direction(mut from: TcpStream, to: TcpStream, link: Link) {
+    let (tx, rx) = mpsc::sync_channel::<(Instant, Vec<u8>)>(QUEUED);
+    let deliver = std::thread::spawn(move || deliver(rx, to));
     let one_way = link.rtt / 2;
     let mut free = Instant::now();
     let mut buf = vec![0u8; 64 << 10];
     loop {
-        let n = match from.read(&mut buf).await {
+        let n = match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        let Ok(permit) = room.clone().acquire_many_owned(n as u32).await else {
-            break;
-        };
-        let now = Instant::now();
-        let start = free.max(now);
+        let start = free.max(Instant::now());
         free = match link.bandwidth_bps {
             Some(bps) => start + Duration::from_secs_f64(n as f64 * 8.0 / bps),
             None => start,
         };
-        if tx
-            .send((free + one_way, buf[..n].to_vec(), permit))
-            .is_err()
-        {
+        if tx.send((free + one_way, buf[..n].to_vec())).is_err() {
             break;
         }
     }
     drop(tx);
-    let _ = deliver.await;
+    let _ = deliver.join();
+    let _ = from.shutdown(Shutdown::Read);
 }
 
-async fn deliver(
-    mut rx: mpsc::UnboundedReceiver<(Instant, Vec<u8>, tokio::sync::OwnedSemaphorePermit)>,
-    mut to: OwnedWriteHalf,
-) {
-    while let Some((at, bytes, permit)) = rx.recv().await {
-        tokio::time::sleep_until(at).await;
-        if to.write_all(&bytes).await.is_err() {
+fn deliver(rx: mpsc::Receiver<(Instant, Vec<u8>)>, mut to: TcpStream) {
+    while let Ok((at, bytes)) = rx.recv() {
+        let now = Instant::now();
+        if at > now {
+            std::thread::sleep(at - now);
+        }
+        if to.write_all(&bytes).is_err() {
             return;
         }
-        drop(permit);
     }
-    let _ = to.shutdown().await;
+    let _ = to.shutdown(Shutdown::Write);
 }
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
     use super::*;
 
     /// An echo server: what it reads, it writes back.
