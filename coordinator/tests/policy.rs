@@ -34,17 +34,8 @@ async fn the_agent_refuses_what_its_hospitals_policy_does_not_allow(pool: Pool) 
             error.contains("refused by the hospital's policy") && error.contains(reason),
             "{key}: {error}"
         );
-        // Refused before training: no session carried anything.
-        let m = p
-            .researcher
-            .ok("GET", &format!("/v1/jobs/{id}/metrics"), None)
-            .await;
-        let visit = &m["visits"][0];
-        assert!(visit["bytes_up"].is_null(), "{key}: {visit}");
-        assert_eq!(
-            visit["failures"], 1,
-            "{key}: refused once, not retried: {visit}"
-        );
+        // Refused before training: no session carried anything, and not retried.
+        assert_no_session(&p, id).await;
     }
     // The usual job trains.
     let id = p.approved_job(spec(&["h0"], 1)).await;

@@ -270,6 +270,15 @@ impl Awaited {
 /// The most training batches a session keeps in flight ([`ClientSession::with_depth`]).
 pub const MAX_DEPTH: usize = 32;
 
+fn checked_depth(depth: usize) -> Result<usize, ProtocolError> {
+    if !(1..=MAX_DEPTH).contains(&depth) {
+        return Err(ProtocolError::Unexpected(
+            "batches in flight: 1 to MAX_DEPTH",
+        ));
+    }
+    Ok(depth)
+}
+
 /// The hospital's half: its layers, labels, loss, optimiser and (in `split-he`) its secret key.
 pub struct ClientSession {
     config: ModelConfig,
@@ -377,12 +386,7 @@ impl ClientSession {
     ///
     /// Needs trained client layers without DP-SGD (refused otherwise at the first step).
     pub fn with_depth(mut self, depth: usize) -> Result<Self, ProtocolError> {
-        if !(1..=MAX_DEPTH).contains(&depth) {
-            return Err(ProtocolError::Unexpected(
-                "batches in flight: 1 to MAX_DEPTH",
-            ));
-        }
-        self.depth = depth;
+        self.depth = checked_depth(depth)?;
         Ok(self)
     }
 
@@ -1016,12 +1020,7 @@ impl ServerSession {
     /// The same session accepting up to `depth` training batches before their backward
     /// messages (the client's [`ClientSession::with_depth`]; the staleness rules are there).
     pub fn with_depth(mut self, depth: usize) -> Result<Self, ProtocolError> {
-        if !(1..=MAX_DEPTH).contains(&depth) {
-            return Err(ProtocolError::Unexpected(
-                "batches in flight: 1 to MAX_DEPTH",
-            ));
-        }
-        self.depth = depth;
+        self.depth = checked_depth(depth)?;
         Ok(self)
     }
 

@@ -110,10 +110,10 @@ fn enrol_checks_the_state_directory_before_it_spends_the_token() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-#[test]
-fn an_idle_agent_stops_on_sigterm_without_speaking_of_a_visit() {
-    use std::io::{BufRead, BufReader};
-    let dir = std::env::temp_dir().join(format!("medsplit-agent-term-{}", std::process::id()));
+/// A fresh directory holding an enrolled agent's state (its coordinator unreachable) and its
+/// configuration (a small synthetic cohort): the directory and the configuration's path.
+fn enrolled_agent(tag: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("medsplit-agent-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let state = dir.join("state");
     let identity = medsplit_agent::state::Identity {
@@ -132,6 +132,13 @@ fn an_idle_agent_stops_on_sigterm_without_speaking_of_a_visit() {
         ),
     )
     .unwrap();
+    (dir, config)
+}
+
+#[test]
+fn an_idle_agent_stops_on_sigterm_without_speaking_of_a_visit() {
+    use std::io::{BufRead, BufReader};
+    let (dir, config) = enrolled_agent("term");
     let mut child = Command::new(env!("CARGO_BIN_EXE_medsplit-agent"))
         .args(["run", "--config", config.to_str().unwrap()])
         .env("RUST_LOG", "info")
@@ -177,25 +184,7 @@ fn an_idle_agent_stops_on_sigterm_without_speaking_of_a_visit() {
 #[test]
 fn logs_to_a_pipe_carry_no_colours() {
     use std::io::{BufRead, BufReader};
-    let dir = std::env::temp_dir().join(format!("medsplit-agent-logs-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let state = dir.join("state");
-    let identity = medsplit_agent::state::Identity {
-        coordinator: "http://127.0.0.1:9".into(),
-        agent_id: 1,
-        hospital_id: 1,
-        credential: "c".into(),
-    };
-    medsplit_agent::state::save(&state, &identity, &medsplit_agent::state::new_key()).unwrap();
-    let config = dir.join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "state_dir = {:?}\n[[sources]]\nformat = \"synthetic\"\npatients = 3\nbeats = 50\nseed = 1\n",
-            state.display().to_string()
-        ),
-    )
-    .unwrap();
+    let (_dir, config) = enrolled_agent("logs");
     let mut child = Command::new(env!("CARGO_BIN_EXE_medsplit-agent"))
         .args(["run", "--config", config.to_str().unwrap()])
         .env("RUST_LOG", "info")
@@ -234,25 +223,8 @@ fn predict_takes_an_exported_model_or_a_job_and_says_which_is_missing() {
 /// cannot reach the coordinator records nothing.
 #[test]
 fn approve_lists_withdraws_and_records_nothing_it_could_not_show() {
-    let dir = std::env::temp_dir().join(format!("medsplit-agent-approve-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let (dir, config) = enrolled_agent("approve");
     let state = dir.join("state");
-    let identity = medsplit_agent::state::Identity {
-        coordinator: "http://127.0.0.1:9".into(),
-        agent_id: 1,
-        hospital_id: 1,
-        credential: "c".into(),
-    };
-    medsplit_agent::state::save(&state, &identity, &medsplit_agent::state::new_key()).unwrap();
-    let config = dir.join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "state_dir = {:?}\n[[sources]]\nformat = \"synthetic\"\npatients = 3\nbeats = 50\nseed = 1\n",
-            state.display().to_string()
-        ),
-    )
-    .unwrap();
     let config = config.to_str().unwrap();
     let stdout = |args: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_medsplit-agent"))
