@@ -1132,6 +1132,7 @@ function specSummary(spec, network, source) {
     ['Rounds', spec.rounds],
     ['Local work per visit', localWork(spec)],
     ['Batch size', spec.batch_size],
+    ['Batches in flight', inFlightText(spec.batches_in_flight ?? 1)],
     ['Class weights', classWeightsText(spec.class_weights)],
     ['Client learning rate', `Adam, ${spec.client_lr ?? 0.001}`],
     ['Test accuracy', `every ${spec.eval_every === 1 ? 'round' : `${spec.eval_every} rounds`} and after the last`],
@@ -1145,6 +1146,13 @@ function specSummary(spec, network, source) {
   ];
   return h('dl', { class: 'spec' }, items.map(([k, v, wide]) =>
     h('div', { class: wide ? 'wide' : null }, h('dt', {}, k), h('dd', {}, v))));
+}
+
+/** How many training batches a visit keeps in flight, and what it means for the weights. */
+function inFlightText(k) {
+  return k === 1
+    ? '1: each batch waits for the one before it'
+    : `${k}: a hospital sends up to ${k} batches before their replies arrive; each batch trains through layers up to ${k - 1} batches old`;
 }
 
 /** A job's differential privacy in a sentence. */
@@ -1335,6 +1343,7 @@ const INT_FIELDS = [
   ['local_epochs', 'job-local-epochs', 'Local epochs', 1, 1, 100, 'Passes over a hospital’s training data per visit.'],
   ['local_steps', 'job-local-steps', 'Local steps', 100, 1, 1000000, 'Batches per visit; the next visit goes on through the data where this one stopped.'],
   ['batch_size', 'job-batch-size', 'Batch size', 4, 1, 256, 'Samples per encrypted batch (1–256).'],
+  ['batches_in_flight', 'job-batches-in-flight', 'Batches in flight', 1, 1, 32, 'Batches a hospital sends before the first one’s reply arrives (1–32): more hides the network’s round trips, each batch then trains through layers that many batches old. 1 with DP or server-only training.'],
   ['eval_every', 'job-eval-every', 'Evaluate every (rounds)', 1, 1, 1000, 'Test accuracy is also measured after the last round.'],
   ['max_attempts', 'job-max-attempts', 'Attempts per visit', 3, 1, 20, 'Tries a visit gets before the failure policy applies.'],
 ];
@@ -1407,7 +1416,7 @@ function newJobPage(page) {
     h('fieldset', { class: 'group' }, h('legend', {}, 'Training'),
       h('div', { class: 'form-grid' }, intFields.rounds,
         field('Local work per visit', work, 'Shorter visits and more rounds help hospitals with different class mixes.'),
-        intFields.local_epochs, intFields.local_steps, intFields.batch_size, intFields.eval_every,
+        intFields.local_epochs, intFields.local_steps, intFields.batch_size, intFields.batches_in_flight, intFields.eval_every,
         field('Class weights', classWeights, 'Uniform: every class weighs 1. Balanced: each hospital weighs its classes inversely to their frequency in its own data.'),
         field('Client learning rate', clientLr, 'The hospitals’ Adam: greater than 0, at most 1.'),
         field('Seed', seed, `Seeds the initial weights and the data order: 0 to ${MAX_SEED}.`),

@@ -1088,13 +1088,119 @@ async fn an_agent_whose_data_cannot_give_the_label_set_refuses_with_the_reason(p
     }
 }
 
+/// A visit with batches in flight, through the coordinator and a real agent, trains exactly as
+/// the engine's in-process pipelined training of the same batches (the network changes nothing
+/// but timing), and not as one batch at a time.
+#[sqlx::test(migrator = "medsplit_coordinator::MIGRATOR")]
+async fn a_pipelined_visit_trains_as_the_engine_does_in_process(pool: Pool) {
+    use medsplit_engine::api::JobSpec;
+    use medsplit_engine::model::Objective;
+    use medsplit_engine::protocol::{ClientSession, InProcess, Privacy, ServerSession};
+    use medsplit_engine::training::{epoch_order, gather};
+
+    let p = Platform::new(&pool, 1, &[]).await;
+    let mut a = p.enrol(0).await;
+    a.data = Arc::new(synthetic_data(600, 0));
+    // In the clear, so that the weights can be compared bit for bit (HE noise is fresh on every
+    // run): the hospital's policy allows it here.
+    let running = a.spawn_under(medsplit_agent::policy::Policy {
+        allow_plaintext: true,
+        ..common::trusting()
+    });
+    let mut body = spec(&["h0"], 1);
+    body["insecure_plaintext"] = json!(true);
+    body["batches_in_flight"] = json!(4);
+    let id = p.approved_job(body.clone()).await;
+    let job = p.wait_job(id, Duration::from_secs(120)).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    let bytes: Vec<u8> = sqlx::query_scalar("select server_checkpoint from jobs where id = $1")
+        .bind(id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let trained: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+
+    // The same visit in process: round 0, first hospital, one pass in the visit's order.
+    let spec: JobSpec = serde_json::from_value(body).unwrap();
+    let config = spec.model_config();
+    let train = &a.data.train;
+    let in_process = |depth: usize| {
+        let mut client = ClientSession::new(&config, Privacy::Plaintext, spec.seed).unwrap();
+        client
+            .set_objective(Objective {
+                client_lr: spec.client_lr,
+                class_weights: spec.class_weights.for_counts(&train.class_counts()),
+            })
+            .unwrap();
+        let server = ServerSession::new(
+            &config,
+            Privacy::Plaintext,
+            spec.server_optimizer,
+            spec.seed,
+        )
+        .unwrap();
+        let mut visit = InProcess::from_sessions(client, server)
+            .with_depth(depth)
+            .unwrap();
+        let order = epoch_order(train.len(), spec.seed, 0);
+        visit
+            .train_pipelined(
+                order
+                    .chunks(spec.batch_size as usize)
+                    .map(|batch| gather(train, batch)),
+            )
+            .unwrap();
+        visit
+    };
+    let mut pipelined = in_process(4);
+    assert_eq!(trained, pipelined.server.model().unwrap().parameters());
+    assert_ne!(
+        trained,
+        in_process(1).server.model().unwrap().parameters(),
+        "four in flight is not one at a time"
+    );
+    // The visit's test measurement (its evaluation steps in flight four at a time too) is that
+    // of the same model one step at a time.
+    let expected = medsplit_engine::training::evaluate(
+        &mut pipelined,
+        &a.data.test,
+        16,
+        &spec.labels.class_names(),
+    )
+    .unwrap();
+    let m = p
+        .researcher
+        .ok("GET", &format!("/v1/jobs/{id}/metrics"), None)
+        .await;
+    assert_eq!(
+        m["visits"][0]["test_accuracy"],
+        json!(expected.accuracy()),
+        "{m}"
+    );
+    running.stop.send_replace(true);
+    running.task.await.unwrap().unwrap();
+}
+
 #[sqlx::test(migrator = "medsplit_coordinator::MIGRATOR")]
 async fn a_killed_agent_s_visit_is_retried(pool: Pool) {
+    killed_agent(pool, 1).await;
+}
+
+#[sqlx::test(migrator = "medsplit_coordinator::MIGRATOR")]
+async fn a_killed_agent_s_pipelined_visit_is_retried(pool: Pool) {
+    killed_agent(pool, 8).await;
+}
+
+async fn killed_agent(pool: Pool, in_flight: u32) {
     let p = Platform::new(&pool, 1, &[]).await;
     let mut a = p.enrol(0).await;
     a.data = std::sync::Arc::new(synthetic_data(4000, 0));
     let mut s = spec(&["h0"], 1);
     s["batch_size"] = json!(2);
+    s["batches_in_flight"] = json!(in_flight);
     let id = p.approved_job(s).await;
     let running = a.spawn();
     // Wait until training is under way, then kill the agent without a goodbye.
@@ -1116,12 +1222,91 @@ async fn a_killed_agent_s_visit_is_retried(pool: Pool) {
     again.task.await.unwrap().unwrap();
 }
 
+/// A session whose attempt loses its lease mid-visit is closed (the coordinator fences it);
+/// the visit is trained again by the next attempt and completes once.
+#[sqlx::test(migrator = "medsplit_coordinator::MIGRATOR")]
+async fn a_pipelined_session_that_loses_its_lease_is_fenced_and_retried(pool: Pool) {
+    lost_lease(pool, 8).await;
+}
+
+#[sqlx::test(migrator = "medsplit_coordinator::MIGRATOR")]
+async fn a_session_that_loses_its_lease_is_fenced_and_retried(pool: Pool) {
+    lost_lease(pool, 1).await;
+}
+
+async fn lost_lease(pool: Pool, in_flight: u32) {
+    let p = Platform::new(&pool, 1, &[]).await;
+    let mut a = p.enrol(0).await;
+    a.data = std::sync::Arc::new(synthetic_data(4000, 0));
+    let mut s = spec(&["h0"], 1);
+    s["batch_size"] = json!(2);
+    s["batches_in_flight"] = json!(in_flight);
+    let id = p.approved_job(s).await;
+    let running = a.spawn();
+    wait_until_training(&pool, id).await;
+    // Backdate the lease until the sweeper re-queues the visit and fences the running attempt
+    // (the agent's heartbeats renew it meanwhile).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while count(
+        &pool,
+        "select count(*) from visits where job_id = $1 and status = 'running' and attempt = 1",
+        id,
+    )
+    .await
+        == 1
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the lease was never lost"
+        );
+        sqlx::query(
+            "update visits set lease_expires_at = now() - interval '1 minute' where job_id = $1 and attempt = 1",
+        )
+        .bind(id)
+        .execute(&pool)
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let job = p.wait_job(id, Duration::from_secs(180)).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    let (attempt, status): (i32, String) =
+        sqlx::query_as("select attempt, status from visits where job_id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!((attempt, status.as_str()), (2, "completed"));
+    let completed = count(
+        &pool,
+        "select count(*) from job_events where job_id = $1 and kind = 'visit.completed'",
+        id,
+    )
+    .await;
+    assert_eq!(completed, 1);
+    running.stop.send_replace(true);
+    running.task.await.unwrap().unwrap();
+}
+
 #[sqlx::test(migrator = "medsplit_coordinator::MIGRATOR")]
 async fn coordinator_killed_mid_job_resumes_without_losing_or_repeating_visits(pool: Pool) {
+    killed_coordinator(pool, 1).await;
+}
+
+#[sqlx::test(migrator = "medsplit_coordinator::MIGRATOR")]
+async fn coordinator_killed_mid_pipelined_job_resumes_without_losing_or_repeating_visits(
+    pool: Pool,
+) {
+    killed_coordinator(pool, 8).await;
+}
+
+async fn killed_coordinator(pool: Pool, in_flight: u32) {
     let mut p = Platform::new(&pool, 3, &[]).await;
     let agents: Vec<_> = futures_util::future::join_all((0..3).map(|i| p.enrol(i))).await;
     let running: Vec<_> = agents.iter().map(|a| a.spawn()).collect();
-    let id = p.approved_job(spec(&["h0", "h1", "h2"], 2)).await;
+    let mut s = spec(&["h0", "h1", "h2"], 2);
+    s["batches_in_flight"] = json!(in_flight);
+    let id = p.approved_job(s).await;
     // Kill once the first visits are done and another is in flight.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     while count(

@@ -255,6 +255,14 @@ pub struct JobSpec {
     pub local_steps: Option<u32>,
     #[serde(default = "default_batch")]
     pub batch_size: u32,
+    /// Training batches a visit keeps in flight, 1 to [`crate::protocol::MAX_DEPTH`]: the
+    /// agent sends later batches' forward messages before earlier batches' replies arrive, so a
+    /// hospital far from the coordinator waits two round trips per this many batches rather
+    /// than per batch. 1 trains exactly as one batch at a time; more trains each batch through
+    /// layers up to this many batches stale (the rules: [`crate::protocol::ClientSession::with_depth`]).
+    /// More than 1 needs trained client layers (`train_client`) and no DP.
+    #[serde(default = "default_in_flight")]
+    pub batches_in_flight: u32,
     /// Test accuracy is measured every `eval_every` rounds (and after the last round).
     #[serde(default = "one")]
     pub eval_every: u32,
@@ -368,6 +376,9 @@ fn yes() -> bool {
 fn default_batch() -> u32 {
     4
 }
+fn default_in_flight() -> u32 {
+    JobSpec::DEFAULT_BATCHES_IN_FLIGHT
+}
 fn default_attempts() -> u32 {
     3
 }
@@ -421,11 +432,12 @@ impl JobSpec {
     /// The whole-number fields and their allowed ranges (inclusive). The dashboard's job form
     /// checks the same ranges (`web/app.js`, `INT_FIELDS`; a test compares them).
     /// `local_steps` is checked when it is set.
-    pub const RANGES: [(&'static str, u32, u32); 6] = [
+    pub const RANGES: [(&'static str, u32, u32); 7] = [
         ("rounds", 1, 1000),
         ("local_epochs", 1, 100),
         ("local_steps", 1, 1_000_000),
         ("batch_size", 1, 256),
+        ("batches_in_flight", 1, crate::protocol::MAX_DEPTH as u32),
         ("eval_every", 1, 1000),
         ("max_attempts", 1, 20),
     ];
@@ -433,6 +445,9 @@ impl JobSpec {
     /// The largest seed: 2^53 − 1, the largest whole number that every JSON reader (a browser's
     /// included) keeps exact, so that the seed a job shows is the one it trains with.
     pub const MAX_SEED: u64 = (1 << 53) - 1;
+
+    /// `batches_in_flight` when a job does not say.
+    pub const DEFAULT_BATCHES_IN_FLIGHT: u32 = 1;
 
     /// Checks every field's range; the first problem found is returned.
     pub fn validate(&self) -> Result<(), FieldError> {
@@ -455,6 +470,7 @@ impl JobSpec {
             Some(self.local_epochs),
             self.local_steps,
             Some(self.batch_size),
+            Some(self.batches_in_flight),
             Some(self.eval_every),
             Some(self.max_attempts),
         ];
@@ -496,6 +512,12 @@ impl JobSpec {
             return Err(FieldError::new(
                 "train_client",
                 "can be false only for a job that starts from a finished one (init_from)",
+            ));
+        }
+        if self.batches_in_flight > 1 && (!self.train_client || self.dp.is_some()) {
+            return Err(FieldError::new(
+                "batches_in_flight",
+                "must be 1 when only the server layer trains or with DP",
             ));
         }
         self.preprocessing.validate().map_err(|e| FieldError {

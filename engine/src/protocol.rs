@@ -254,6 +254,17 @@ enum Awaited {
 }
 
 impl Awaited {
+    /// An evaluation step (which may overlap other evaluation steps).
+    fn is_evaluation(&self) -> bool {
+        matches!(
+            self,
+            Self::Logits {
+                step: Step::Classes,
+                ..
+            }
+        )
+    }
+
     /// Part of a training step (which may overlap other training steps).
     fn is_training(&self) -> bool {
         matches!(
@@ -384,6 +395,9 @@ impl ClientSession {
     ///   layer current when its backward message arrives in `split-he` (the updates of the
     ///   batches before it), and that of its forward pass in `split`.
     ///
+    /// Evaluation steps overlap the same way (up to `depth`, with no training step in flight);
+    /// they change no weights, so their answers are those of one at a time.
+    ///
     /// Needs trained client layers without DP-SGD (refused otherwise at the first step).
     pub fn with_depth(mut self, depth: usize) -> Result<Self, ProtocolError> {
         self.depth = checked_depth(depth)?;
@@ -457,13 +471,15 @@ impl ClientSession {
 
     fn begin(&mut self, rows: &[f32], labels: &[u8], step: Step) -> Result<Vec<u8>, ProtocolError> {
         let train = step == Step::Train;
-        // Only training batches overlap; any other step starts once nothing is in flight.
-        let busy = match step {
-            Step::Train => {
-                self.inflight.len() >= self.depth || self.inflight.iter().any(|s| !s.is_training())
-            }
-            _ => !self.inflight.is_empty(),
-        };
+        // Up to `depth` steps of one kind overlap: training batches (stale by the rules at
+        // `with_depth`) or evaluation steps (which change no weights, so they are exact).
+        // Inference steps and steps of another kind start once nothing is in flight.
+        let busy = self.inflight.len() >= self.depth
+            || match step {
+                Step::Train => self.inflight.iter().any(|s| !s.is_training()),
+                Step::Classes => self.inflight.iter().any(|s| !s.is_evaluation()),
+                Step::Probabilities => !self.inflight.is_empty(),
+            };
         if busy {
             return Err(ProtocolError::Unexpected("a step is already in flight"));
         }
@@ -1374,6 +1390,16 @@ pub trait Trainer {
     /// # Shapes
     /// `beats`: `[B, beat_len + features]` (input rows), `labels`: `[B]`.
     fn train_batch(&mut self, beats: &[f32], labels: &[u8]) -> Result<BatchStats, ProtocolError>;
+    /// Optimisation steps on `batches` (rows and labels each), in order; each batch's
+    /// statistics. A split trainer keeps its batches in flight ([`InProcess::train_pipelined`]).
+    fn train_batches(
+        &mut self,
+        batches: &mut dyn Iterator<Item = (Vec<f32>, Vec<u8>)>,
+    ) -> Result<Vec<BatchStats>, ProtocolError> {
+        batches
+            .map(|(beats, labels)| self.train_batch(&beats, &labels))
+            .collect()
+    }
     /// Predicted classes of a batch.
     fn predict(&mut self, beats: &[f32]) -> Result<Vec<usize>, ProtocolError>;
     /// Bytes sent each way so far.
@@ -1562,6 +1588,13 @@ impl Trainer for InProcess {
                 _ => return Err(ProtocolError::Unexpected("training step did not finish")),
             }
         }
+    }
+
+    fn train_batches(
+        &mut self,
+        batches: &mut dyn Iterator<Item = (Vec<f32>, Vec<u8>)>,
+    ) -> Result<Vec<BatchStats>, ProtocolError> {
+        self.train_pipelined(batches)
     }
 
     fn predict(&mut self, beats: &[f32]) -> Result<Vec<usize>, ProtocolError> {
@@ -2017,6 +2050,44 @@ mod tests {
         }
         assert!(client.start(&rows, &labels, true).is_err());
         assert!(client.start(&rows, &[], false).is_err());
+        // Evaluation steps overlap too, up to the depth, and answer as one at a time does.
+        let mut one = ClientSession::new(&config, Privacy::Plaintext, 1).unwrap();
+        let mut two = ClientSession::new(&config, Privacy::Plaintext, 1)
+            .unwrap()
+            .with_depth(2)
+            .unwrap();
+        let serve = || {
+            ServerSession::new(&config, Privacy::Plaintext, ServerOptimizer::default(), 1).unwrap()
+        };
+        let (mut server_one, mut server_two) = (serve(), serve());
+        let batches = [gather(&test, &[0, 1, 2]).0, gather(&test, &[3, 4]).0];
+        let mut expected = Vec::new();
+        for rows in &batches {
+            let f = one.start(rows, &[], false).unwrap();
+            assert!(one.start(rows, &[], false).is_err(), "one at a time");
+            let ClientEvent::Evaluated(p) =
+                one.on_message(&server_one.handle(&f).unwrap()).unwrap()
+            else {
+                panic!("an evaluation")
+            };
+            expected.push(p);
+        }
+        let sent: Vec<_> = batches
+            .iter()
+            .map(|rows| two.start(rows, &[], false).unwrap())
+            .collect();
+        assert!(two.start(&batches[0], &[], false).is_err(), "two at most");
+        assert!(
+            two.start(&rows, &labels, true).is_err(),
+            "no training step among evaluations"
+        );
+        for (f, expected) in sent.iter().zip(&expected) {
+            let ClientEvent::Evaluated(p) = two.on_message(&server_two.handle(f).unwrap()).unwrap()
+            else {
+                panic!("an evaluation")
+            };
+            assert_eq!(&p, expected);
+        }
         let mut other = ClientSession::new(&config, Privacy::Plaintext, 2)
             .unwrap()
             .with_depth(3)

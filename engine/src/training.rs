@@ -103,7 +103,7 @@ impl Totals {
 }
 
 /// One pass over `data` in `order`, `batch_size` samples at a time (the last batch may be
-/// smaller). `progress(done, total)` is called after every batch.
+/// smaller). `progress(started, total)` is called as each batch is handed to the trainer.
 pub fn train_epoch(
     trainer: &mut dyn Trainer,
     data: &Dataset,
@@ -111,11 +111,17 @@ pub fn train_epoch(
     batch_size: usize,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Totals, ProtocolError> {
+    // Progress counts the batches handed to the trainer (with batches in flight, a few ahead
+    // of those finished).
+    let mut started = 0;
+    let mut batches = order.chunks(batch_size.max(1)).map(|batch| {
+        started += batch.len();
+        progress(started, order.len());
+        gather(data, batch)
+    });
     let mut totals = Totals::default();
-    for batch in order.chunks(batch_size.max(1)) {
-        let (beats, labels) = gather(data, batch);
-        totals.add(trainer.train_batch(&beats, &labels)?);
-        progress(totals.samples, order.len());
+    for stats in trainer.train_batches(&mut batches)? {
+        totals.add(stats);
     }
     Ok(totals)
 }

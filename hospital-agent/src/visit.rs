@@ -2,6 +2,7 @@
 //! set (or `local_steps` batches) through the coordinator's encrypted server layer, measure the test set's confusion matrix
 //! through the same path, seal the weights to the agents that may train next, and report.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -15,7 +16,7 @@ use medsplit_engine::api::{
 use medsplit_engine::dpsgd::PoissonBatches;
 use medsplit_engine::metrics::Confusion;
 use medsplit_engine::model::Objective;
-use medsplit_engine::protocol::{ClientEvent, ClientSession, Privacy};
+use medsplit_engine::protocol::{BatchStats, ClientEvent, ClientSession, Privacy};
 use medsplit_engine::training::{SampleStream, Totals, epoch_order, gather};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -126,6 +127,9 @@ pub async fn run_with_budget(
             None,
         ));
     }
+    // The job's batches in flight (more than 1 only for trained client layers without DP).
+    let depth = a.spec.batches_in_flight as usize;
+    client = client.with_depth(depth)?;
     let mut ws = coordinator.session(a.visit_id, a.attempt).await?;
     let mut link = Link::default();
 
@@ -149,35 +153,40 @@ pub async fn run_with_budget(
                 }
                 _ => work.batches(epoch),
             };
-        for batch in batches {
-            let (beats, labels) = gather(&data.train, &batch);
-            let mut out = client.start(&beats, &labels, true)?;
-            let stats = loop {
-                let reply = link.exchange(&mut ws, &mut client, out).await?;
-                match client.on_message(&reply)? {
-                    ClientEvent::Send(next) => out = next,
-                    ClientEvent::Trained(stats) => break stats,
-                    _ => {
-                        return Err(AgentError::Session(
-                            "unexpected reply to a training step".into(),
-                        ));
-                    }
+        let mut batches = batches.fuse();
+        loop {
+            // Start the next batch and go on with those in flight until there is room for
+            // another; after the last, finish every batch in flight.
+            let (finished, last) = match batches.next() {
+                Some(batch) => {
+                    let (beats, labels) = gather(&data.train, &batch);
+                    let forward = client.start(&beats, &labels, true)?;
+                    (
+                        link.train(&mut ws, &mut client, forward, depth).await?,
+                        false,
+                    )
                 }
+                None => (link.drain(&mut ws, &mut client).await?, true),
             };
-            totals.add(stats);
-            let done = (totals.samples as u64).min(total);
-            observer.batch_done(done);
-            if done >= next_report || done == total {
-                next_report = done + total / 50 + 1;
-                let frame = AgentFrame::Progress {
-                    epoch,
-                    epochs,
-                    samples_done: done,
-                    samples_total: total,
-                };
-                send_text(&mut ws, &frame).await?;
+            for stats in finished {
+                totals.add(stats);
+                let done = (totals.samples as u64).min(total);
+                observer.batch_done(done);
+                if done >= next_report || done == total {
+                    next_report = done + total / 50 + 1;
+                    link.queue_text(&AgentFrame::Progress {
+                        epoch,
+                        epochs,
+                        samples_done: done,
+                        samples_total: total,
+                    });
+                }
+            }
+            if last {
+                break;
             }
         }
+        link.write(&mut ws).await?;
         let seconds = started.elapsed().as_secs_f64();
         observer.epoch_done(epoch, seconds, &totals);
         epoch_seconds.push(seconds);
@@ -191,10 +200,26 @@ pub async fn run_with_budget(
         let mut confusion = Confusion::new(class_names)
             .map_err(|e| AgentError::Session(format!("class names: {e}")))?;
         let indices: Vec<usize> = (0..data.test.len()).collect();
-        for batch in indices.chunks(batch_size.max(16)) {
-            let (beats, labels) = gather(&data.test, batch);
-            let out = client.start(&beats, &[], false)?;
-            let reply = link.exchange(&mut ws, &mut client, out).await?;
+        // Up to `depth` evaluation steps in flight: they change no weights, so the answers are
+        // those of one at a time.
+        let mut awaited = VecDeque::new();
+        let mut batches = indices.chunks(batch_size.max(16));
+        loop {
+            let batch = if awaited.len() < depth {
+                batches.next()
+            } else {
+                None
+            };
+            if let Some(batch) = batch {
+                let (beats, labels) = gather(&data.test, batch);
+                link.queue(client.start(&beats, &[], false)?);
+                awaited.push_back(labels);
+                continue;
+            }
+            let Some(labels) = awaited.pop_front() else {
+                break;
+            };
+            let reply = link.reply(&mut ws, &mut client).await?;
             let ClientEvent::Evaluated(predicted) = client.on_message(&reply)? else {
                 return Err(AgentError::Session(
                     "unexpected reply to an evaluation".into(),
@@ -369,7 +394,10 @@ fn ws_err(e: tokio_tungstenite::tungstenite::Error) -> AgentError {
 }
 
 /// The next data frame; a close frame becomes [`AgentError::Closed`].
-async fn next(ws: &mut Session) -> Result<Message, AgentError> {
+async fn next<S>(ws: &mut S) -> Result<Message, AgentError>
+where
+    S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
     loop {
         match ws.next().await {
             None => {
@@ -424,37 +452,164 @@ async fn next_polling(ws: &mut Session, deadline: Instant) -> Result<Message, Ag
     }
 }
 
-/// Bytes each way on the session, and how long replies take.
+/// The session's traffic: the messages queued to write, replies read early, bytes each way,
+/// and how long replies take.
+///
+/// While a message is being written, replies that arrive are read (and kept for their turn):
+/// with many batches in flight neither side can stall the other with a full socket, since each
+/// waits to write only while the other reads.
 #[derive(Default)]
 pub(crate) struct Link {
     pub(crate) up: u64,
     pub(crate) down: u64,
-    /// Moving average of the time from sending a message to its reply (None before the first).
+    /// Moving average of the time from waiting for a reply to its arrival (None before the
+    /// first).
     typical_reply: Option<Duration>,
+    /// Messages to write, oldest first.
+    outbox: VecDeque<Message>,
+    /// Replies read while writing, oldest first.
+    inbox: VecDeque<Vec<u8>>,
+    /// Training batches started whose steps have not finished.
+    batches: usize,
 }
 
 impl Link {
-    /// Sends `request` and waits for the reply, preparing the client's next message meanwhile.
+    /// Sends `request` and waits for its reply, preparing the client's next message meanwhile.
+    /// Nothing else may be in flight.
     pub(crate) async fn exchange(
         &mut self,
         ws: &mut Session,
         client: &mut ClientSession,
         request: Vec<u8>,
     ) -> Result<Vec<u8>, AgentError> {
-        self.up += request.len() as u64;
-        ws.send(Message::binary(request)).await.map_err(ws_err)?;
-        let sent = Instant::now();
+        self.outbox.push_back(Message::binary(request));
+        self.reply(ws, client).await
+    }
+
+    /// Queues a message; it is written before the next reply is awaited.
+    pub(crate) fn queue(&mut self, message: Vec<u8>) {
+        self.outbox.push_back(Message::binary(message));
+    }
+
+    /// Queues a control frame, written before the next binary message.
+    pub(crate) fn queue_text(&mut self, frame: &AgentFrame) {
+        let text = serde_json::to_string(frame).expect("serializable");
+        self.outbox.push_back(Message::text(text));
+    }
+
+    /// Sends the forward message of a training batch, then answers the replies of the batches
+    /// in flight (sending each backward message as its logits arrive) until fewer than `depth`
+    /// are in flight. Returns the statistics of the batches that finished, in order.
+    ///
+    /// The messages go in the order [`InProcess::train_pipelined`] sends them, whatever the
+    /// timing: the reply to each batch's forward is answered by its backward at once, and a
+    /// finished batch is followed by the next one's forward.
+    ///
+    /// [`InProcess::train_pipelined`]: medsplit_engine::protocol::InProcess::train_pipelined
+    pub(crate) async fn train(
+        &mut self,
+        ws: &mut Session,
+        client: &mut ClientSession,
+        forward: Vec<u8>,
+        depth: usize,
+    ) -> Result<Vec<BatchStats>, AgentError> {
+        self.outbox.push_back(Message::binary(forward));
+        self.batches += 1;
+        self.until(ws, client, depth.saturating_sub(1)).await
+    }
+
+    /// Answers replies until no training batch is in flight; the finished batches' statistics,
+    /// in order.
+    pub(crate) async fn drain(
+        &mut self,
+        ws: &mut Session,
+        client: &mut ClientSession,
+    ) -> Result<Vec<BatchStats>, AgentError> {
+        self.until(ws, client, 0).await
+    }
+
+    async fn until(
+        &mut self,
+        ws: &mut Session,
+        client: &mut ClientSession,
+        in_flight: usize,
+    ) -> Result<Vec<BatchStats>, AgentError> {
+        self.write(ws).await?;
+        let mut finished = Vec::new();
+        while self.batches > in_flight {
+            let reply = self.reply(ws, client).await?;
+            match client.on_message(&reply)? {
+                ClientEvent::Send(next) => self.outbox.push_back(Message::binary(next)),
+                ClientEvent::Trained(stats) => {
+                    finished.push(stats);
+                    self.batches -= 1;
+                }
+                _ => {
+                    return Err(AgentError::Session(
+                        "unexpected reply to a training step".into(),
+                    ));
+                }
+            }
+        }
+        Ok(finished)
+    }
+
+    /// Writes the queued messages, then returns the next reply: one read meanwhile, or the one
+    /// awaited (the client prepares its next message while it is).
+    pub(crate) async fn reply(
+        &mut self,
+        ws: &mut Session,
+        client: &mut ClientSession,
+    ) -> Result<Vec<u8>, AgentError> {
+        self.write(ws).await?;
+        if let Some(reply) = self.inbox.pop_front() {
+            return Ok(reply);
+        }
         client.prepare();
+        let waiting = Instant::now();
         let spin =
             SPIN.load(Ordering::Relaxed) && self.typical_reply.is_some_and(|t| t <= REPLY_SPIN);
         let reply = if spin {
-            next_polling(ws, sent + REPLY_SPIN).await
+            next_polling(ws, waiting + REPLY_SPIN).await
         } else {
             next(ws).await
         };
-        let took = sent.elapsed();
+        let took = waiting.elapsed();
         self.typical_reply = Some(self.typical_reply.map_or(took, |t| (t * 7 + took) / 8));
-        match reply? {
+        self.binary(reply?)
+    }
+
+    /// Writes every queued message, reading the replies that arrive meanwhile into the inbox.
+    pub(crate) async fn write(&mut self, ws: &mut Session) -> Result<(), AgentError> {
+        if self.outbox.is_empty() {
+            return Ok(());
+        }
+        let (mut sink, mut stream) = (&mut *ws).split();
+        while let Some(message) = self.outbox.pop_front() {
+            if let Message::Binary(b) = &message {
+                self.up += b.len() as u64;
+            }
+            // After a completed flush the sink takes a message at once.
+            sink.feed(message).await.map_err(ws_err)?;
+            loop {
+                tokio::select! {
+                    biased;
+                    flushed = sink.flush() => {
+                        flushed.map_err(ws_err)?;
+                        break;
+                    }
+                    reply = next(&mut stream) => {
+                        let reply = self.binary(reply?)?;
+                        self.inbox.push_back(reply);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn binary(&mut self, message: Message) -> Result<Vec<u8>, AgentError> {
+        match message {
             Message::Binary(b) => {
                 self.down += b.len() as u64;
                 Ok(b.to_vec())

@@ -69,6 +69,11 @@ struct Args {
     hospitals: usize,
     #[arg(long, default_value_t = 4)]
     batch_size: usize,
+    /// Training batches in flight in the split modes (the job spec's `batches_in_flight`): the
+    /// client sends later batches' forward messages before earlier ones' replies arrive.
+    /// Comma-separated: every mode is run at each (default: the job spec's default).
+    #[arg(long, value_delimiter = ',')]
+    batches_in_flight: Vec<usize>,
     /// Comma-separated: local, split, split-he, cyclic-he.
     #[arg(long, default_value = "local,split,split-he", value_delimiter = ',')]
     modes: Vec<Mode>,
@@ -121,8 +126,9 @@ struct Args {
     transport: Transport,
     /// With --transport websocket: the round-trip time between the agents and the coordinator,
     /// in milliseconds (a relay in this process delays each direction by half of it).
-    #[arg(long, default_value_t = 0.0)]
-    rtt_ms: f64,
+    /// Comma-separated: every mode is run over each.
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    rtt_ms: Vec<f64>,
     /// With --transport websocket: the bandwidth of the link each way, in Mbit/s (default:
     /// unlimited).
     #[arg(long)]
@@ -230,6 +236,8 @@ struct ModeResult {
     mode: String,
     transport: String,
     batch_size: usize,
+    /// Training batches in flight in the split modes.
+    batches_in_flight: usize,
     epochs: usize,
     /// cyclic-he: batches per visit (absent: one pass over the hospital's beats per visit).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -272,6 +280,8 @@ struct Setup {
     weights: ClassWeights,
     optimizer: ServerOptimizer,
     client_lr: f64,
+    /// Training batches in flight in the split modes.
+    in_flight: usize,
     train: Dataset,
     test: Dataset,
 }
@@ -320,10 +330,27 @@ fn try_main(args: Args) -> anyhow::Result<()> {
             bail!("--export {}: the directory is not empty", dir.display());
         }
     }
-    let link = medsplit_tools::relay::Link::new(args.rtt_ms, args.bandwidth_mbps)?;
-    if !link.is_loopback() && args.transport != Transport::Websocket {
+    let links = args
+        .rtt_ms
+        .iter()
+        .map(|&rtt| medsplit_tools::relay::Link::new(rtt, args.bandwidth_mbps))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if links.iter().any(|l| !l.is_loopback()) && args.transport != Transport::Websocket {
         bail!(
             "--rtt-ms and --bandwidth-mbps slow the link to a coordinator: add --transport websocket"
+        );
+    }
+    let depths = match args.batches_in_flight.as_slice() {
+        [] => vec![JobSpec::DEFAULT_BATCHES_IN_FLIGHT as usize],
+        d => d.to_vec(),
+    };
+    if let Some(&k) = depths
+        .iter()
+        .find(|&&k| !(1..=medsplit_engine::protocol::MAX_DEPTH).contains(&k))
+    {
+        bail!(
+            "--batches-in-flight {k}: 1 to {}",
+            medsplit_engine::protocol::MAX_DEPTH
         );
     }
     if args.private_inference && args.transport != Transport::Websocket {
@@ -335,7 +362,7 @@ fn try_main(args: Args) -> anyhow::Result<()> {
             .build_global()
             .context("configuring worker threads")?;
     }
-    let setup = load(&args)?;
+    let mut setup = load(&args)?;
     if args.attack {
         return attack(&setup, &args);
     }
@@ -358,40 +385,46 @@ fn try_main(args: Args) -> anyhow::Result<()> {
         setup.test.class_counts()
     );
     let mut results = Vec::new();
-    for &mode in &args.modes {
-        if args.split == SplitKind::Ds1Cv && args.records.is_some() {
-            results.push(cross_validate(mode, &setup, &args)?);
-            continue;
+    for &depth in &depths {
+        setup.in_flight = depth;
+        for &mode in &args.modes {
+            if args.split == SplitKind::Ds1Cv && args.records.is_some() {
+                results.push(cross_validate(mode, &setup, &args)?);
+                continue;
+            }
+            if args.transport == Transport::Websocket {
+                for &link in &links {
+                    // The coordinator on its own multi-threaded runtime, the agent on this
+                    // thread, as two processes would run.
+                    let coordinator = tokio::runtime::Runtime::new()?;
+                    let agent = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()?;
+                    results.push(agent.block_on(websocket::run(
+                        mode,
+                        &setup,
+                        &args,
+                        link,
+                        coordinator.handle(),
+                    ))?);
+                }
+                continue;
+            }
+            let result = if mode == Mode::CyclicHe {
+                cyclic(&setup, &args)?
+            } else {
+                let mut trainer = trainer(mode, &setup, &setup.train, args.seed)?;
+                run_mode(
+                    mode,
+                    trainer.as_mut(),
+                    &setup,
+                    &setup.train,
+                    &setup.test,
+                    &args,
+                )?
+            };
+            results.push(result);
         }
-        if args.transport == Transport::Websocket {
-            // The coordinator on its own multi-threaded runtime, the agent on this thread, as
-            // two processes would run.
-            let coordinator = tokio::runtime::Runtime::new()?;
-            let agent = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            results.push(agent.block_on(websocket::run(
-                mode,
-                &setup,
-                &args,
-                coordinator.handle(),
-            ))?);
-            continue;
-        }
-        let result = if mode == Mode::CyclicHe {
-            cyclic(&setup, &args)?
-        } else {
-            let mut trainer = trainer(mode, &setup, &setup.train, args.seed)?;
-            run_mode(
-                mode,
-                trainer.as_mut(),
-                &setup,
-                &setup.train,
-                &setup.test,
-                &args,
-            )?
-        };
-        results.push(result);
     }
     print_table(&results);
     if let Some(path) = &args.json {
@@ -532,6 +565,7 @@ fn load(args: &Args) -> anyhow::Result<Setup> {
         weights,
         optimizer,
         client_lr: args.client_lr,
+        in_flight: 1,
         train,
         test,
     })
@@ -581,7 +615,8 @@ fn trainer(
             } else {
                 Privacy::Encrypted
             };
-            let mut t = InProcess::new(config, privacy, optimizer, seed)?;
+            let mut t =
+                InProcess::new(config, privacy, optimizer, seed)?.with_depth(setup.in_flight)?;
             t.client.set_objective(objective)?;
             Box::new(t)
         }
@@ -623,6 +658,7 @@ fn run_mode(
         mode: mode.name().into(),
         transport: "in-process".into(),
         batch_size: args.batch_size,
+        batches_in_flight: setup.in_flight,
         epochs: args.epochs,
         local_steps: None,
         seconds_per_epoch: median(&epoch_seconds),
@@ -734,7 +770,8 @@ fn cyclic(setup: &Setup, args: &Args) -> anyhow::Result<ModeResult> {
             let label = format!("cyclic-he round {}/{rounds} hospital {}", round + 1, h + 1);
             let (mut visit, totals) = match dp_spec(args) {
                 None => {
-                    let mut visit = InProcess::from_sessions(client, server);
+                    let mut visit =
+                        InProcess::from_sessions(client, server).with_depth(setup.in_flight)?;
                     let order = visit_order(data.len(), args, round, h)?;
                     let (_, totals) =
                         timed_epoch(&mut visit, data, &order, args.batch_size, &label)?;
@@ -826,6 +863,7 @@ fn cyclic(setup: &Setup, args: &Args) -> anyhow::Result<ModeResult> {
         mode: Mode::CyclicHe.name().into(),
         transport: "in-process".into(),
         batch_size: args.batch_size,
+        batches_in_flight: setup.in_flight,
         epochs: rounds,
         local_steps: args.local_steps,
         seconds_per_epoch: median(&epoch_seconds),
@@ -1008,6 +1046,7 @@ fn cross_validate(mode: Mode, setup: &Setup, args: &Args) -> anyhow::Result<Mode
         mode: mode.name().into(),
         transport: "in-process".into(),
         batch_size: args.batch_size,
+        batches_in_flight: setup.in_flight,
         epochs: args.epochs,
         local_steps: None,
         seconds_per_epoch: median(&epoch_seconds),
@@ -1071,7 +1110,7 @@ fn print_table(results: &[ModeResult]) {
     };
     let classes = first.metrics.classes();
     let mut header = String::from(
-        "| mode | batch | epochs | s/epoch (median) | accuracy | majority class | macro-F1 |",
+        "| mode | batch | in flight | epochs | s/epoch (median) | accuracy | majority class | macro-F1 |",
     );
     for c in classes {
         header.push_str(&format!(" {c} Se / PPV |"));
@@ -1079,15 +1118,16 @@ fn print_table(results: &[ModeResult]) {
     header.push_str(" MB/epoch up | MB/epoch down |");
     println!("{header}");
     println!(
-        "|---|---:|---:|---:|---:|---:|---:|{}---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|{}---:|---:|",
         "---:|".repeat(classes.len())
     );
     for r in results {
         let m = &r.metrics;
         let mut line = format!(
-            "| {} | {} | {} | {:.2} | {:.2}% | {:.2}% | {:.3} |",
+            "| {} | {} | {} | {} | {:.2} | {:.2}% | {:.2}% | {:.3} |",
             r.mode,
             r.batch_size,
+            r.batches_in_flight,
             r.epochs,
             r.seconds_per_epoch,
             100.0 * m.accuracy(),
@@ -1178,6 +1218,7 @@ mod websocket {
         mode: Mode,
         setup: &Setup,
         args: &Args,
+        link: medsplit_tools::relay::Link,
         coordinator_runtime: &tokio::runtime::Handle,
     ) -> anyhow::Result<ModeResult> {
         if mode == Mode::Local {
@@ -1202,7 +1243,6 @@ mod websocket {
             .spawn(start_coordinator(pg.url.clone()))
             .await??;
         // The agents reach the coordinator over the emulated link, if one is set.
-        let link = medsplit_tools::relay::Link::new(args.rtt_ms, args.bandwidth_mbps)?;
         let (_relay, agent_url) = coordinator_runtime
             .spawn(medsplit_tools::relay::in_front_of(url.clone(), link))
             .await??;
@@ -1253,6 +1293,7 @@ mod websocket {
                     "local_steps": local_steps,
                     "eval_every": rounds,
                     "batch_size": args.batch_size,
+                    "batches_in_flight": setup.in_flight,
                     "seed": args.seed,
                     "server_optimizer": setup.optimizer,
                     "insecure_plaintext": mode == Mode::Split,
@@ -1355,6 +1396,7 @@ mod websocket {
                 false => format!("websocket, {}", link.describe()),
             },
             batch_size: args.batch_size,
+            batches_in_flight: setup.in_flight,
             epochs,
             local_steps,
             seconds_per_epoch: median(&epoch_seconds),
