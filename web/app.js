@@ -1343,7 +1343,7 @@ const INT_FIELDS = [
   ['local_epochs', 'job-local-epochs', 'Local epochs', 1, 1, 100, 'Passes over a hospital’s training data per visit.'],
   ['local_steps', 'job-local-steps', 'Local steps', 100, 1, 1000000, 'Batches per visit; the next visit goes on through the data where this one stopped.'],
   ['batch_size', 'job-batch-size', 'Batch size', 4, 1, 256, 'Samples per encrypted batch (1–256).'],
-  ['batches_in_flight', 'job-batches-in-flight', 'Batches in flight', 1, 1, 32, 'Batches a hospital sends before the first one’s reply arrives (1–32): more hides the network’s round trips, each batch then trains through layers that many batches old. 1 with DP or server-only training.'],
+  ['batches_in_flight', 'job-batches-in-flight', 'Batches in flight', 4, 1, 32, 'Batches a hospital sends before the first one’s reply arrives (1–32): more hides the network’s round trips, each batch then trains through layers that many batches old. 1 with DP or server-only training.'],
   ['eval_every', 'job-eval-every', 'Evaluate every (rounds)', 1, 1, 1000, 'Test accuracy is also measured after the last round.'],
   ['max_attempts', 'job-max-attempts', 'Attempts per visit', 3, 1, 20, 'Tries a visit gets before the failure policy applies.'],
 ];
@@ -1446,6 +1446,8 @@ function newJobPage(page) {
     insecure_plaintext: insecure.checked,
     init_from: initFrom.value.trim() === '' ? null : parseInteger(initFrom.value),
     train_client: !serverOnly.checked,
+    // Server-only training goes one batch at a time.
+    ...(serverOnly.checked ? { batches_in_flight: 1 } : {}),
   });
 
   // Where a field path of the API points in this form.

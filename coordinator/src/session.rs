@@ -102,7 +102,7 @@ pub async fn upgrade(
     };
     // Up to the job's batches in flight: their messages are answered in the order they arrive.
     let server = server
-        .with_depth(spec.batches_in_flight as usize)
+        .with_depth(spec.in_flight() as usize)
         .map_err(|e| Error::Internal(format!("job {}: server layer: {e}", job.id)))?;
     let visit = Visit {
         id: visit.id,

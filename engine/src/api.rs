@@ -260,9 +260,11 @@ pub struct JobSpec {
     /// hospital far from the coordinator waits two round trips per this many batches rather
     /// than per batch. 1 trains exactly as one batch at a time; more trains each batch through
     /// layers up to this many batches stale (the rules: [`crate::protocol::ClientSession::with_depth`]).
-    /// More than 1 needs trained client layers (`train_client`) and no DP.
-    #[serde(default = "default_in_flight")]
-    pub batches_in_flight: u32,
+    /// More than 1 needs trained client layers (`train_client`) and no DP. A new job that
+    /// does not say gets [`JobSpec::with_default_in_flight`]'s value; `None` (a job stored
+    /// before the field existed) trains one at a time ([`JobSpec::in_flight`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batches_in_flight: Option<u32>,
     /// Test accuracy is measured every `eval_every` rounds (and after the last round).
     #[serde(default = "one")]
     pub eval_every: u32,
@@ -376,9 +378,6 @@ fn yes() -> bool {
 fn default_batch() -> u32 {
     4
 }
-fn default_in_flight() -> u32 {
-    JobSpec::DEFAULT_BATCHES_IN_FLIGHT
-}
 fn default_attempts() -> u32 {
     3
 }
@@ -446,8 +445,32 @@ impl JobSpec {
     /// included) keeps exact, so that the seed a job shows is the one it trains with.
     pub const MAX_SEED: u64 = (1 << 53) - 1;
 
-    /// `batches_in_flight` when a job does not say.
-    pub const DEFAULT_BATCHES_IN_FLIGHT: u32 = 1;
+    /// `batches_in_flight` of a new job that does not say, when its client layers train without
+    /// DP (docs/benchmarks.md, "Batches in flight": the accuracy it costs and the time it saves).
+    pub const DEFAULT_BATCHES_IN_FLIGHT: u32 = 4;
+
+    /// Training batches each visit keeps in flight.
+    pub fn in_flight(&self) -> u32 {
+        self.batches_in_flight.unwrap_or(1)
+    }
+
+    /// Whether more than one batch may be in flight: the client layers train, without DP.
+    pub fn may_pipeline(&self) -> bool {
+        self.train_client && self.dp.is_none()
+    }
+
+    /// The spec as a new job stores it: `batches_in_flight` filled in when not given
+    /// ([`Self::DEFAULT_BATCHES_IN_FLIGHT`] where it may pipeline, else 1).
+    pub fn with_default_in_flight(mut self) -> Self {
+        if self.batches_in_flight.is_none() {
+            self.batches_in_flight = Some(if self.may_pipeline() {
+                Self::DEFAULT_BATCHES_IN_FLIGHT
+            } else {
+                1
+            });
+        }
+        self
+    }
 
     /// Checks every field's range; the first problem found is returned.
     pub fn validate(&self) -> Result<(), FieldError> {
@@ -470,7 +493,7 @@ impl JobSpec {
             Some(self.local_epochs),
             self.local_steps,
             Some(self.batch_size),
-            Some(self.batches_in_flight),
+            self.batches_in_flight,
             Some(self.eval_every),
             Some(self.max_attempts),
         ];
@@ -514,7 +537,7 @@ impl JobSpec {
                 "can be false only for a job that starts from a finished one (init_from)",
             ));
         }
-        if self.batches_in_flight > 1 && (!self.train_client || self.dp.is_some()) {
+        if self.in_flight() > 1 && !self.may_pipeline() {
             return Err(FieldError::new(
                 "batches_in_flight",
                 "must be 1 when only the server layer trains or with DP",

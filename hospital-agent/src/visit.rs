@@ -128,7 +128,7 @@ pub async fn run_with_budget(
         ));
     }
     // The job's batches in flight (more than 1 only for trained client layers without DP).
-    let depth = a.spec.batches_in_flight as usize;
+    let depth = a.spec.in_flight() as usize;
     client = client.with_depth(depth)?;
     let mut ws = coordinator.session(a.visit_id, a.attempt).await?;
     let mut link = Link::default();

@@ -250,6 +250,7 @@ function configuredSummary(entries, where) {
     'Local work per visit': '50 batches (200 beats), continuing through the data from visit to visit',
     'Class weights': 'Balanced: each hospital weighs its classes inversely to their frequency',
     'Client learning rate': 'Adam, 0.002',
+    'Batches in flight': '6: a hospital sends up to 6 batches before their replies arrive; each batch trains through layers up to 5 batches old',
   };
   for (const [term, text] of Object.entries(expected)) {
     check(entries[term] === text, `${where}: ${term} is "${entries[term]}", expected "${text}"`);
@@ -531,6 +532,8 @@ async function walkthrough(browser) {
   await researcher.getByLabel('Local work per visit').selectOption('steps');
   check(await researcher.locator('#job-local-epochs').isHidden(), 'local epochs hidden once steps are chosen');
   await researcher.locator('#job-local-steps').fill('50');
+  check(await researcher.getByLabel('Batches in flight').inputValue() === '4', 'four batches in flight unless chosen');
+  await researcher.getByLabel('Batches in flight').fill('6');
   await researcher.locator('#job-client-lr').fill('2');
   await researcher.getByRole('button', { name: 'Submit job' }).click();
   const lrMessage = await fieldError('job-client-lr');
@@ -541,7 +544,7 @@ async function walkthrough(browser) {
   const configuredId = researcher.url().split('/').pop();
   const sent = await researcher.evaluate(async (id) => (await fetch(`/v1/jobs/${id}`)).json(), configuredId);
   check(sent.spec.model.preset === 'm1_tail' && sent.spec.local_steps === 50 && sent.spec.local_epochs === 1
-    && sent.spec.class_weights === 'balanced' && sent.spec.client_lr === 0.002
+    && sent.spec.class_weights === 'balanced' && sent.spec.client_lr === 0.002 && sent.spec.batches_in_flight === 6
     && sent.spec.labels === 'papers' && sent.spec.preprocessing.lead === 'MLII'
     && sent.spec.preprocessing.rr?.local_beats === 10 && sent.network.preprocessing === 'inter_patient',
   `the form sent: ${JSON.stringify(sent.spec)}`);

@@ -202,6 +202,7 @@ async fn create_job(
     Body(spec): Body<JobSpec>,
 ) -> Result<(StatusCode, Json<JobView>)> {
     p.require(Role::Researcher)?;
+    let spec = spec.with_default_in_flight();
     spec.validate()?;
     let found = db::hospitals_by_name(&s.db, &spec.hospitals).await?;
     let mut ids = Vec::new();

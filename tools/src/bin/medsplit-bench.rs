@@ -71,7 +71,7 @@ struct Args {
     batch_size: usize,
     /// Training batches in flight in the split modes (the job spec's `batches_in_flight`): the
     /// client sends later batches' forward messages before earlier ones' replies arrive.
-    /// Comma-separated: every mode is run at each (default: the job spec's default).
+    /// Comma-separated: every mode is run at each (default: a new job's default, 1 with DP).
     #[arg(long, value_delimiter = ',')]
     batches_in_flight: Vec<usize>,
     /// Comma-separated: local, split, split-he, cyclic-he.
@@ -340,7 +340,9 @@ fn try_main(args: Args) -> anyhow::Result<()> {
             "--rtt-ms and --bandwidth-mbps slow the link to a coordinator: add --transport websocket"
         );
     }
+    // By default what a new job gets: one at a time with DP.
     let depths = match args.batches_in_flight.as_slice() {
+        [] if dp_spec(&args).is_some() => vec![1],
         [] => vec![JobSpec::DEFAULT_BATCHES_IN_FLIGHT as usize],
         d => d.to_vec(),
     };
@@ -658,7 +660,7 @@ fn run_mode(
         mode: mode.name().into(),
         transport: "in-process".into(),
         batch_size: args.batch_size,
-        batches_in_flight: setup.in_flight,
+        batches_in_flight: in_flight(mode, setup),
         epochs: args.epochs,
         local_steps: None,
         seconds_per_epoch: median(&epoch_seconds),
@@ -672,6 +674,14 @@ fn run_mode(
         dp: None,
         metrics,
     })
+}
+
+/// Training batches in flight in `mode` (a local model trains one at a time).
+fn in_flight(mode: Mode, setup: &Setup) -> usize {
+    match mode {
+        Mode::Local => 1,
+        _ => setup.in_flight,
+    }
 }
 
 /// One pass over `data` in `order`, with a progress line on a terminal.
@@ -1046,7 +1056,7 @@ fn cross_validate(mode: Mode, setup: &Setup, args: &Args) -> anyhow::Result<Mode
         mode: mode.name().into(),
         transport: "in-process".into(),
         batch_size: args.batch_size,
-        batches_in_flight: setup.in_flight,
+        batches_in_flight: in_flight(mode, setup),
         epochs: args.epochs,
         local_steps: None,
         seconds_per_epoch: median(&epoch_seconds),
@@ -1125,7 +1135,10 @@ fn print_table(results: &[ModeResult]) {
         let m = &r.metrics;
         let mut line = format!(
             "| {} | {} | {} | {} | {:.2} | {:.2}% | {:.2}% | {:.3} |",
-            r.mode,
+            match r.transport.as_str() {
+                "in-process" => r.mode.clone(),
+                transport => format!("{} ({transport})", r.mode),
+            },
             r.batch_size,
             r.batches_in_flight,
             r.epochs,
