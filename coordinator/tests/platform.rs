@@ -1184,6 +1184,19 @@ async fn a_pipelined_visit_trains_as_the_engine_does_in_process(pool: Pool) {
     running.task.await.unwrap().unwrap();
 }
 
+/// A one-hospital job long enough to interrupt (2,000 batches of 2) with `in_flight` batches in
+/// flight: the agent, the job and the running agent.
+async fn long_visit(p: &Platform, in_flight: u32) -> (TestAgent, i64, Running) {
+    let mut a = p.enrol(0).await;
+    a.data = std::sync::Arc::new(synthetic_data(4000, 0));
+    let mut s = spec(&["h0"], 1);
+    s["batch_size"] = json!(2);
+    s["batches_in_flight"] = json!(in_flight);
+    let id = p.approved_job(s).await;
+    let running = a.spawn();
+    (a, id, running)
+}
+
 #[sqlx::test(migrator = "medsplit_coordinator::MIGRATOR")]
 async fn a_killed_agent_s_visit_is_retried(pool: Pool) {
     killed_agent(pool, 1).await;
@@ -1196,13 +1209,7 @@ async fn a_killed_agent_s_pipelined_visit_is_retried(pool: Pool) {
 
 async fn killed_agent(pool: Pool, in_flight: u32) {
     let p = Platform::new(&pool, 1, &[]).await;
-    let mut a = p.enrol(0).await;
-    a.data = std::sync::Arc::new(synthetic_data(4000, 0));
-    let mut s = spec(&["h0"], 1);
-    s["batch_size"] = json!(2);
-    s["batches_in_flight"] = json!(in_flight);
-    let id = p.approved_job(s).await;
-    let running = a.spawn();
+    let (a, id, running) = long_visit(&p, in_flight).await;
     // Wait until training is under way, then kill the agent without a goodbye.
     wait_until_training(&pool, id).await;
     running.task.abort();
@@ -1236,13 +1243,7 @@ async fn a_session_that_loses_its_lease_is_fenced_and_retried(pool: Pool) {
 
 async fn lost_lease(pool: Pool, in_flight: u32) {
     let p = Platform::new(&pool, 1, &[]).await;
-    let mut a = p.enrol(0).await;
-    a.data = std::sync::Arc::new(synthetic_data(4000, 0));
-    let mut s = spec(&["h0"], 1);
-    s["batch_size"] = json!(2);
-    s["batches_in_flight"] = json!(in_flight);
-    let id = p.approved_job(s).await;
-    let running = a.spawn();
+    let (_a, id, running) = long_visit(&p, in_flight).await;
     wait_until_training(&pool, id).await;
     // Backdate the lease until the sweeper re-queues the visit and fences the running attempt
     // (the agent's heartbeats renew it meanwhile).
