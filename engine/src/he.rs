@@ -13,12 +13,20 @@
 //!   The server multiplies by `P_g(X) = Σ_k X^{k·n}·(w_{0,j} − Σ_{i≥1} w_{i,j}·X^{N − L·i})` with
 //!   `j = g·G + k`, `G = L / n` logits per output ciphertext; coefficient `k·n + b` of the product
 //!   is `⟨a_b, w_j⟩`, every other coefficient is discarded. Only the first `G·n` bodies come back.
-//! * Backward upload (per group g): `U_g(X) = Σ_k Σ_b g_{b,j}·X^{D·b + k·n·D}`; the server
-//!   multiplies by `V_g(X) = Σ_k Σ_i w_{i,j}·X^{i − k·n·D}` and sums over g. Coefficient `D·b + i`
-//!   is `Σ_j g_{b,j}·w_{i,j} = dJ/da_b[i]`; cross-group terms land at or beyond `n·D`. Only the
-//!   first `n·D` bodies come back.
-//! * Both only need `L·D ≤ N` (every exponent above stays below N, unwanted products land on
-//!   discarded coefficients), so any cut width up to N packs; one that divides N wastes no lane.
+//! * Backward upload: all of a chunk's `n·C` values of dJ/dlogits in one ciphertext (chunks of
+//!   more than `⌊N / C⌋` samples use one upload per `⌊N / C⌋`), laid out for feature tiles of
+//!   width `r` with `C·n·r ≤ N`: `U(X) = Σ_b Σ_j g_{b,j}·X^{r·b + j·T}`, `T = n·r`. The cut is
+//!   cut into `m = ⌈D / ⌊N / (C·n)⌋⌉` tiles of `r = ⌈D / m⌉` features; for tile t the server
+//!   multiplies U by `V_t(X) = Σ_j Σ_{i in t} w_{i,j}·X^{(i − t·r) − j·T}`. Coefficient
+//!   `r·b + (i − t·r)` of the product is `Σ_j g_{b,j}·w_{i,j} = dJ/da_b[i]`; the products of
+//!   `g_{b,j}` with `w_{i,j'}`, `j' ≠ j`, land a non-zero multiple of T away, in `[T, N)`
+//!   (as `C·T ≤ N`). One output per tile; only its first `r·(n − 1) + |t|` bodies come back.
+//!   Uploads cost a whole body each and outputs a whole mask, so one upload and m outputs
+//!   (M1 at batch 4: 1 and 3) move fewer bytes than one upload per logit group into a single
+//!   output would (3 and 1).
+//! * Both only need `L·D ≤ N` and `C ≤ N` (every exponent above stays below N, unwanted
+//!   products land on discarded coefficients), so any cut width up to N packs; one that
+//!   divides N wastes no lane.
 //!
 //! # Scales and noise budget (checked by the tests below)
 //! | quantity                      | scale            | bound it must respect                      |
@@ -46,8 +54,8 @@
 //! have (D ≤ 2048, C ≤ 64, `model::MAX_CUT`, `model::MAX_SERVER_OUTPUTS`; tested below at the
 //! extremes).
 //! Input gradients (scale 2^60): every coefficient of a gradient upload carries noise and meets
-//! every weight, so (1)+(2) are multiplied by the whole matrix, 2^16.7 · 2^20 · ‖W‖_F (≤ 2^38.7
-//! for ‖W‖_F ≤ 4), plus (4): σ ≈ 2^38.8 → 2^-21.2 ≈ 4·10^-7 in gradient units. With 30 bits, (4)
+//! every weight of a tile, so (1)+(2) are multiplied by the tile's part of the matrix, at most
+//! the whole of it: 2^16.7 · 2^20 · ‖W‖_F (≤ 2^38.7 for ‖W‖_F ≤ 4), plus (4) once per output: σ ≈ 2^38.8 → 2^-21.2 ≈ 4·10^-7 in gradient units. With 30 bits, (4)
 //! was 4× larger and measurably pulled 10-epoch Adam trajectories away from the plaintext ones
 //! (docs/benchmarks.md); 32 bits cost 3 % more traffic. ‖W‖_F grows with C: at ‖w_j‖₂ = 4 for
 //! all 64 outputs it is 32, σ ≈ 2^41.7 → 2^-18.3 ≈ 3·10^-6, still far below the 1e-4 tested.
@@ -94,6 +102,8 @@ const GLWE_SIZE: GlweSize = GlweSize(2);
 pub enum HeError {
     #[error("cut width {cut} must be 1 to the polynomial size {POLYNOMIAL_SIZE}, with outputs")]
     CutWidth { cut: usize },
+    #[error("{classes} server outputs: the packing holds 1 to {POLYNOMIAL_SIZE}")]
+    Outputs { classes: usize },
     #[error("a chunk holds 1 to {lanes} samples, got {got}")]
     ChunkSize { lanes: usize, got: usize },
     #[error("expected {expected} values, got {got}")]
@@ -120,8 +130,11 @@ pub struct Packing {
 
 impl Packing {
     pub fn new(cut: usize, classes: usize) -> Result<Self, HeError> {
-        if cut == 0 || cut > POLYNOMIAL_SIZE || classes == 0 {
+        if cut == 0 || cut > POLYNOMIAL_SIZE {
             return Err(HeError::CutWidth { cut });
+        }
+        if classes == 0 || classes > POLYNOMIAL_SIZE {
+            return Err(HeError::Outputs { classes });
         }
         Ok(Self {
             cut,
@@ -140,9 +153,52 @@ impl Packing {
         self.lanes / n
     }
 
-    /// Output ciphertexts (forward) and gradient uploads (backward) for a chunk of `n` samples.
+    /// Output ciphertexts of the forward pass of a chunk of `n` samples.
     pub fn groups(&self, n: usize) -> usize {
         self.classes.div_ceil(self.per_group(n))
+    }
+
+    /// Samples one backward upload carries (its `n·C` values fit N coefficients).
+    fn upload_samples(&self) -> usize {
+        POLYNOMIAL_SIZE / self.classes
+    }
+
+    /// Gradient uploads of the backward pass of a chunk of `n` samples (1 unless `n·C > N`).
+    pub fn backward_uploads(&self, n: usize) -> usize {
+        n.div_ceil(self.upload_samples())
+    }
+
+    /// Layout of backward upload `u` of a chunk of `n` samples.
+    fn tiles(&self, n: usize, u: usize) -> Tiles {
+        let first = u * self.upload_samples();
+        let samples = self.upload_samples().min(n - first);
+        let count = self
+            .cut
+            .div_ceil(POLYNOMIAL_SIZE / (self.classes * samples));
+        Tiles {
+            first,
+            samples,
+            width: self.cut.div_ceil(count),
+            count,
+        }
+    }
+
+    /// Every backward upload of a chunk with its layout, in order.
+    fn all_tiles(&self, n: usize) -> impl Iterator<Item = Tiles> + use<> {
+        let p = *self;
+        (0..self.backward_uploads(n)).map(move |u| p.tiles(n, u))
+    }
+
+    /// Output ciphertexts of the backward pass of a chunk of `n` samples (one per tile).
+    pub fn backward_outputs(&self, n: usize) -> usize {
+        self.all_tiles(n).map(|t| t.count).sum()
+    }
+
+    /// Bodies the client needs from each backward output of a chunk of `n` samples, in order.
+    pub fn backward_output_bodies(&self, n: usize) -> Vec<usize> {
+        self.all_tiles(n)
+            .flat_map(|t| (0..t.count).map(move |o| t.bodies(self.cut, o)))
+            .collect()
     }
 
     /// Sizes of the chunks a batch of `batch` samples is cut into.
@@ -182,20 +238,27 @@ impl Packing {
         Ok(poly)
     }
 
-    /// Plaintext polynomial of upload `g` of a chunk's dJ/dlogits.
+    /// Plaintext polynomial of backward upload `u` of a chunk's dJ/dlogits.
     ///
     /// # Shapes
     /// `grads`: `[n, C]` row-major. Returns N coefficients.
-    pub fn encode_gradients(&self, grads: &[f32], n: usize, g: usize) -> Result<Vec<u64>, HeError> {
+    pub fn encode_gradients(&self, grads: &[f32], n: usize, u: usize) -> Result<Vec<u64>, HeError> {
         self.check_chunk(n)?;
         expect_len(grads.len(), n * self.classes)?;
+        if u >= self.backward_uploads(n) {
+            return Err(HeError::CiphertextCount {
+                expected: self.backward_uploads(n),
+                got: u + 1,
+            });
+        }
+        let t = self.tiles(n, u);
         let mut poly = vec![0u64; POLYNOMIAL_SIZE];
-        let first = self.logits_in_group(n, g).start;
-        for j in self.logits_in_group(n, g) {
-            let k = j - first;
-            for b in 0..n {
-                poly[self.cut * b + k * n * self.cut] =
-                    to_fixed(grads[b * self.classes + j] as f64, GRADIENT_SCALE_LOG)?;
+        for b in 0..t.samples {
+            for j in 0..self.classes {
+                poly[t.width * b + j * t.stride()] = to_fixed(
+                    grads[(t.first + b) * self.classes + j] as f64,
+                    GRADIENT_SCALE_LOG,
+                )?;
             }
         }
         Ok(poly)
@@ -204,11 +267,6 @@ impl Packing {
     /// Bodies the client needs from forward output `g` of a chunk of `n` samples.
     pub fn forward_output_bodies(&self, n: usize, g: usize) -> usize {
         self.logits_in_group(n, g).len() * n
-    }
-
-    /// Bodies the client needs from the backward output of a chunk of `n` samples.
-    pub fn backward_output_bodies(&self, n: usize) -> usize {
-        n * self.cut
     }
 
     /// Logits from the decrypted forward outputs of one chunk.
@@ -239,17 +297,43 @@ impl Packing {
         Ok(logits)
     }
 
-    /// dJ/da from the decrypted backward output of one chunk.
+    /// dJ/da from the decrypted backward outputs of one chunk.
     ///
     /// # Shapes
-    /// `phase`: the first `n·D` bodies. Returns `[n, D]` row-major.
-    pub fn decode_input_gradients(&self, phase: &[u64], n: usize) -> Result<Vec<f32>, HeError> {
+    /// `phases[k]`: the first bodies of output k ([`Self::backward_output_bodies`]).
+    /// Returns `[n, D]` row-major.
+    pub fn decode_input_gradients(
+        &self,
+        phases: &[Vec<u64>],
+        n: usize,
+    ) -> Result<Vec<f32>, HeError> {
         self.check_chunk(n)?;
-        expect_len(phase.len(), self.backward_output_bodies(n))?;
-        Ok(phase
-            .iter()
-            .map(|&v| from_fixed(v, GRADIENT_SCALE_LOG + WEIGHT_SCALE_LOG) as f32)
-            .collect())
+        let bodies = self.backward_output_bodies(n);
+        if phases.len() != bodies.len() {
+            return Err(HeError::CiphertextCount {
+                expected: bodies.len(),
+                got: phases.len(),
+            });
+        }
+        for (phase, &len) in phases.iter().zip(&bodies) {
+            expect_len(phase.len(), len)?;
+        }
+        let mut grads = vec![0f32; n * self.cut];
+        let mut phases = phases.iter();
+        for t in self.all_tiles(n) {
+            for o in 0..t.count {
+                let phase = phases.next().expect("counted above");
+                for b in 0..t.samples {
+                    for (local, i) in t.features(self.cut, o).enumerate() {
+                        grads[(t.first + b) * self.cut + i] = from_fixed(
+                            phase[t.width * b + local],
+                            GRADIENT_SCALE_LOG + WEIGHT_SCALE_LOG,
+                        ) as f32;
+                    }
+                }
+            }
+        }
+        Ok(grads)
     }
 
     /// Weight polynomial `P_g` of forward output `g` (integers, two's complement).
@@ -267,22 +351,47 @@ impl Packing {
         poly
     }
 
-    /// Weight polynomial `V_g` of backward upload `g` (integers, two's complement).
-    fn backward_weights(&self, weights: &[i64], n: usize, g: usize) -> Vec<u64> {
+    /// Weight polynomial `V_t` of tile `o` of backward upload `u` (integers, two's complement).
+    fn backward_weights(&self, weights: &[i64], n: usize, u: usize, o: usize) -> Vec<u64> {
+        let t = self.tiles(n, u);
         let mut poly = vec![0u64; POLYNOMIAL_SIZE];
-        let first = self.logits_in_group(n, g).start;
-        for j in self.logits_in_group(n, g) {
-            let k = j - first;
-            for i in 0..self.cut {
+        for (local, i) in t.features(self.cut, o).enumerate() {
+            for j in 0..self.classes {
                 let w = weights[i * self.classes + j];
-                if k == 0 {
-                    poly[i] = w as u64;
+                if j == 0 {
+                    poly[local] = w as u64;
                 } else {
-                    poly[POLYNOMIAL_SIZE - k * n * self.cut + i] = w.wrapping_neg() as u64;
+                    poly[POLYNOMIAL_SIZE - j * t.stride() + local] = w.wrapping_neg() as u64;
                 }
             }
         }
         poly
+    }
+}
+
+/// The layout of one backward upload: samples `first..first + samples` of a chunk, the cut in
+/// `count` tiles of `width` features (the last may be narrower), `C·samples·width ≤ N`.
+#[derive(Clone, Copy, Debug)]
+struct Tiles {
+    first: usize,
+    samples: usize,
+    width: usize,
+    count: usize,
+}
+
+impl Tiles {
+    /// T: the distance between two logits' coefficients in the upload.
+    fn stride(&self) -> usize {
+        self.samples * self.width
+    }
+
+    fn features(&self, cut: usize, o: usize) -> std::ops::Range<usize> {
+        o * self.width..((o + 1) * self.width).min(cut)
+    }
+
+    /// The prefix of tile `o`'s product that holds its input gradients.
+    fn bodies(&self, cut: usize, o: usize) -> usize {
+        self.width * (self.samples - 1) + self.features(cut, o).len()
     }
 }
 
@@ -607,9 +716,13 @@ pub struct ServerHe {
     buffers: ComputationBuffers,
     weights: Vec<i64>,
     bias: Vec<u64>,
-    /// Per chunk size n: forward and backward weight polynomials in the Fourier domain.
-    transforms: Vec<Option<(Vec<Limbs>, Vec<Limbs>)>>,
+    /// Per chunk size n: forward weight polynomials (per output) and backward ones (per upload,
+    /// per tile) in the Fourier domain.
+    transforms: Vec<Option<Transforms>>,
 }
+
+/// The weight polynomials of one chunk size: per forward output, and per backward upload per tile.
+type Transforms = (Vec<Limbs>, Vec<Vec<Limbs>>);
 
 /// Bits of the low limb of the weight split that keeps the FFT error small (see [`Limbs`]).
 const LIMB_BITS: u32 = 10;
@@ -682,8 +795,13 @@ impl ServerHe {
             let fwd = (0..groups)
                 .map(|g| transform(self.packing.forward_weights(&self.weights, n, g)))
                 .collect();
-            let bwd = (0..groups)
-                .map(|g| transform(self.packing.backward_weights(&self.weights, n, g)))
+            let packing = self.packing;
+            let bwd = (0..packing.backward_uploads(n))
+                .map(|u| {
+                    (0..packing.tiles(n, u).count)
+                        .map(|o| transform(packing.backward_weights(&self.weights, n, u, o)))
+                        .collect()
+                })
                 .collect();
             self.transforms[n] = Some((fwd, bwd));
         }
@@ -735,17 +853,17 @@ impl ServerHe {
             .collect())
     }
 
-    /// Encrypted dJ/da of one chunk from its gradient uploads (one per logit group).
+    /// Encrypted dJ/da of one chunk from its gradient uploads: one output per tile.
     pub fn backward(
         &mut self,
         uploads: &[UploadCiphertext],
         n: usize,
-    ) -> Result<DownloadCiphertext, HeError> {
+    ) -> Result<Vec<DownloadCiphertext>, HeError> {
         self.packing.check_chunk(n)?;
-        let groups = self.packing.groups(n);
-        if uploads.len() != groups {
+        let expected = self.packing.backward_uploads(n);
+        if uploads.len() != expected {
             return Err(HeError::CiphertextCount {
-                expected: groups,
+                expected,
                 got: uploads.len(),
             });
         }
@@ -755,15 +873,17 @@ impl ServerHe {
             .collect::<Result<Vec<_>, _>>()?;
         self.ensure_transforms(n);
         let (_, bwd) = self.transforms[n].as_ref().expect("ensured above");
-        let terms: Vec<_> = inputs.iter().zip(bwd.iter()).collect();
         let bodies = self.packing.backward_output_bodies(n);
-        Ok(accumulate(
-            &self.fft,
-            &mut self.buffers,
-            &terms,
-            bodies,
-            &[],
-        ))
+        let products = inputs
+            .iter()
+            .zip(bwd)
+            .flat_map(|(input, tiles)| tiles.iter().map(move |w| (input, w)));
+        Ok(products
+            .zip(bodies)
+            .map(|((input, w), bodies)| {
+                accumulate(&self.fft, &mut self.buffers, &[(input, w)], bodies, &[])
+            })
+            .collect())
     }
 }
 
@@ -895,16 +1015,19 @@ mod tests {
         let logit_err = max_error(&logits, &reference_logits(&a, &w, &bias, cut, classes));
 
         // The gradient uploads use pads made ahead of time (the forward upload made its own).
-        key.prepare(packing.groups(n));
-        let uploads: Vec<_> = (0..packing.groups(n))
-            .map(|grp| key.encrypt(&packing.encode_gradients(&g, n, grp).unwrap()))
+        key.prepare(packing.backward_uploads(n));
+        let uploads: Vec<_> = (0..packing.backward_uploads(n))
+            .map(|u| key.encrypt(&packing.encode_gradients(&g, n, u).unwrap()))
             .collect();
         assert!(key.pads.is_empty(), "every prepared pad is used once");
-        let out = server.backward(&uploads, n).unwrap();
-        let phase = key
-            .decrypt(&out, packing.backward_output_bodies(n))
-            .unwrap();
-        let da = packing.decode_input_gradients(&phase, n).unwrap();
+        let outputs = server.backward(&uploads, n).unwrap();
+        assert_eq!(outputs.len(), packing.backward_outputs(n));
+        let phases: Vec<Vec<u64>> = outputs
+            .iter()
+            .zip(packing.backward_output_bodies(n))
+            .map(|(ct, bodies)| key.decrypt(ct, bodies).unwrap())
+            .collect();
+        let da = packing.decode_input_gradients(&phases, n).unwrap();
         let grad_err = max_error(&da, &reference_input_grads(&g, &w, cut, classes));
         (logit_err, grad_err)
     }
@@ -1023,6 +1146,52 @@ mod tests {
     }
 
     #[test]
+    fn backward_noise_stays_within_the_documented_budget() {
+        // Zero gradients isolate the noise: every decrypted dJ/da is pure error. A chunk of 4
+        // on M1's shape: one upload, three tiles.
+        let (cut, classes, n) = (256, 5, 4);
+        let packing = Packing::new(cut, classes).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(8);
+        let w = uniform(&mut rng, cut * classes, -0.25, 0.25);
+        let frobenius = w.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+        let mut key = ClientKey::from_seed(2);
+        let mut server = ServerHe::new(packing);
+        server.set_weights(&w, &[0.0; 5]).unwrap();
+        let mut errors = Vec::new();
+        for _ in 0..10 {
+            let upload = key.encrypt(&packing.encode_gradients(&[0.0; 20], n, 0).unwrap());
+            let outputs = server.backward(&[upload], n).unwrap();
+            for (ct, bodies) in outputs.iter().zip(packing.backward_output_bodies(n)) {
+                let phase = key.decrypt(ct, bodies).unwrap();
+                errors.extend(phase.iter().map(|&v| v as i64 as f64));
+            }
+        }
+        let sigma = (errors.iter().map(|e| e * e).sum::<f64>() / errors.len() as f64).sqrt();
+        // Documented budget: σ 2^16.7 per upload coefficient times the scaled norm of the
+        // tile's weights (each tile holds about a third of ‖W‖_F²), plus the modulus switch.
+        let input = 2f64.powf(16.7) * 2f64.powi(WEIGHT_SCALE_LOG as i32) * frobenius / 3f64.sqrt();
+        let switch = 2f64.powf(35.2) + 2f64.powf(30.2);
+        let budget = (input * input + switch * switch).sqrt();
+        eprintln!(
+            "backward noise σ = 2^{:.2}, budget 2^{:.2}",
+            sigma.log2(),
+            budget.log2()
+        );
+        assert!(
+            sigma <= 1.25 * budget,
+            "σ 2^{:.2} above budget",
+            sigma.log2()
+        );
+        assert!(
+            sigma >= budget / 4.0,
+            "σ 2^{:.2} implausibly low",
+            sigma.log2()
+        );
+        let max = errors.iter().fold(0f64, |m, e| m.max(e.abs())) / 2f64.powi(60);
+        assert!(max < 1e-5, "max dJ/da error {max:e}");
+    }
+
+    #[test]
     fn unpacking_matches_tfhe_packing() {
         let mut rng = ChaCha8Rng::seed_from_u64(3);
         for bits in [30usize, 46, 64, 7] {
@@ -1048,6 +1217,25 @@ mod tests {
         assert_eq!(
             (p.groups(8), p.groups(4), p.groups(2), p.groups(1)),
             (5, 3, 2, 1)
+        );
+        // One gradient upload per chunk; the cut in tiles of ⌊N / (C·n)⌋ features at most.
+        assert_eq!(
+            [8, 4, 2, 1].map(|n| (p.backward_uploads(n), p.backward_outputs(n))),
+            [(1, 6), (1, 3), (1, 2), (1, 1)]
+        );
+        assert_eq!(
+            p.backward_output_bodies(4),
+            vec![4 * 86, 4 * 86, 3 * 86 + 84]
+        );
+        // More samples than N / C per chunk: one upload per ⌊N / C⌋ of them.
+        let wide = Packing::new(17, 64).unwrap();
+        assert_eq!(
+            (wide.backward_uploads(120), wide.backward_outputs(120)),
+            (4, 68)
+        );
+        assert_eq!(
+            Packing::new(4, 2049),
+            Err(HeError::Outputs { classes: 2049 })
         );
         assert_eq!(Packing::new(300, 5).unwrap().lanes(), 6);
         assert_eq!(Packing::new(2049, 5), Err(HeError::CutWidth { cut: 2049 }));
@@ -1078,10 +1266,10 @@ mod tests {
             Err(HeError::ChunkSize { .. })
         ));
         assert!(matches!(
-            server.backward(std::slice::from_ref(&good), 4),
+            server.backward(&[good.clone(), good.clone()], 4),
             Err(HeError::CiphertextCount {
-                expected: 3,
-                got: 1
+                expected: 1,
+                got: 2
             })
         ));
 
@@ -1132,7 +1320,18 @@ mod tests {
             p.encode_activations(&a[..10], 1),
             Err(HeError::ValueCount { .. })
         ));
-        assert!(p.encode_gradients(&[0.0; 5], 1, 1).is_ok());
+        assert!(p.encode_gradients(&[0.0; 5], 1, 0).is_ok());
+        assert!(matches!(
+            p.encode_gradients(&[0.0; 5], 1, 1),
+            Err(HeError::CiphertextCount {
+                expected: 1,
+                got: 2
+            })
+        ));
+        assert!(matches!(
+            p.encode_gradients(&[f32::INFINITY; 5], 1, 0),
+            Err(HeError::OutOfRange { .. })
+        ));
     }
 
     #[test]

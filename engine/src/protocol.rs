@@ -717,11 +717,18 @@ impl ClientSession {
             (Outputs::Plain(v), None) => v,
             (Outputs::Encrypted(cts), Some((key, packing))) => {
                 let chunks: Vec<usize> = packing.chunks(batch).collect();
-                expect("input-gradient ciphertexts", chunks.len(), cts.len())?;
+                let outputs = chunks.iter().map(|&n| packing.backward_outputs(n)).sum();
+                expect("input-gradient ciphertexts", outputs, cts.len())?;
                 let mut grads = Vec::with_capacity(batch * cut);
-                for (ct, n) in cts.iter().zip(chunks) {
-                    let phase = key.decrypt(ct, packing.backward_output_bodies(n))?;
-                    grads.extend(packing.decode_input_gradients(&phase, n)?);
+                let mut cts = cts.iter();
+                for n in chunks {
+                    let phases = packing
+                        .backward_output_bodies(n)
+                        .into_iter()
+                        .zip(cts.by_ref())
+                        .map(|(bodies, ct)| key.decrypt(ct, bodies))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    grads.extend(packing.decode_input_gradients(&phases, n)?);
                 }
                 grads
             }
@@ -753,8 +760,8 @@ impl ClientSession {
         let mut start = 0;
         for n in packing.chunks(batch) {
             let chunk = &g[start * classes..(start + n) * classes];
-            for group in 0..packing.groups(n) {
-                uploads.push(key.encrypt(&packing.encode_gradients(chunk, n, group)?));
+            for u in 0..packing.backward_uploads(n) {
+                uploads.push(key.encrypt(&packing.encode_gradients(chunk, n, u)?));
             }
             start += n;
         }
@@ -782,7 +789,10 @@ impl ClientSession {
             }) => {
                 let batch = activations.dims()[0];
                 if *step == Step::Train && !self.frozen {
-                    packing.chunks(batch).map(|n| packing.groups(n)).sum()
+                    packing
+                        .chunks(batch)
+                        .map(|n| packing.backward_uploads(n))
+                        .sum()
                 } else {
                     packing.chunks(batch).count()
                 }
@@ -1226,12 +1236,15 @@ impl ServerSession {
                 finite("weight gradient", &weight_grad)?;
                 finite("bias gradient", &bias_grad)?;
                 let chunks: Vec<usize> = packing.chunks(batch).collect();
-                let groups: Vec<usize> = chunks.iter().map(|&n| packing.groups(n)).collect();
-                expect("gradient ciphertexts", groups.iter().sum(), uploads.len())?;
+                let counts: Vec<usize> = chunks
+                    .iter()
+                    .map(|&n| packing.backward_uploads(n))
+                    .collect();
+                expect("gradient ciphertexts", counts.iter().sum(), uploads.len())?;
                 let mut outputs = Vec::new();
                 let mut start = 0;
-                for (&n, &count) in chunks.iter().zip(&groups) {
-                    outputs.push(he.backward(&uploads[start..start + count], n)?);
+                for (&n, &count) in chunks.iter().zip(&counts) {
+                    outputs.extend(he.backward(&uploads[start..start + count], n)?);
                     start += count;
                 }
                 let params = layer_params(&self.model, weight_grad, bias_grad, cut, classes);
@@ -1873,6 +1886,36 @@ mod tests {
         eprintln!("split-he synthetic test accuracy after 2 epochs: {accuracy:.3}");
         assert!(accuracy >= 0.8, "accuracy {accuracy}");
         assert!(he.traffic().client_to_server > 0 && he.traffic().server_to_client > 0);
+    }
+
+    #[test]
+    fn an_m1_batch_of_four_moves_one_upload_each_way_and_six_outputs_back() {
+        let config = ModelConfig::m1();
+        let train = synthetic(4, 1);
+        let mut he =
+            InProcess::new(&config, Privacy::Encrypted, ServerOptimizer::default(), 3).unwrap();
+        train_epoch(&mut he, &train, &[0, 1, 2, 3], 4, &mut |_, _| {}).unwrap();
+        let t = he.traffic();
+        // Up: the forward and the gradient upload (a seed and 2,048 bodies of 46 bits each,
+        // 11,792 bytes) and the layer's gradient (1,285 f32). Down: 3 logit outputs and 3
+        // input-gradient outputs, each a 2,048-word mask of 32 bits and its bodies (8 + 8 + 4
+        // logits; 344 + 344 + 342 gradients). A few bytes of framing per message.
+        let up = 2 * 11_792 + 1_285 * 4;
+        let down = 6 * 8_192 + (8 + 8 + 4 + 344 + 344 + 342) * 4;
+        eprintln!(
+            "one batch of 4: {} B up, {} B down",
+            t.client_to_server, t.server_to_client
+        );
+        assert!(
+            (up..up + 64).contains(&(t.client_to_server as usize)),
+            "{} bytes up, expected {up} and framing",
+            t.client_to_server
+        );
+        assert!(
+            (down..down + 128).contains(&(t.server_to_client as usize)),
+            "{} bytes down, expected {down} and framing",
+            t.server_to_client
+        );
     }
 
     #[test]
