@@ -9,11 +9,18 @@ pub struct Settings {
     pub public_url: String,
     /// A visit's lease: an agent that sends no heartbeat for this long loses the visit.
     pub lease: Duration,
-    /// How often expired leases are looked for.
+    /// How often expired leases, visits of replicas that are gone, and open sessions whose
+    /// visit was taken away are looked for.
     pub sweep_interval: Duration,
+    /// A replica that has not recorded a heartbeat for this long is gone: any other replica
+    /// re-queues the visits whose sessions it hosted. It beats three times per period.
+    pub replica_timeout: Duration,
     /// Claims wait this long for work before polling the database again (fallback for
     /// missed notifications).
     pub poll_interval: Duration,
+    /// Finished jobs' events and per-message-kind counts are deleted this long after the job
+    /// ended (kept forever when `None`).
+    pub retention: Option<Duration>,
     /// Largest training-session frame accepted.
     pub max_message_bytes: usize,
     /// How long an enrolment token stays valid.
@@ -42,8 +49,10 @@ impl Default for Settings {
         Self {
             public_url: "http://127.0.0.1:8080".into(),
             lease: Duration::from_secs(30),
-            sweep_interval: Duration::from_secs(2),
+            sweep_interval: Duration::from_secs(1),
+            replica_timeout: Duration::from_secs(3),
             poll_interval: Duration::from_secs(5),
+            retention: None,
             max_message_bytes: 16 << 20,
             enrolment_ttl: Duration::from_secs(24 * 3600),
             web_dir: None,

@@ -11,6 +11,10 @@ pub type Db = sqlx::PgPool;
 /// The channel agents' claims wait on; the payload is the hospital id.
 pub const VISITS_CHANNEL: &str = "medsplit_visits";
 
+/// The channel every replica listens on for sessions to end (revocation, hospital disabled,
+/// cancellation, lease loss, job failure); the payload is a [`crate::control::Stop`].
+pub const CONTROL_CHANNEL: &str = "medsplit_control";
+
 // ---------------------------------------------------------------------------------------------
 // Hospitals and users
 
@@ -981,7 +985,7 @@ pub async fn claim_visit(
            )
            update visits v set status = 'running', attempt = v.attempt + 1, agent_id = $1,
                   lease_expires_at = now() + make_interval(secs => $3), started_at = now(),
-                  progress = 0
+                  progress = 0, replica_id = null
            from candidate c, jobs j
            where v.id = c.id and j.id = v.job_id
            returning v.id as visit_id, v.attempt, v.job_id, v.seq, v.round, v.position,
@@ -1144,20 +1148,6 @@ pub struct Requeued {
     pub id: i64,
     pub job_id: i64,
     pub attempt: i32,
-}
-
-/// Puts every running visit back in the queue without counting a failure, with `reason` as its
-/// last error: run at start-up, when no session can be open.
-pub async fn requeue_running(e: impl PgExecutor<'_>, reason: &str) -> sqlx::Result<Vec<Requeued>> {
-    sqlx::query_as!(
-        Requeued,
-        "update visits set status = 'queued', agent_id = null, lease_expires_at = null,
-                last_error = $1
-         where status = 'running' returning id, job_id, attempt",
-        reason
-    )
-    .fetch_all(e)
-    .await
 }
 
 pub struct Expired {
@@ -1398,4 +1388,235 @@ pub async fn exports(e: impl PgExecutor<'_>, job_id: i64) -> sqlx::Result<Vec<Ex
     )
     .fetch_all(e)
     .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Replicas: the coordinator processes on this database
+
+/// Registers a starting replica; returns its id.
+pub async fn register_replica(e: impl PgExecutor<'_>, address: &str) -> sqlx::Result<i64> {
+    sqlx::query_scalar!(
+        "insert into replicas (address) values ($1) returning id",
+        address
+    )
+    .fetch_one(e)
+    .await
+}
+
+/// Records that the replica is alive.
+pub async fn replica_heartbeat(e: impl PgExecutor<'_>, id: i64) -> sqlx::Result<()> {
+    sqlx::query!(
+        "update replicas set heartbeat_at = now() where id = $1 and stopped_at is null",
+        id
+    )
+    .execute(e)
+    .await?;
+    Ok(())
+}
+
+/// Records that the replica shut down: whatever it still hosts is anyone's to re-queue.
+pub async fn stop_replica(e: impl PgExecutor<'_>, id: i64) -> sqlx::Result<()> {
+    sqlx::query!(
+        "update replicas set stopped_at = now() where id = $1 and stopped_at is null",
+        id
+    )
+    .execute(e)
+    .await?;
+    Ok(())
+}
+
+/// Forgets replicas gone for a day that host nothing.
+pub async fn prune_replicas(e: impl PgExecutor<'_>) -> sqlx::Result<u64> {
+    let r = sqlx::query!(
+        "delete from replicas r
+         where coalesce(r.stopped_at, r.heartbeat_at) < now() - interval '1 day'
+           and not exists (select 1 from visits v where v.replica_id = r.id and v.status = 'running')"
+    )
+    .execute(e)
+    .await?;
+    Ok(r.rows_affected())
+}
+
+/// Records that this attempt's session is hosted by `replica`; false if the attempt no longer
+/// holds the visit.
+pub async fn host_session(
+    e: impl PgExecutor<'_>,
+    visit_id: i64,
+    attempt: i32,
+    agent_id: i64,
+    replica: i64,
+) -> sqlx::Result<bool> {
+    let r = sqlx::query!(
+        "update visits set replica_id = $4
+         where id = $1 and attempt = $2 and agent_id = $3 and status = 'running'",
+        visit_id,
+        attempt,
+        agent_id,
+        replica
+    )
+    .execute(e)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// A running visit put back in the queue because the replica hosting its session went away.
+pub struct Orphaned {
+    pub id: i64,
+    pub job_id: i64,
+    pub attempt: i32,
+    pub replica_id: i64,
+    /// The replica shut down (rather than stopped beating).
+    pub stopped: bool,
+}
+
+/// Puts back in the queue, without counting a failure, the running visits whose sessions were
+/// hosted by a replica that shut down or whose heartbeat is older than `timeout_seconds` (and
+/// only those: sessions on live replicas go on). Rows are locked and skipped when another
+/// replica holds them, so concurrent sweeps re-queue each visit once.
+pub async fn requeue_orphans(
+    e: impl PgExecutor<'_>,
+    timeout_seconds: f64,
+) -> sqlx::Result<Vec<Orphaned>> {
+    sqlx::query_as!(
+        Orphaned,
+        r#"with orphaned as (
+             select v.id, r.id as replica_id, r.stopped_at is not null as stopped
+             from visits v join replicas r on r.id = v.replica_id
+             where v.status = 'running'
+               and (r.stopped_at is not null
+                    or r.heartbeat_at < now() - make_interval(secs => $1))
+             for update of v skip locked
+           )
+           update visits v set status = 'queued', agent_id = null, lease_expires_at = null,
+                  replica_id = null,
+                  last_error = case when o.stopped then 'coordinator replica shut down'
+                                    else 'coordinator replica stopped responding' end
+           from orphaned o
+           where v.id = o.id
+           returning v.id, v.job_id, v.attempt, o.replica_id as "replica_id!",
+                     o.stopped as "stopped!""#,
+        timeout_seconds
+    )
+    .fetch_all(e)
+    .await
+}
+
+/// Puts back in the queue, without counting a failure, the running visits whose sessions
+/// `replica` hosts (at the end of its graceful shutdown).
+pub async fn requeue_hosted(
+    e: impl PgExecutor<'_>,
+    replica: i64,
+    reason: &str,
+) -> sqlx::Result<Vec<Requeued>> {
+    sqlx::query_as!(
+        Requeued,
+        "update visits set status = 'queued', agent_id = null, lease_expires_at = null,
+                replica_id = null, last_error = $2
+         where status = 'running' and replica_id = $1
+         returning id, job_id, attempt",
+        replica,
+        reason
+    )
+    .fetch_all(e)
+    .await
+}
+
+/// A session open on this replica, as the polling fallback checks it.
+pub struct HeldSession {
+    pub visit_id: i64,
+    /// The visit is still this attempt's, in a running job.
+    pub held: bool,
+    /// The agent is neither revoked nor of a disabled hospital.
+    pub active: bool,
+}
+
+/// For each open session (visit, attempt, agent): whether its attempt still holds the visit and
+/// whether its agent may still train.
+pub async fn check_sessions(
+    e: impl PgExecutor<'_>,
+    visits: &[i64],
+    attempts: &[i32],
+    agents: &[i64],
+) -> sqlx::Result<Vec<HeldSession>> {
+    sqlx::query_as!(
+        HeldSession,
+        r#"select s.visit_id as "visit_id!",
+                  coalesce(v.status = 'running' and v.attempt = s.attempt
+                           and v.agent_id = s.agent_id and j.status = 'running', false) as "held!",
+                  coalesce(a.revoked_at is null and not h.disabled, false) as "active!"
+           from unnest($1::bigint[], $2::int[], $3::bigint[]) as s (visit_id, attempt, agent_id)
+           left join visits v on v.id = s.visit_id
+           left join jobs j on j.id = v.job_id
+           left join agents a on a.id = s.agent_id
+           left join hospitals h on h.id = a.hospital_id"#,
+        visits,
+        attempts,
+        agents
+    )
+    .fetch_all(e)
+    .await
+}
+
+/// Tells every replica to end the sessions `payload` names (delivered when the transaction
+/// commits).
+pub async fn notify_control(e: impl PgExecutor<'_>, payload: &str) -> sqlx::Result<()> {
+    sqlx::query!("select pg_notify($1, $2)", CONTROL_CHANNEL, payload)
+        .execute(e)
+        .await?;
+    Ok(())
+}
+
+/// Deletes the sealed copies of the job's visits before `seq`: once a later visit has completed
+/// they can no longer be read (each visit reads the copies of the last completed visit before
+/// it, and exports read the final visit's).
+pub async fn delete_stale_sealed(
+    e: impl PgExecutor<'_>,
+    job_id: i64,
+    seq: i32,
+) -> sqlx::Result<u64> {
+    let r = sqlx::query!(
+        "delete from sealed_weights s using visits v
+         where v.id = s.visit_id and v.job_id = $1 and v.seq < $2",
+        job_id,
+        seq
+    )
+    .execute(e)
+    .await?;
+    Ok(r.rows_affected())
+}
+
+/// What the retention purge deleted.
+pub struct Purged {
+    pub events: i64,
+    pub visits: i64,
+}
+
+/// For jobs that finished more than `seconds` ago: deletes their events and the per-message-kind
+/// counts of their visits (the bulk of a visit's row). Their visits' figures, confusion matrices,
+/// final model and sealed copies stay.
+pub async fn purge_finished_jobs(
+    tx: &mut sqlx::PgConnection,
+    seconds: f64,
+) -> sqlx::Result<Purged> {
+    let events = sqlx::query!(
+        "delete from job_events e using jobs j
+         where j.id = e.job_id and j.finished_at < now() - make_interval(secs => $1)",
+        seconds
+    )
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    let visits = sqlx::query!(
+        "update visits v set message_kinds = null from jobs j
+         where j.id = v.job_id and v.message_kinds is not null
+           and j.finished_at < now() - make_interval(secs => $1)",
+        seconds
+    )
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    Ok(Purged {
+        events: events as i64,
+        visits: visits as i64,
+    })
 }

@@ -30,7 +30,7 @@ pub async fn upgrade(
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response> {
     let ws = ws?;
-    if *s.sessions.draining.borrow() {
+    if s.draining() {
         return Err(Error::Unavailable("the coordinator is shutting down"));
     }
     let job = finished_job_of_agent(&s, &p, job_id).await?;
@@ -65,7 +65,11 @@ async fn run(
     hospital: i64,
     mut server: ServerSession,
 ) {
-    let (key, mut stop) = s.sessions.register_inference(p.id, job_id);
+    let (key, mut stop) = s.sessions.register_inference(crate::SessionOf {
+        agent_id: p.id,
+        hospital_id: hospital,
+        job_id,
+    });
     let started = Instant::now();
     let mut c = Counters::default();
     let end = serve(&mut socket, &mut server, &mut c, &mut stop).await;

@@ -13,6 +13,7 @@ use tokio::sync::{Notify, watch};
 
 pub mod auth;
 pub mod config;
+mod control;
 pub mod db;
 mod error;
 mod http;
@@ -31,6 +32,8 @@ pub struct AppState {
     pub db: db::Db,
     pub keys: Arc<auth::Keys>,
     pub settings: Arc<Settings>,
+    /// This process's id among the replicas on the database.
+    pub replica: i64,
     sessions: Arc<Sessions>,
     /// Woken when a visit may have been queued (Postgres NOTIFY, or a local change).
     work: Arc<Notify>,
@@ -39,17 +42,31 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(db: db::Db, keys: auth::Keys, settings: Settings) -> Self {
+    /// Registers this process as a replica on the database (`address` tells operators where it
+    /// listens).
+    pub async fn register(
+        db: db::Db,
+        keys: auth::Keys,
+        settings: Settings,
+        address: &str,
+    ) -> Result<Self, sqlx::Error> {
+        let replica = db::register_replica(&db, address).await?;
         let logins =
             throttle::LoginThrottle::new(settings.login_per_account, settings.login_per_address);
-        Self {
+        Ok(Self {
             logins: Arc::new(logins),
             db,
             keys: Arc::new(keys),
             settings: Arc::new(settings),
+            replica,
             sessions: Arc::new(Sessions::default()),
             work: Arc::new(Notify::new()),
-        }
+        })
+    }
+
+    /// Whether a graceful shutdown has begun: no new sessions or claims.
+    pub fn draining(&self) -> bool {
+        *self.sessions.draining.borrow()
     }
 
     /// Number of training sessions open now.
@@ -70,18 +87,36 @@ struct Sessions {
 
 struct OpenSession {
     agent_id: i64,
+    hospital_id: i64,
     job_id: i64,
+    /// The visit's attempt, for training sessions.
+    attempt: Option<i32>,
     stop: watch::Sender<Option<u16>>,
 }
 
+/// Who a session serves.
+#[derive(Clone, Copy)]
+struct SessionOf {
+    agent_id: i64,
+    hospital_id: i64,
+    job_id: i64,
+}
+
 impl Sessions {
-    fn register(&self, visit: i64, agent_id: i64, job_id: i64) -> watch::Receiver<Option<u16>> {
+    fn register(
+        &self,
+        visit: i64,
+        attempt: Option<i32>,
+        of: SessionOf,
+    ) -> watch::Receiver<Option<u16>> {
         let (stop, rx) = watch::channel(None);
         let previous = self.open.lock().unwrap().insert(
             visit,
             OpenSession {
-                agent_id,
-                job_id,
+                agent_id: of.agent_id,
+                hospital_id: of.hospital_id,
+                job_id: of.job_id,
+                attempt,
                 stop,
             },
         );
@@ -94,16 +129,20 @@ impl Sessions {
     }
 
     /// Registers a private-inference session; returns its key and its stop signal.
-    fn register_inference(
-        &self,
-        agent_id: i64,
-        job_id: i64,
-    ) -> (i64, watch::Receiver<Option<u16>>) {
+    fn register_inference(&self, of: SessionOf) -> (i64, watch::Receiver<Option<u16>>) {
         let n = self
             .last_inference
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let key = -(n + 1);
-        (key, self.register(key, agent_id, job_id))
+        (key, self.register(key, None, of))
+    }
+
+    /// The open training sessions: (visit, attempt, agent).
+    fn training(&self) -> Vec<(i64, i32, i64)> {
+        let open = self.open.lock().unwrap();
+        open.iter()
+            .filter_map(|(&visit, s)| Some((visit, s.attempt?, s.agent_id)))
+            .collect()
     }
 
     fn unregister(&self, visit: i64, rx: &watch::Receiver<Option<u16>>) {
@@ -137,46 +176,35 @@ pub fn create_app(state: AppState) -> Router {
     http::routes(state)
 }
 
-/// Background work: wakes claimers on Postgres notifications, and re-queues visits whose lease
-/// expired. Runs until the process ends.
+/// Background work: this replica's heartbeat; wakes claimers and ends sessions on Postgres
+/// notifications; re-queues visits whose lease expired or whose replica is gone. Runs until the
+/// process ends.
 pub fn spawn_background(state: &AppState) {
+    tokio::spawn(scheduler::beat_forever(state.clone()));
     tokio::spawn(scheduler::listen(state.clone()));
     tokio::spawn(scheduler::sweep_forever(state.clone()));
 }
 
-/// Requeues visits left running by a previous coordinator process (their sessions died with it).
+/// Re-queues the visits whose sessions were hosted by replicas that are gone (a previous process
+/// of this one, say), and only those: sessions on live replicas go on. The sweep does the same
+/// every tick; this runs it once at start-up.
 pub async fn recover(state: &AppState) -> Result<(), sqlx::Error> {
-    const REASON: &str = "coordinator restarted";
-    let mut tx = state.db.begin().await?;
-    let requeued = db::requeue_running(&mut *tx, REASON).await?;
-    for v in &requeued {
-        db::job_event(
-            &mut *tx,
-            v.job_id,
-            "visit.requeued",
-            serde_json::json!({ "visit_id": v.id, "attempt": v.attempt, "reason": REASON }),
-        )
-        .await?;
-    }
-    tx.commit().await?;
-    if !requeued.is_empty() {
-        let visits: Vec<i64> = requeued.iter().map(|v| v.id).collect();
-        tracing::info!(
-            ?visits,
-            "re-queued visits left running by the previous process"
-        );
-        state.work.notify_waiters();
-    }
-    Ok(())
+    scheduler::requeue_orphans(state).await
 }
 
-/// Stops accepting sessions, waits up to `grace` for open ones to finish their visit, then
-/// closes the rest (their visits will be retried) and waits for them to go.
+/// Graceful shutdown: stops accepting sessions and claims, waits up to `grace` for open sessions
+/// to finish their visit, then hands the rest back (re-queued without counting a failure, with a
+/// job event each), closes their sessions, and records that this replica has stopped.
 pub async fn drain(state: &AppState, grace: Duration) {
     state.sessions.draining.send_replace(true);
+    // Waiting claims return, so that agents claim through another replica.
+    state.work.notify_waiters();
     let deadline = tokio::time::Instant::now() + grace;
     while state.open_sessions() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if let Err(e) = scheduler::hand_back(state).await {
+        tracing::warn!(error = %e, "could not hand back the open visits; other replicas will");
     }
     state
         .sessions
@@ -184,6 +212,9 @@ pub async fn drain(state: &AppState, grace: Duration) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while state.open_sessions() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if let Err(e) = db::stop_replica(&state.db, state.replica).await {
+        tracing::warn!(error = %e, "could not record this replica's stop");
     }
 }
 

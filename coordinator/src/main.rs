@@ -61,6 +61,14 @@ struct Serve {
     /// Largest training-session message accepted, in bytes.
     #[arg(long, env = "MEDSPLIT_MAX_MESSAGE_BYTES", default_value_t = 16 << 20)]
     max_message_bytes: usize,
+    /// Seconds without a heartbeat after which a replica is taken for gone and the visits whose
+    /// sessions it hosted are re-queued by the others (replicas beat three times as often).
+    #[arg(long, env = "MEDSPLIT_REPLICA_TIMEOUT_SECONDS", default_value_t = 3)]
+    replica_timeout_seconds: u64,
+    /// Days after a job ends that its events and its visits' per-message-kind counts are kept
+    /// (its figures, confusion matrices and model stay). Kept forever when not given.
+    #[arg(long, env = "MEDSPLIT_RETENTION_DAYS")]
+    retention_days: Option<f64>,
     /// On SIGTERM/SIGINT, seconds to let open sessions finish their visit before closing them.
     #[arg(long, env = "MEDSPLIT_DRAIN_SECONDS", default_value_t = 20)]
     drain_seconds: u64,
@@ -148,12 +156,14 @@ async fn serve(url: &str, args: Serve) -> anyhow::Result<()> {
             .public_url
             .unwrap_or_else(|| format!("{scheme}://{addr}")),
         lease: Duration::from_secs(args.lease_seconds.max(1)),
+        replica_timeout: Duration::from_secs(args.replica_timeout_seconds.max(1)),
+        retention: retention(args.retention_days)?,
         max_message_bytes: args.max_message_bytes,
         web_dir: args.web_dir,
         client_address_header: args.client_address_header,
         ..Settings::default()
     };
-    let state = AppState::new(db, keys, settings);
+    let state = AppState::register(db, keys, settings, &format!("{scheme}://{addr}")).await?;
     medsplit_coordinator::recover(&state).await?;
     medsplit_coordinator::spawn_background(&state);
     let tls = match (&args.tls_cert, &args.tls_key) {
@@ -197,6 +207,16 @@ async fn serve(url: &str, args: Serve) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn retention(days: Option<f64>) -> anyhow::Result<Option<Duration>> {
+    match days {
+        None => Ok(None),
+        Some(d) if d.is_finite() && d > 0.0 && d <= 36_500.0 => {
+            Ok(Some(Duration::from_secs_f64(d * 86_400.0)))
+        }
+        Some(d) => anyhow::bail!("--retention-days must be more than 0 and at most 36500, got {d}"),
+    }
 }
 
 async fn shutdown_signal() {

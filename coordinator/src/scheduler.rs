@@ -1,21 +1,55 @@
-//! The schedule's background work. Postgres holds the schedule; this only wakes waiting claims
-//! and applies lease expiry.
+//! The schedule's background work. Postgres holds the schedule; this keeps the replica's
+//! heartbeat, wakes waiting claims, ends sessions other replicas stopped, and re-queues visits
+//! whose lease expired or whose replica is gone.
+//!
+//! Every replica runs all of it. None of it needs to run once only: each step is idempotent by
+//! construction (the sweeps lock the rows they change with `for update skip locked`, so each
+//! visit is re-queued by one replica; purges delete what is expired, and a second delete finds
+//! nothing).
 
+use std::time::Duration;
+
+use medsplit_engine::api::close;
 use serde_json::json;
 
+use crate::control::{self, Stop};
 use crate::{AppState, db};
 
-/// Wakes waiting claims whenever a visit is queued anywhere (Postgres NOTIFY). Claims also poll,
-/// so a lost connection only delays them.
+/// Records every `replica_timeout / 3` that this replica is alive.
+pub async fn beat_forever(state: AppState) {
+    let mut tick = tokio::time::interval(state.settings.replica_timeout / 3);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = db::replica_heartbeat(&state.db, state.replica).await {
+            tracing::warn!(error = %e, "replica heartbeat failed");
+        }
+    }
+}
+
+/// Wakes waiting claims whenever a visit is queued anywhere, and ends the sessions that any
+/// replica stopped (Postgres NOTIFY). Claims also poll and the sweep checks open sessions, so a
+/// lost connection only delays them; after reconnecting, the open sessions are checked at once.
 pub async fn listen(state: AppState) {
     loop {
         match sqlx::postgres::PgListener::connect_with(&state.db).await {
             Ok(mut listener) => {
-                if let Err(e) = listener.listen(db::VISITS_CHANNEL).await {
+                if let Err(e) = listener
+                    .listen_all([db::VISITS_CHANNEL, db::CONTROL_CHANNEL])
+                    .await
+                {
                     tracing::warn!(error = %e, "LISTEN failed");
                 } else {
+                    // What was missed while not listening.
+                    state.work.notify_waiters();
+                    if let Err(e) = control::check_open_sessions(&state).await {
+                        tracing::warn!(error = %e, "checking open sessions failed");
+                    }
                     loop {
                         match listener.recv().await {
+                            Ok(n) if n.channel() == db::CONTROL_CHANNEL => {
+                                control::received(&state, n.payload())
+                            }
                             Ok(_) => state.work.notify_waiters(),
                             Err(e) => {
                                 tracing::warn!(error = %e, "notification stream lost");
@@ -27,26 +61,115 @@ pub async fn listen(state: AppState) {
             }
             Err(e) => tracing::warn!(error = %e, "cannot open a LISTEN connection"),
         }
-        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
 pub async fn sweep_forever(state: AppState) {
     let mut tick = tokio::time::interval(state.settings.sweep_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut purged_at = tokio::time::Instant::now();
     loop {
         tick.tick().await;
         if let Err(e) = sweep(&state).await {
             tracing::warn!(error = %e, "lease sweep failed");
         }
-        if purged_at.elapsed() >= std::time::Duration::from_secs(60) {
+        if let Err(e) = requeue_orphans(&state).await {
+            tracing::warn!(error = %e, "re-queueing the visits of stopped replicas failed");
+        }
+        if let Err(e) = control::check_open_sessions(&state).await {
+            tracing::warn!(error = %e, "checking open sessions failed");
+        }
+        if purged_at.elapsed() >= Duration::from_secs(60) {
             purged_at = tokio::time::Instant::now();
             state.logins.prune();
-            if let Err(e) = crate::db::purge_web_sessions(&state.db).await {
+            if let Err(e) = db::purge_web_sessions(&state.db).await {
                 tracing::warn!(error = %e, "purging expired dashboard sessions failed");
+            }
+            if let Err(e) = db::prune_replicas(&state.db).await {
+                tracing::warn!(error = %e, "pruning old replicas failed");
+            }
+            if let Some(retention) = state.settings.retention
+                && let Err(e) = purge(&state, retention).await
+            {
+                tracing::warn!(error = %e, "purging finished jobs' events failed");
             }
         }
     }
+}
+
+/// Deletes what the retention setting lets go of finished jobs.
+pub async fn purge(state: &AppState, retention: Duration) -> Result<(), sqlx::Error> {
+    let mut tx = state.db.begin().await?;
+    let purged = db::purge_finished_jobs(&mut tx, retention.as_secs_f64()).await?;
+    tx.commit().await?;
+    if purged.events > 0 || purged.visits > 0 {
+        tracing::info!(
+            events = purged.events,
+            visits = purged.visits,
+            "purged finished jobs' events and message counts"
+        );
+    }
+    Ok(())
+}
+
+/// Re-queues, without counting a failure, the visits whose sessions were hosted by a replica
+/// that shut down or stopped beating for `replica_timeout`, with a `visit.requeued` job event
+/// each; ends those sessions should their replica still be running (it stalled).
+pub async fn requeue_orphans(state: &AppState) -> Result<(), sqlx::Error> {
+    let mut tx = state.db.begin().await?;
+    let timeout = state.settings.replica_timeout.as_secs_f64();
+    let orphaned = db::requeue_orphans(&mut *tx, timeout).await?;
+    if orphaned.is_empty() {
+        return Ok(());
+    }
+    for v in &orphaned {
+        let reason = if v.stopped {
+            "coordinator replica shut down"
+        } else {
+            "coordinator replica stopped responding"
+        };
+        db::job_event(
+            &mut *tx,
+            v.job_id,
+            "visit.requeued",
+            json!({ "visit_id": v.id, "attempt": v.attempt, "reason": reason,
+                    "replica": v.replica_id }),
+        )
+        .await?;
+        db::notify_queued(&mut *tx, v.job_id).await?;
+        control::announce(&mut *tx, Stop::Visit(v.id), close::FENCED).await?;
+    }
+    tx.commit().await?;
+    let visits: Vec<i64> = orphaned.iter().map(|v| v.id).collect();
+    tracing::info!(?visits, "re-queued the visits of replicas that are gone");
+    state.work.notify_waiters();
+    Ok(())
+}
+
+/// At the end of a graceful shutdown: re-queues, without counting a failure, the visits whose
+/// sessions this replica still hosts, with a `visit.requeued` job event each.
+pub async fn hand_back(state: &AppState) -> Result<(), sqlx::Error> {
+    const REASON: &str = "coordinator replica shut down";
+    let mut tx = state.db.begin().await?;
+    let requeued = db::requeue_hosted(&mut *tx, state.replica, REASON).await?;
+    for v in &requeued {
+        db::job_event(
+            &mut *tx,
+            v.job_id,
+            "visit.requeued",
+            json!({ "visit_id": v.id, "attempt": v.attempt, "reason": REASON,
+                    "replica": state.replica }),
+        )
+        .await?;
+        db::notify_queued(&mut *tx, v.job_id).await?;
+    }
+    tx.commit().await?;
+    if !requeued.is_empty() {
+        let visits: Vec<i64> = requeued.iter().map(|v| v.id).collect();
+        tracing::info!(?visits, "handed back the visits still open at shutdown");
+    }
+    Ok(())
 }
 
 /// Re-queues visits whose lease expired; a visit that has failed `max_attempts` times gets the
@@ -58,12 +181,13 @@ pub async fn sweep(state: &AppState) -> Result<(), sqlx::Error> {
         return Ok(());
     }
     for v in &expired {
-        state
-            .sessions
-            .stop_where(medsplit_engine::api::close::FENCED, |id, _| id == v.id);
-        apply_failure(state, &mut tx, v, false).await?;
+        control::announce(&mut *tx, Stop::Visit(v.id), close::FENCED).await?;
+        apply_failure(&mut tx, v, false).await?;
     }
     tx.commit().await?;
+    for v in &expired {
+        control::apply(&state.sessions, Stop::Visit(v.id), close::FENCED);
+    }
     state.work.notify_waiters();
     Ok(())
 }
@@ -72,7 +196,6 @@ pub async fn sweep(state: &AppState) -> Result<(), sqlx::Error> {
 /// attempt, or once it has had `max_attempts` (at once when the hospital `refused` it) the job's
 /// policy. The events and the job's error carry the attempt's last error.
 pub async fn apply_failure(
-    state: &AppState,
     tx: &mut sqlx::PgConnection,
     v: &db::Expired,
     refused: bool,
@@ -118,11 +241,8 @@ pub async fn apply_failure(
             json!({ "reason": reason }),
         )
         .await?;
-        state
-            .sessions
-            .stop_where(medsplit_engine::api::close::FENCED, |_, o| {
-                o.job_id == v.job_id
-            });
+        // Delivered to every replica, this one included, when the caller commits.
+        control::announce(&mut *tx, Stop::Job(v.job_id), close::FENCED).await?;
     }
     Ok(())
 }

@@ -34,6 +34,7 @@ struct Visit {
     id: i64,
     attempt: i32,
     agent_id: i64,
+    hospital_id: i64,
     job_id: i64,
     /// The classes of the job's label set, in label order.
     classes: Vec<String>,
@@ -54,7 +55,7 @@ pub async fn upgrade(
 ) -> Result<Response> {
     let ws = ws?;
     p.require(Role::Agent)?;
-    if *s.sessions.draining.borrow() {
+    if s.draining() {
         return Err(Error::Unavailable("the coordinator is shutting down"));
     }
     let visit = db::visit(&s.db, visit_id)
@@ -108,6 +109,7 @@ pub async fn upgrade(
         id: visit.id,
         attempt: q.attempt,
         agent_id: p.id,
+        hospital_id: visit.hospital_id,
         job_id: job.id,
         classes: spec
             .labels
@@ -118,6 +120,13 @@ pub async fn upgrade(
         evaluates: u32::try_from(visit.round).is_ok_and(|r| spec.evaluates(r)),
         dp: spec.dp.is_some(),
     };
+    // This replica hosts the session from now on: should it go away, another re-queues the
+    // visit at once instead of waiting for the lease.
+    if !db::host_session(&s.db, visit.id, visit.attempt, visit.agent_id, s.replica).await? {
+        return Err(Error::Conflict(
+            "this attempt does not hold the visit".into(),
+        ));
+    }
     let limit = s.settings.max_message_bytes;
     Ok(ws
         .max_message_size(limit)
@@ -171,7 +180,12 @@ impl Counters {
 }
 
 async fn run(s: AppState, mut socket: WebSocket, visit: Visit, server: ServerSession) {
-    let mut stop = s.sessions.register(visit.id, visit.agent_id, visit.job_id);
+    let of = crate::SessionOf {
+        agent_id: visit.agent_id,
+        hospital_id: visit.hospital_id,
+        job_id: visit.job_id,
+    };
+    let mut stop = s.sessions.register(visit.id, Some(visit.attempt), of);
     let end = serve(&s, &mut socket, &visit, server, &mut stop).await;
     s.sessions.unregister(visit.id, &stop);
     let (code, reason) = match end {
@@ -516,6 +530,8 @@ async fn complete(
         return Ok(false);
     };
     db::store_checkpoint(&mut *tx, job_id, &encode_f32(&parameters)).await?;
+    // The copies earlier visits sealed can no longer be read: a job keeps one set, its latest.
+    db::delete_stale_sealed(&mut *tx, job_id, seq).await?;
     for (recipient, bytes) in sealed {
         db::store_sealed(&mut *tx, visit.id, recipient, visit.agent_id, &bytes).await?;
     }

@@ -146,7 +146,9 @@ async fn the_agent_trains_only_jobs_approved_at_it(pool: Pool) {
 
 /// A coordinator that hands an agent older client weights than it has already had of the job
 /// (here: a finished job's last visit queued again, its predecessor marked skipped, so that the
-/// first visit's weights are handed over): the agent refuses it.
+/// first visit's weights are handed over; the coordinator deleted those copies when the second
+/// visit completed, so the last visit's copies are relabelled as the first's): the agent refuses
+/// it before opening them.
 #[sqlx::test(migrator = "medsplit_coordinator::MIGRATOR")]
 async fn older_weights_than_the_agent_has_had_are_refused(pool: Pool) {
     let p = Platform::new(&pool, 1, &[]).await;
@@ -162,6 +164,8 @@ async fn older_weights_than_the_agent_has_had_are_refused(pool: Pool) {
         "update jobs set status = 'running', finished_at = null where id = $1",
         "update visits set status = 'skipped' where job_id = $1 and seq = 1",
         "update visits set status = 'queued', agent_id = null where job_id = $1 and seq = 2",
+        "update sealed_weights set visit_id = (select id from visits where job_id = $1 and seq = 0)
+         where visit_id = (select id from visits where job_id = $1 and seq = 2)",
         "select pg_notify('medsplit_visits', $1::text)",
     ] {
         sqlx::query(sql).bind(id).execute(&mut *tx).await.unwrap();

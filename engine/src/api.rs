@@ -832,7 +832,8 @@ pub mod close {
     pub const REVOKED: u16 = 4403;
     /// The visit is no longer this attempt's: lease expired, job cancelled or finished.
     pub const FENCED: u16 = 4409;
-    /// The coordinator is shutting down; the visit will be retried.
+    /// The coordinator is shutting down; it has put the visit back in the queue, to be
+    /// claimed again (through another replica).
     pub const SHUTDOWN: u16 = 1001;
 }
 

@@ -273,9 +273,11 @@ pub async fn run(
             Err(e) => e,
         };
         let stopping = matches!(e, AgentError::Shutdown);
-        // A fenced or revoked attempt has lost the visit already: nothing to give back.
+        // A fenced or revoked attempt has lost the visit already, and a coordinator that shuts
+        // down hands its sessions' visits back itself: nothing to give back.
         let lost = matches!(e, AgentError::Fenced | AgentError::Revoked)
-            || matches!(e, AgentError::Closed { code, .. } if code == close::FENCED || code == close::REVOKED);
+            || matches!(e, AgentError::Closed { code, .. }
+                if code == close::FENCED || code == close::REVOKED || code == close::SHUTDOWN);
         let refused = matches!(
             e,
             AgentError::Unsupported(_)

@@ -11,8 +11,10 @@ use serde_json::json;
 
 use super::{Path, Query, audit};
 use crate::auth::{Principal, Role};
+use crate::control::{self, Stop};
 use crate::error::{Error, Result};
 use crate::{AppState, db};
+use medsplit_engine::api::close;
 
 pub(super) fn router() -> Router<AppState> {
     Router::new()
@@ -66,11 +68,9 @@ async fn revoke_agent(
             db::release_visit(&mut *tx, visit, v.attempt, id, "agent revoked").await?;
         }
     }
+    control::announce(&mut *tx, Stop::Agent(id), close::REVOKED).await?;
     tx.commit().await?;
-    s.sessions
-        .stop_where(medsplit_engine::api::close::REVOKED, |_, o| {
-            o.agent_id == id
-        });
+    control::apply(&s.sessions, Stop::Agent(id), close::REVOKED);
     // Its waiting claims end.
     s.work.notify_waiters();
     crate::scheduler::sweep(&s).await?;

@@ -10,8 +10,10 @@ use serde_json::json;
 
 use super::{Body, Path, audit, check_name, conflict};
 use crate::auth::{Principal, Role};
+use crate::control::{self, Stop};
 use crate::error::{Error, Result};
 use crate::{AppState, db};
+use medsplit_engine::api::close;
 
 pub(super) fn router() -> Router<AppState> {
     Router::new()
@@ -138,11 +140,9 @@ async fn disable_hospital(
             }
         }
     }
+    control::announce(&mut *tx, Stop::Hospital(id), close::REVOKED).await?;
     tx.commit().await?;
-    s.sessions
-        .stop_where(medsplit_engine::api::close::REVOKED, |_, o| {
-            agents.contains(&o.agent_id)
-        });
+    control::apply(&s.sessions, Stop::Hospital(id), close::REVOKED);
     // Its agents' waiting claims end.
     s.work.notify_waiters();
     crate::scheduler::sweep(&s).await?;

@@ -12,8 +12,10 @@ use serde_json::json;
 
 use super::{Body, Path, Query, audit};
 use crate::auth::{Principal, Role};
+use crate::control::{self, Stop};
 use crate::error::{Error, Result};
 use crate::{AppState, db};
+use medsplit_engine::api::close;
 
 pub(super) fn router() -> Router<AppState> {
     Router::new()
@@ -347,9 +349,9 @@ async fn cancel_job(
     }
     db::job_event(&mut *tx, id, "job.cancelled", json!({ "by": p.actor() })).await?;
     audit(&mut *tx, &p, "job.cancel", format!("job:{id}"), json!({})).await?;
+    control::announce(&mut *tx, Stop::Job(id), close::FENCED).await?;
     tx.commit().await?;
-    s.sessions
-        .stop_where(medsplit_engine::api::close::FENCED, |_, o| o.job_id == id);
+    control::apply(&s.sessions, Stop::Job(id), close::FENCED);
     let job = db::job(&s.db, id).await?.ok_or(Error::NotFound("job"))?;
     Ok(Json(job_view(&s.db, job).await?))
 }

@@ -33,7 +33,8 @@ pub const OPENAPI: &str = include_str!("../../openapi.json");
 
 pub fn routes(state: AppState) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { "ok" }))
+        // Load balancers take a replica out of rotation when this fails (503 while it drains).
+        .route("/healthz", get(healthz))
         .route(
             "/v1/openapi.json",
             get(|| async { ([("content-type", "application/json")], OPENAPI) }),
@@ -121,4 +122,11 @@ fn check_name(field: &str, name: &str) -> Result<()> {
 
 fn conflict(e: sqlx::Error, message: &str) -> Error {
     Error::conflict(e, message)
+}
+
+async fn healthz(axum::extract::State(s): axum::extract::State<AppState>) -> Result<&'static str> {
+    if s.draining() {
+        return Err(Error::Unavailable("the coordinator is shutting down"));
+    }
+    Ok("ok")
 }

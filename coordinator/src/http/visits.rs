@@ -15,8 +15,10 @@ use serde_json::json;
 
 use super::{Body, Path, Query};
 use crate::auth::{Principal, Role};
+use crate::control::{self, Stop};
 use crate::error::{Error, Result};
 use crate::{AppState, db, session};
+use medsplit_engine::api::close;
 
 pub(super) fn router() -> Router<AppState> {
     Router::new()
@@ -34,13 +36,18 @@ struct Wait {
 }
 
 /// A visit for the agent, waiting up to `wait` seconds for one. Revoking the agent or disabling
-/// its hospital wakes the wait and ends it with 401.
+/// its hospital wakes the wait and ends it with 401; a graceful shutdown of this replica, with
+/// 503.
 async fn claim(State(s): State<AppState>, p: Principal, Query(q): Query<Wait>) -> Result<Response> {
     p.require(Role::Agent)?;
     let hospital = p.hospital()?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(q.wait.unwrap_or(0).min(60));
     loop {
         let notified = s.work.notified();
+        // Agents claim through another replica (behind a balancer, the next request goes there).
+        if s.draining() {
+            return Err(Error::Unavailable("the coordinator is shutting down"));
+        }
         if let Some(assignment) = try_claim(&s, p.id, hospital).await? {
             return Ok(Json(assignment).into_response());
         }
@@ -57,9 +64,6 @@ async fn claim(State(s): State<AppState>, p: Principal, Query(q): Query<Wait>) -
 }
 
 async fn try_claim(s: &AppState, agent: i64, hospital: i64) -> Result<Option<VisitAssignment>> {
-    if *s.sessions.draining.borrow() {
-        return Ok(None);
-    }
     let lease = s.settings.lease.as_secs_f64();
     let mut tx = s.db.begin().await?;
     let Some(c) = db::claim_visit(&mut *tx, agent, hospital, lease).await? else {
@@ -199,20 +203,22 @@ async fn release(
                 "this attempt no longer holds the visit".into(),
             ));
         };
-        crate::scheduler::apply_failure(&s, &mut tx, &visit, true).await?;
+        crate::scheduler::apply_failure(&mut tx, &visit, true).await?;
+        control::announce(&mut *tx, Stop::Visit(id), close::FENCED).await?;
         tx.commit().await?;
-        s.sessions
-            .stop_where(medsplit_engine::api::close::FENCED, |v, _| v == id);
+        control::apply(&s.sessions, Stop::Visit(id), close::FENCED);
         s.work.notify_waiters();
         return Ok(StatusCode::NO_CONTENT);
     }
-    if !db::release_visit(&s.db, id, body.attempt, p.id, &reason).await? {
+    let mut tx = s.db.begin().await?;
+    if !db::release_visit(&mut *tx, id, body.attempt, p.id, &reason).await? {
         return Err(Error::Conflict(
             "this attempt no longer holds the visit".into(),
         ));
     }
-    s.sessions
-        .stop_where(medsplit_engine::api::close::FENCED, |v, _| v == id);
+    control::announce(&mut *tx, Stop::Visit(id), close::FENCED).await?;
+    tx.commit().await?;
+    control::apply(&s.sessions, Stop::Visit(id), close::FENCED);
     crate::scheduler::sweep(&s).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -38,6 +38,8 @@ pub struct Server {
     pub db_url: String,
     pub dir: PathBuf,
     pub port: u16,
+    /// The flags it was started with, beyond the address, lease and key.
+    pub extra: Vec<String>,
 }
 
 pub fn temp_dir(tag: &str) -> PathBuf {
@@ -110,15 +112,36 @@ impl Server {
             db_url: db_url.to_string(),
             dir,
             port,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         }
     }
 
-    /// SIGKILL, then a new process on the same port and database.
+    /// SIGKILL, then a new process on the same port, database and flags.
     pub async fn kill_and_restart(&mut self) {
+        self.kill().await;
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        let next = Self::start_in(self.dir.clone(), &self.db_url, self.port, &extra).await;
+        *self = next;
+    }
+
+    /// SIGKILL, waiting for the process to go.
+    pub async fn kill(&mut self) {
         self.child.start_kill().unwrap();
         self.child.wait().await.unwrap();
-        let next = Self::start_in(self.dir.clone(), &self.db_url, self.port, &[]).await;
-        *self = next;
+    }
+
+    /// SIGTERM (a graceful shutdown), waiting up to `limit` for the process to exit.
+    pub async fn terminate(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("running").to_string();
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        tokio::time::timeout(limit, self.child.wait())
+            .await
+            .expect("the coordinator exited in time")
+            .unwrap()
     }
 
     pub fn api(&self) -> Api {
@@ -454,4 +477,90 @@ pub fn spec(hospitals: &[&str], rounds: u32) -> Value {
         "local_epochs": 1,
         "seed": 3,
     })
+}
+
+impl TestAgent {
+    /// The same agent, reaching the coordinator at `url` (a load balancer's, say).
+    pub fn through(&self, url: &str) -> TestAgent {
+        let identity = Identity {
+            coordinator: url.to_string(),
+            ..self.state.identity.clone()
+        };
+        TestAgent {
+            state: Arc::new(AgentState {
+                identity,
+                secret_key: self.state.secret_key.clone(),
+            }),
+            data: self.data.clone(),
+        }
+    }
+}
+
+/// Debian's HAProxy (`scripts/balancer-deps` installs it) in front of coordinator replicas, as
+/// docs/operations.md configures it: round robin, health checks on `/healthz` every 500 ms,
+/// WebSocket sessions tunnelled, a request whose replica refuses the connection sent to another.
+pub struct Balancer {
+    child: Child,
+    pub url: String,
+    _dir: PathBuf,
+}
+
+impl Balancer {
+    pub async fn start(replicas: &[u16]) -> Balancer {
+        let haproxy = std::env::var("HAPROXY").unwrap_or_else(|_| "haproxy".into());
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = temp_dir("balancer");
+        let servers: String = replicas
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("    server replica{i} 127.0.0.1:{p} check\n"))
+            .collect();
+        let config = format!(
+            "global\n    maxconn 2000\n\
+             defaults\n    mode http\n    timeout connect 2s\n    timeout client 90s\n    \
+             timeout server 90s\n    timeout tunnel 1h\n    retries 3\n    option redispatch 1\n    \
+             retry-on conn-failure empty-response 503\n\
+             frontend medsplit\n    bind 127.0.0.1:{port}\n    default_backend replicas\n\
+             backend replicas\n    balance roundrobin\n    option httpchk GET /healthz\n    \
+             http-check expect status 200\n    \
+             default-server inter 500ms fall 2 rise 2 on-marked-down shutdown-sessions\n{servers}"
+        );
+        let path = dir.join("haproxy.cfg");
+        std::fs::write(&path, config).unwrap();
+        let child = Command::new(&haproxy)
+            .args(["-db", "-f"])
+            .arg(&path)
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("{haproxy}: {e} (scripts/balancer-deps installs Debian's haproxy)")
+            });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "HAProxy did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Balancer {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
 }

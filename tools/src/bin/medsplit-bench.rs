@@ -1188,14 +1188,16 @@ mod websocket {
         medsplit_coordinator::create_admin(&db, "bench@medsplit.local", PASSWORD).await?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
-        let state = AppState::new(
+        let state = AppState::register(
             db,
             auth::Keys::from_secret(auth::new_secret().as_bytes()),
             Settings {
                 public_url: url.clone(),
                 ..Settings::default()
             },
-        );
+            &url,
+        )
+        .await?;
         medsplit_coordinator::spawn_background(&state);
         let app = medsplit_coordinator::create_app(state);
         let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
