@@ -29,7 +29,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the REST API, the dashboard and the training sessions.
-    Serve(Serve),
+    Serve(Box<Serve>),
     /// Create a platform admin (the first one, or another). The password is read from
     /// MEDSPLIT_ADMIN_PASSWORD, or else from the first line of standard input.
     CreateAdmin {
@@ -118,7 +118,7 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
         .context("no database: pass --database-url or set DATABASE_URL")?;
     match cli.command {
         Command::CreateAdmin { email } => create_admin(&url, &email).await,
-        Command::Serve(args) => serve(&url, args).await,
+        Command::Serve(args) => serve(&url, *args).await,
     }
 }
 
