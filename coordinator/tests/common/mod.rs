@@ -496,9 +496,26 @@ impl TestAgent {
     }
 }
 
+/// deploy/haproxy.cfg, listening on loopback `port` in front of the replicas on `replicas`.
+pub fn haproxy_config(port: u16, replicas: &[u16]) -> String {
+    let mut config = String::new();
+    for line in include_str!("../../../deploy/haproxy.cfg").lines() {
+        match line.trim_start() {
+            l if l.starts_with("bind ") => config.push_str(&format!("    bind 127.0.0.1:{port}\n")),
+            l if l.starts_with("server ") => {}
+            _ => config.push_str(&format!("{line}\n")),
+        }
+    }
+    for (i, p) in replicas.iter().enumerate() {
+        config.push_str(&format!("    server replica{i} 127.0.0.1:{p} check\n"));
+    }
+    config
+}
+
 /// Debian's HAProxy (`scripts/balancer-deps` installs it) in front of coordinator replicas, as
-/// docs/operations.md configures it: round robin, health checks on `/healthz` every 500 ms,
-/// WebSocket sessions tunnelled, a request whose replica refuses the connection sent to another.
+/// deploy/haproxy.cfg configures it: round robin, health checks on `/healthz` every 500 ms,
+/// WebSocket sessions tunnelled, a request whose replica refuses the connection or drains sent to
+/// another.
 pub struct Balancer {
     child: Child,
     pub url: String,
@@ -514,21 +531,7 @@ impl Balancer {
             .unwrap()
             .port();
         let dir = temp_dir("balancer");
-        let servers: String = replicas
-            .iter()
-            .enumerate()
-            .map(|(i, p)| format!("    server replica{i} 127.0.0.1:{p} check\n"))
-            .collect();
-        let config = format!(
-            "global\n    maxconn 2000\n\
-             defaults\n    mode http\n    timeout connect 2s\n    timeout client 90s\n    \
-             timeout server 90s\n    timeout tunnel 1h\n    retries 3\n    option redispatch 1\n    \
-             retry-on conn-failure empty-response 503\n\
-             frontend medsplit\n    bind 127.0.0.1:{port}\n    default_backend replicas\n\
-             backend replicas\n    balance roundrobin\n    option httpchk GET /healthz\n    \
-             http-check expect status 200\n    \
-             default-server inter 500ms fall 2 rise 2 on-marked-down shutdown-sessions\n{servers}"
-        );
+        let config = haproxy_config(port, replicas);
         let path = dir.join("haproxy.cfg");
         std::fs::write(&path, config).unwrap();
         let child = Command::new(&haproxy)

@@ -1,7 +1,8 @@
-//! `medsplit-load`: one coordinator process serving many agents, each training its own job at
-//! the same time. Prints per-batch latency percentiles (as the agents see them: one training
-//! step, forward and backward, including the agent's own computation) and the coordinator's
-//! CPU time per trained sample (from /proc).
+//! `medsplit-load`: coordinator processes (one, or replicas behind HAProxy) serving many agents,
+//! each training its own job at the same time. Prints per-batch latency percentiles (as the
+//! agents see them: one training step, forward and backward, including the agent's own
+//! computation) and the coordinators' CPU time per trained sample (from /proc), in all and per
+//! replica.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -20,7 +21,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 #[derive(Parser)]
 #[command(
     version,
-    about = "Load test: many agents training many jobs on one coordinator"
+    about = "Load test: many agents training many jobs on one coordinator or on replicas behind HAProxy"
 )]
 struct Args {
     /// Agents, each at its own hospital with its own job.
@@ -38,6 +39,12 @@ struct Args {
     /// The bandwidth of each agent's link each way, in Mbit/s (default: unlimited).
     #[arg(long)]
     bandwidth_mbps: Option<f64>,
+    /// Coordinator processes on the one database; more than one puts HAProxy in front.
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
+    /// Put HAProxy (deploy/haproxy.cfg) in front of the replicas even when there is one.
+    #[arg(long)]
+    balancer: bool,
     /// Write the figures as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -104,6 +111,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if args.agents == 0 {
         bail!("--agents must be at least 1");
     }
+    if args.replicas == 0 {
+        bail!("--replicas must be at least 1");
+    }
     let exe = std::env::current_exe()?;
     let coordinator_bin = exe.with_file_name("medsplit-coordinator");
     if !coordinator_bin.exists() {
@@ -125,21 +135,36 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if !status.success() {
         bail!("create-admin failed");
     }
-    let mut child = tokio::process::Command::new(&coordinator_bin)
-        .args(["serve", "--listen", "127.0.0.1:0", "--jwt-key-file"])
-        .arg(&key)
-        .env("DATABASE_URL", &pg.url)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let pid = child.id().context("coordinator pid")?;
-    let line = BufReader::new(child.stdout.take().context("stdout")?)
-        .lines()
-        .next_line()
-        .await?
-        .context("the coordinator exited")?;
-    let url = line.rsplit(' ').next().unwrap_or_default().to_string();
+    let mut replicas = Vec::new();
+    for _ in 0..args.replicas {
+        let mut child = tokio::process::Command::new(&coordinator_bin)
+            .args(["serve", "--listen", "127.0.0.1:0", "--jwt-key-file"])
+            .arg(&key)
+            .env("DATABASE_URL", &pg.url)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let pid = child.id().context("coordinator pid")?;
+        let line = BufReader::new(child.stdout.take().context("stdout")?)
+            .lines()
+            .next_line()
+            .await?
+            .context("the coordinator exited")?;
+        let url = line.rsplit(' ').next().unwrap_or_default().to_string();
+        let port: u16 = url.rsplit(':').next().unwrap_or_default().parse()?;
+        replicas.push((child, pid, url, port));
+    }
+    let balancer = if args.replicas > 1 || args.balancer {
+        let ports: Vec<u16> = replicas.iter().map(|r| r.3).collect();
+        Some(medsplit_tools::balancer::Balancer::start(&dir, &ports).await?)
+    } else {
+        None
+    };
+    let url = match &balancer {
+        Some(b) => b.url.clone(),
+        None => replicas[0].2.clone(),
+    };
 
     // Each agent's connections go through the emulated link, if one is set (one relay: each
     // connection gets a link of its own).
@@ -188,7 +213,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
 
     let steps = Arc::new(Mutex::new(Vec::new()));
-    let cpu_before = cpu_seconds(pid)?;
+    let cpu_of =
+        || -> anyhow::Result<Vec<f64>> { replicas.iter().map(|r| cpu_seconds(r.1)).collect() };
+    let cpu_before = cpu_of()?;
     let started = Instant::now();
     let mut tasks = Vec::new();
     for (coordinator, secret, assignment, data) in agents {
@@ -212,12 +239,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
         samples += summary.train.samples as u64;
     }
     let wall = started.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(pid)? - cpu_before;
+    let per_replica: Vec<f64> = cpu_of()?
+        .iter()
+        .zip(&cpu_before)
+        .map(|(after, before)| after - before)
+        .collect();
+    let cpu: f64 = per_replica.iter().sum();
     let mut lat = steps.lock().unwrap().clone();
     lat.sort_by(f64::total_cmp);
     let ms = |p| 1e3 * percentile(&lat, p);
     let report = json!({
         "agents": args.agents,
+        "replicas": args.replicas,
+        "balancer": balancer.is_some(),
+        "coordinator_cpu_seconds_per_replica": per_replica,
         "jobs": args.agents,
         "batch_size": args.batch_size,
         "link": link.describe(),
@@ -233,7 +268,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
     }
-    drop(child);
+    drop(balancer);
+    drop(replicas);
     drop(pg);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
