@@ -291,3 +291,63 @@ async fn a_rolling_restart_of_every_replica_loses_no_completed_visit(pool: Pool)
         assert_eq!(e["reason"], "coordinator replica shut down", "{e}");
     }
 }
+
+#[sqlx::test(migrator = "medsplit_coordinator::MIGRATOR")]
+async fn a_dashboard_session_works_on_every_replica_behind_the_balancer(pool: Pool) {
+    let p = Platform::new(&pool, 0, &LONG_LEASE).await;
+    let second = Server::start(&p.server.db_url, 0, &LONG_LEASE).await;
+    let balancer = Balancer::start(&[p.server.port, second.port]).await;
+    let http = reqwest::Client::new();
+    let login = http
+        .post(format!("{}/v1/auth/session", balancer.url))
+        .header("origin", &balancer.url)
+        .json(&json!({ "email": "admin@example.org", "password": PASSWORD }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(login.status(), 200);
+    let cookie = login
+        .headers()
+        .get("set-cookie")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let me: Value = login.json().await.unwrap();
+    let csrf = me["csrf_token"].as_str().unwrap().to_string();
+    // Round robin: consecutive requests reach both replicas; the session is a row in Postgres.
+    let me = |cookie: String| {
+        let http = http.clone();
+        let url = format!("{}/v1/me", balancer.url);
+        async move {
+            let me: Value = http
+                .get(url)
+                .header("cookie", cookie)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            me["authenticated"].as_bool().unwrap()
+        }
+    };
+    for _ in 0..4 {
+        assert!(me(cookie.clone()).await);
+    }
+    let logout = http
+        .delete(format!("{}/v1/auth/session", balancer.url))
+        .header("origin", &balancer.url)
+        .header("cookie", &cookie)
+        .header("x-csrf-token", &csrf)
+        .send()
+        .await
+        .unwrap();
+    assert!(logout.status().is_success(), "{}", logout.status());
+    for _ in 0..4 {
+        assert!(!me(cookie.clone()).await, "logged out on every replica");
+    }
+}
