@@ -54,7 +54,13 @@ pub fn routes(state: AppState) -> Router {
         .layer(tower_http::limit::RequestBodyLimitLayer::new(1 << 20))
         .layer(axum::middleware::map_response(json_errors))
         .layer(axum::middleware::map_response(nosniff))
-        .layer(tower_http::trace::TraceLayer::new_for_http())
+        // A failed request is logged once at ERROR by `Error` (with its cause); the trace layer
+        // notes every 5xx, the 503s of a draining replica included, at WARN.
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http().on_failure(
+                tower_http::trace::DefaultOnFailure::new().level(tracing::Level::WARN),
+            ),
+        )
         .with_state(state)
 }
 

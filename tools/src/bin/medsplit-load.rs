@@ -72,6 +72,20 @@ impl Observer for Steps {
     }
 }
 
+/// A process's peak resident memory, in MiB (`VmHWM` of /proc).
+fn peak_rss_mib(pid: u32) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .context("no VmHWM in /proc status")?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()?;
+    Ok(kib / 1024.0)
+}
+
 /// User + system CPU seconds of a process.
 fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
@@ -245,6 +259,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .map(|(after, before)| after - before)
         .collect();
     let cpu: f64 = per_replica.iter().sum();
+    let peak_rss: Vec<f64> = replicas
+        .iter()
+        .map(|r| peak_rss_mib(r.1))
+        .collect::<anyhow::Result<_>>()?;
     let mut lat = steps.lock().unwrap().clone();
     lat.sort_by(f64::total_cmp);
     let ms = |p| 1e3 * percentile(&lat, p);
@@ -253,6 +271,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "replicas": args.replicas,
         "balancer": balancer.is_some(),
         "coordinator_cpu_seconds_per_replica": per_replica,
+        "coordinator_peak_rss_mib_per_replica": peak_rss,
         "jobs": args.agents,
         "batch_size": args.batch_size,
         "link": link.describe(),
