@@ -57,9 +57,8 @@ pub fn routes(state: AppState) -> Router {
         // A failed request is logged once at ERROR by `Error` (with its cause); the trace layer
         // notes every 5xx, the 503s of a draining replica included, at WARN.
         .layer(
-            tower_http::trace::TraceLayer::new_for_http().on_failure(
-                tower_http::trace::DefaultOnFailure::new().level(tracing::Level::WARN),
-            ),
+            tower_http::trace::TraceLayer::new_for_http()
+                .on_failure(tower_http::trace::DefaultOnFailure::new().level(tracing::Level::WARN)),
         )
         .with_state(state)
 }
