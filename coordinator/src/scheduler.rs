@@ -129,15 +129,7 @@ pub async fn requeue_orphans(state: &AppState) -> Result<(), sqlx::Error> {
         } else {
             "coordinator replica stopped responding"
         };
-        db::job_event(
-            &mut *tx,
-            v.job_id,
-            "visit.requeued",
-            json!({ "visit_id": v.id, "attempt": v.attempt, "reason": reason,
-                    "replica": v.replica_id }),
-        )
-        .await?;
-        db::notify_queued(&mut *tx, v.job_id).await?;
+        requeued(&mut tx, v.job_id, v.id, v.attempt, reason, v.replica_id).await?;
         control::announce(&mut *tx, Stop::Visit(v.id), close::FENCED).await?;
     }
     tx.commit().await?;
@@ -152,24 +144,32 @@ pub async fn requeue_orphans(state: &AppState) -> Result<(), sqlx::Error> {
 pub async fn hand_back(state: &AppState) -> Result<(), sqlx::Error> {
     const REASON: &str = "coordinator replica shut down";
     let mut tx = state.db.begin().await?;
-    let requeued = db::requeue_hosted(&mut *tx, state.replica, REASON).await?;
-    for v in &requeued {
-        db::job_event(
-            &mut *tx,
-            v.job_id,
-            "visit.requeued",
-            json!({ "visit_id": v.id, "attempt": v.attempt, "reason": REASON,
-                    "replica": state.replica }),
-        )
-        .await?;
-        db::notify_queued(&mut *tx, v.job_id).await?;
+    let handed = db::requeue_hosted(&mut *tx, state.replica, REASON).await?;
+    for v in &handed {
+        requeued(&mut tx, v.job_id, v.id, v.attempt, REASON, state.replica).await?;
     }
     tx.commit().await?;
-    if !requeued.is_empty() {
-        let visits: Vec<i64> = requeued.iter().map(|v| v.id).collect();
+    if !handed.is_empty() {
+        let visits: Vec<i64> = handed.iter().map(|v| v.id).collect();
         tracing::info!(?visits, "handed back the visits still open at shutdown");
     }
     Ok(())
+}
+
+/// Records that attempt `attempt` of visit `visit` (of `job`) went back to the queue, hosted by
+/// `replica`, for `reason` (a `visit.requeued` event), and wakes the claims waiting on the job.
+async fn requeued(
+    tx: &mut sqlx::PgConnection,
+    job: i64,
+    visit: i64,
+    attempt: i32,
+    reason: &str,
+    replica: i64,
+) -> Result<(), sqlx::Error> {
+    let detail =
+        json!({ "visit_id": visit, "attempt": attempt, "reason": reason, "replica": replica });
+    db::job_event(&mut *tx, job, "visit.requeued", detail).await?;
+    db::notify_queued(&mut *tx, job).await
 }
 
 /// Re-queues visits whose lease expired; a visit that has failed `max_attempts` times gets the

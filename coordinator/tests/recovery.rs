@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Platform, spec};
+use common::{Platform, eventually, spec};
 use serde_json::Value;
 use sqlx::PgPool as Pool;
 
@@ -30,19 +30,21 @@ async fn a_killed_coordinator_s_sessions_are_requeued_with_a_job_event(pool: Poo
     p.server.kill_and_restart().await;
     // The new process does not know at once that the old one is gone: its heartbeat expires
     // within the replica timeout (3 s), and the next sweep (every second) re-queues the visit.
-    let events = loop {
-        let events: Vec<Value> = sqlx::query_scalar(
-            "select detail from job_events where job_id = $1 and kind = 'visit.requeued'",
-        )
-        .bind(job)
-        .fetch_all(&pool)
-        .await
-        .unwrap();
-        if !events.is_empty() || killed.elapsed() > Duration::from_secs(15) {
-            break events;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let events = eventually(
+        Duration::from_secs(15),
+        "a visit.requeued event",
+        || async {
+            let events: Vec<Value> = sqlx::query_scalar(
+                "select detail from job_events where job_id = $1 and kind = 'visit.requeued'",
+            )
+            .bind(job)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+            (!events.is_empty()).then_some(events)
+        },
+    )
+    .await;
     let after = killed.elapsed();
     assert_eq!(events.len(), 1, "{events:?}");
     assert_eq!(events[0]["visit_id"], visit.visit_id);

@@ -143,7 +143,7 @@ async fn a_session_whose_visit_was_taken_unannounced_ends_at_the_next_check(pool
 struct Cluster {
     p: Platform,
     second: Server,
-    balancer: Balancer,
+    balancer: medsplit_balancer::Balancer,
     job: i64,
     running: Vec<Running>,
 }
@@ -152,7 +152,7 @@ impl Cluster {
     async fn start(pool: &Pool, extra: &[&str], beats: usize, rounds: u32) -> Cluster {
         let p = Platform::new(pool, 3, extra).await;
         let second = Server::start(&p.server.db_url, 0, extra).await;
-        let balancer = Balancer::start(&[p.server.port, second.port]).await;
+        let balancer = balancer(&[p.server.port, second.port]).await;
         let mut running = Vec::new();
         for i in 0..3 {
             let mut a = p.enrol(i).await.through(&balancer.url);
@@ -173,8 +173,7 @@ impl Cluster {
 
     /// The running visit once it is training: (id, attempt, hosting replica's port).
     async fn training(&self, pool: &Pool, limit: Duration) -> (i64, i32, u16) {
-        let deadline = Instant::now() + limit;
-        loop {
+        eventually(limit, "a visit training", || async {
             let row: Option<(i64, i32, Option<String>)> = sqlx::query_as(
                 "select v.id, v.attempt, r.address from visits v join replicas r on r.id = v.replica_id
                  where v.job_id = $1 and v.status = 'running' and v.progress > 0",
@@ -183,13 +182,11 @@ impl Cluster {
             .fetch_optional(pool)
             .await
             .unwrap();
-            if let Some((id, attempt, Some(address))) = row {
-                let port = address.rsplit(':').next().unwrap().parse().unwrap();
-                return (id, attempt, port);
-            }
-            assert!(Instant::now() < deadline, "no visit is training");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            let (id, attempt, address) = row?;
+            let port = address?.rsplit(':').next().unwrap().parse().unwrap();
+            Some((id, attempt, port))
+        })
+        .await
     }
 
     fn replica(&mut self, port: u16) -> &mut Server {
@@ -239,9 +236,11 @@ async fn a_replica_killed_mid_visit_has_its_visit_running_on_the_other_within_fi
     cluster.replica(port).kill().await;
     // The agent's session is reset; it gives the visit back through the balancer and claims it
     // again on the live replica.
-    let deadline = killed + Duration::from_secs(30);
-    let again = loop {
-        let row: Option<(i32, Option<String>)> = sqlx::query_as(
+    let again = eventually(
+        Duration::from_secs(30),
+        "the visit running again",
+        || async {
+            let row: Option<(i32, Option<String>)> = sqlx::query_as(
             "select v.attempt, r.address from visits v left join replicas r on r.id = v.replica_id
              where v.id = $1 and v.status = 'running'",
         )
@@ -249,15 +248,13 @@ async fn a_replica_killed_mid_visit_has_its_visit_running_on_the_other_within_fi
         .fetch_optional(&pool)
         .await
         .unwrap();
-        if let Some((a, Some(address))) = row
-            && a > attempt
-        {
+            let (a, address) = row?;
+            let address = address.filter(|_| a > attempt)?;
             assert!(!address.ends_with(&format!(":{port}")), "{address}");
-            break killed.elapsed();
-        }
-        assert!(Instant::now() < deadline, "the visit did not run again");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+            Some(killed.elapsed())
+        },
+    )
+    .await;
     eprintln!("replica killed: its visit ran again on the other after {again:?}");
     assert!(
         again < Duration::from_secs(5),
@@ -296,7 +293,7 @@ async fn a_rolling_restart_of_every_replica_loses_no_completed_visit(pool: Pool)
 async fn a_dashboard_session_works_on_every_replica_behind_the_balancer(pool: Pool) {
     let p = Platform::new(&pool, 0, &LONG_LEASE).await;
     let second = Server::start(&p.server.db_url, 0, &LONG_LEASE).await;
-    let balancer = Balancer::start(&[p.server.port, second.port]).await;
+    let balancer = balancer(&[p.server.port, second.port]).await;
     let http = reqwest::Client::new();
     let login = http
         .post(format!("{}/v1/auth/session", balancer.url))

@@ -4,7 +4,6 @@
 //! start the platform's processes on this machine ([`local`]).
 
 pub mod attack;
-pub mod balancer;
 pub mod inference;
 pub mod local;
 pub mod relay;

@@ -496,74 +496,28 @@ impl TestAgent {
     }
 }
 
-/// deploy/haproxy.cfg, listening on loopback `port` in front of the replicas on `replicas`.
-pub fn haproxy_config(port: u16, replicas: &[u16]) -> String {
-    let mut config = String::new();
-    for line in include_str!("../../../deploy/haproxy.cfg").lines() {
-        match line.trim_start() {
-            l if l.starts_with("bind ") => config.push_str(&format!("    bind 127.0.0.1:{port}\n")),
-            l if l.starts_with("server ") => {}
-            _ => config.push_str(&format!("{line}\n")),
-        }
-    }
-    for (i, p) in replicas.iter().enumerate() {
-        config.push_str(&format!("    server replica{i} 127.0.0.1:{p} check\n"));
-    }
-    config
+/// HAProxy in front of the replicas listening on `replicas`, as deploy/haproxy.cfg configures it
+/// (scripts/balancer-deps installs Debian's haproxy); stopped when dropped.
+pub async fn balancer(replicas: &[u16]) -> medsplit_balancer::Balancer {
+    medsplit_balancer::Balancer::start(&temp_dir("balancer"), replicas)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
-/// Debian's HAProxy (`scripts/balancer-deps` installs it) in front of coordinator replicas, as
-/// deploy/haproxy.cfg configures it: round robin, health checks on `/healthz` every 500 ms,
-/// WebSocket sessions tunnelled, a request whose replica refuses the connection or drains sent to
-/// another.
-pub struct Balancer {
-    child: Child,
-    pub url: String,
-    _dir: PathBuf,
-}
-
-impl Balancer {
-    pub async fn start(replicas: &[u16]) -> Balancer {
-        let haproxy = std::env::var("HAPROXY").unwrap_or_else(|_| "haproxy".into());
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let dir = temp_dir("balancer");
-        let config = haproxy_config(port, replicas);
-        let path = dir.join("haproxy.cfg");
-        std::fs::write(&path, config).unwrap();
-        let child = Command::new(&haproxy)
-            .args(["-db", "-f"])
-            .arg(&path)
-            .stdout(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("{haproxy}: {e} (scripts/balancer-deps installs Debian's haproxy)")
-            });
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err()
-        {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "HAProxy did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+/// The first `Some` that `probe` gives, polled every 20 ms; panics naming `what` after `limit`.
+pub async fn eventually<T, F>(limit: Duration, what: &str, mut probe: impl FnMut() -> F) -> T
+where
+    F: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(found) = probe().await {
+            return found;
         }
-        Balancer {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-            _dir: dir,
-        }
-    }
-}
-
-impl Drop for Balancer {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -171,7 +171,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let balancer = if args.replicas > 1 || args.balancer {
         let ports: Vec<u16> = replicas.iter().map(|r| r.3).collect();
-        Some(medsplit_tools::balancer::Balancer::start(&dir, &ports).await?)
+        Some(medsplit_balancer::Balancer::start(&dir, &ports).await?)
     } else {
         None
     };

@@ -1,5 +1,8 @@
-//! HAProxy (Debian's `haproxy`) in front of coordinator replicas on this machine, configured by
-//! deploy/haproxy.cfg with a loopback `bind` and the replicas' `server` lines.
+//! Debian's HAProxy (`scripts/balancer-deps` installs it) in front of coordinator replicas on this
+//! machine, as deploy/haproxy.cfg configures it (round robin, health checks on `/healthz` every
+//! 500 ms, WebSocket sessions tunnelled, a request whose replica refuses the connection or drains
+//! sent to another), with a loopback `bind` and the replicas' `server` lines. The multi-replica
+//! tests and `medsplit-load --balancer` run it.
 
 use std::path::Path;
 use std::process::Stdio;
