@@ -137,6 +137,20 @@ async fn create_admin(url: &str, email: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where this replica is, as the `replicas` table shows it: the listening address, with the
+/// host's name in place of an unspecified IP (each container of a replicated service listens on
+/// 0.0.0.0:8080; their host names tell them apart).
+fn replica_address(scheme: &str, addr: SocketAddr) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| addr.ip().is_unspecified() && !h.is_empty());
+    match host {
+        Some(host) => format!("{scheme}://{host}:{}", addr.port()),
+        None => format!("{scheme}://{addr}"),
+    }
+}
+
 async fn serve(url: &str, args: Serve) -> anyhow::Result<()> {
     let keys = auth::Keys::from_file(&args.jwt_key_file)?;
     let db: db::Db = medsplit_coordinator::connect(url)
@@ -163,7 +177,7 @@ async fn serve(url: &str, args: Serve) -> anyhow::Result<()> {
         client_address_header: args.client_address_header,
         ..Settings::default()
     };
-    let state = AppState::register(db, keys, settings, &format!("{scheme}://{addr}")).await?;
+    let state = AppState::register(db, keys, settings, &replica_address(scheme, addr)).await?;
     medsplit_coordinator::recover(&state).await?;
     medsplit_coordinator::spawn_background(&state);
     let tls = match (&args.tls_cert, &args.tls_key) {
