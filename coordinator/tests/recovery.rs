@@ -5,8 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Platform, eventually, spec};
-use serde_json::Value;
+use common::{Platform, eventually, requeued_events, spec};
 use sqlx::PgPool as Pool;
 
 #[sqlx::test(migrator = "medsplit_coordinator::MIGRATOR")]
@@ -34,13 +33,7 @@ async fn a_killed_coordinator_s_sessions_are_requeued_with_a_job_event(pool: Poo
         Duration::from_secs(15),
         "a visit.requeued event",
         || async {
-            let events: Vec<Value> = sqlx::query_scalar(
-                "select detail from job_events where job_id = $1 and kind = 'visit.requeued'",
-            )
-            .bind(job)
-            .fetch_all(&pool)
-            .await
-            .unwrap();
+            let events = requeued_events(&pool, job).await;
             (!events.is_empty()).then_some(events)
         },
     )

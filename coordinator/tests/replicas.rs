@@ -277,14 +277,7 @@ async fn a_rolling_restart_of_every_replica_loses_no_completed_visit(pool: Pool)
     let job = cluster.job;
     cluster.completes(&pool, 6).await;
     // Visits handed back by a draining replica were re-queued without counting a failure.
-    let events: Vec<Value> = sqlx::query_scalar(
-        "select detail from job_events where job_id = $1 and kind = 'visit.requeued'",
-    )
-    .bind(job)
-    .fetch_all(&pool)
-    .await
-    .unwrap();
-    for e in &events {
+    for e in &requeued_events(&pool, job).await {
         assert_eq!(e["reason"], "coordinator replica shut down", "{e}");
     }
 }

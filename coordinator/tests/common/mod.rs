@@ -521,3 +521,14 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The details of job `job`'s `visit.requeued` events, oldest first.
+pub async fn requeued_events(pool: &PgPool, job: i64) -> Vec<Value> {
+    sqlx::query_scalar(
+        "select detail from job_events where job_id = $1 and kind = 'visit.requeued' order by id",
+    )
+    .bind(job)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
